@@ -1,0 +1,75 @@
+"""Write files so that a reader never sees a half-written one: write to a temporary name, then rename.
+
+`os.replace` is atomic on POSIX within one file system, so the temporary file lives in the target folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+TEMP_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, on error remove it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def save_json(data: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def save_npz(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as handle:
+            (np.savez_compressed if compress else np.savez)(handle, **arrays)
+
+
+def save_pickle(data: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as handle:
+            pickle.dump(data, handle)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries left by a killed writer; returns how many were removed."""
+    removed = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(f".*{TEMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed += 1
+    return removed
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
