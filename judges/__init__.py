@@ -1,0 +1,42 @@
+"""Judges: score the K proposals of a case, higher = better (installed as `nnunet_rndpo.judges`).
+
+Built-in judges by registry name: agreement, uncertainty, learned_qc, virtual_annotator, and the research-only
+oracle (reads the true labels). A user's own judge is a `Judge` subclass, given to `get_judge` as a dotted
+path "package.module:ClassName" or registered with `register_judge`.
+"""
+from .agreement import AgreementJudge
+from .base import (
+    Judge,
+    JudgeError,
+    JudgeInput,
+    available_judges,
+    get_judge,
+    register_judge,
+    score_case,
+)
+from .learned_qc import LearnedQCJudge
+from .oracle import OracleJudge
+from .uncertainty import UncertaintyJudge
+from .virtual_annotator import VirtualAnnotatorJudge
+
+for _judge_class in (AgreementJudge, UncertaintyJudge, LearnedQCJudge, VirtualAnnotatorJudge, OracleJudge):
+    register_judge(_judge_class.name, _judge_class)
+del _judge_class
+
+load_judge = Judge.load
+
+__all__ = [
+    "AgreementJudge",
+    "Judge",
+    "JudgeError",
+    "JudgeInput",
+    "LearnedQCJudge",
+    "OracleJudge",
+    "UncertaintyJudge",
+    "VirtualAnnotatorJudge",
+    "available_judges",
+    "get_judge",
+    "load_judge",
+    "register_judge",
+    "score_case",
+]

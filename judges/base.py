@@ -1,0 +1,240 @@
+"""The judge interface: what a judge sees (JudgeInput), what it returns (one score per proposal), the registry.
+
+A judge scores the K proposals of one case; higher = better. Label-free judges never read
+`JudgeInput.reference`; only the research oracle (`needs_labels = True`) does, and the learned judges read it
+in `fit`, on labeled cases only. Multi-class judges score each foreground class and average over classes
+unless they document otherwise.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from nnunet_rndpo.atomic import save_pickle
+
+STATE_FORMAT = 1
+
+
+class JudgeError(ValueError):
+    """A judge could not be built, failed on a case, or returned unusable scores."""
+
+
+@dataclass
+class JudgeInput:
+    """Everything a judge may look at for one case.
+
+    proposals: (K, *spatial) integer label maps, 0 = background, on the image's grid.
+    labels: the foreground label values to judge, e.g. (1, 2).
+    image: (C, *spatial) preprocessed image, if available.
+    mean_probabilities: (num_classes, *spatial) base-model softmax averaged over the proposals' passes;
+        channel index = label value, channel 0 = background.
+    reference: (*spatial) true label map: only for the oracle, for fitting learned judges, and the audit.
+    """
+
+    case_id: str
+    proposals: np.ndarray
+    labels: tuple[int, ...]
+    image: np.ndarray | None = None
+    mean_probabilities: np.ndarray | None = None
+    reference: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.case_id = str(self.case_id)
+        self.proposals = np.asarray(self.proposals)
+        self.labels = tuple(int(label) for label in self.labels)
+        where = f"case {self.case_id!r}"
+        if self.proposals.ndim < 2:
+            raise ValueError(f"{where}: proposals must be (K, *spatial), got shape {self.proposals.shape}")
+        if not np.issubdtype(self.proposals.dtype, np.integer) and self.proposals.dtype != bool:
+            raise ValueError(f"{where}: proposals must be integer label maps, got dtype {self.proposals.dtype}")
+        if not self.labels or 0 in self.labels or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"{where}: labels must be distinct foreground values (not 0), got {self.labels}")
+        spatial = self.spatial_shape
+        for field_name in ("image", "mean_probabilities"):
+            value = getattr(self, field_name)
+            if value is not None:
+                value = np.asarray(value)
+                if value.shape[1:] != spatial:
+                    raise ValueError(
+                        f"{where}: {field_name} must be (channels, *{spatial}), got shape {value.shape}"
+                    )
+                setattr(self, field_name, value)
+        if self.mean_probabilities is not None and self.mean_probabilities.shape[0] <= max(self.labels):
+            raise ValueError(
+                f"{where}: mean_probabilities has {self.mean_probabilities.shape[0]} channels, "
+                f"too few for label {max(self.labels)} (channel index = label value)"
+            )
+        if self.reference is not None:
+            self.reference = np.asarray(self.reference)
+            if self.reference.shape != spatial:
+                raise ValueError(f"{where}: reference must have shape {spatial}, got {self.reference.shape}")
+
+    @property
+    def proposal_count(self) -> int:
+        return int(self.proposals.shape[0])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.proposals.shape[1:])
+
+
+class Judge(abc.ABC):
+    """Base class of all judges. Subclasses set `name` and implement `score`.
+
+    Persistence: `options()` returns the constructor keywords, `fitted_state()` what `fit` learned; `state()`
+    bundles both with the class path so `Judge.load` can rebuild the judge beside the proposal store.
+    """
+
+    name: ClassVar[str] = ""
+    needs_labels: ClassVar[bool] = False
+
+    def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
+        """Learn from labeled cases (proposals + reference). Most judges have nothing to learn."""
+
+    @abc.abstractmethod
+    def score(self, case: JudgeInput) -> np.ndarray:
+        """(K,) float scores for the case's proposals, higher = better."""
+
+    def options(self) -> dict[str, Any]:
+        """Constructor keywords that rebuild this judge (unfitted)."""
+        return {}
+
+    def fitted_state(self) -> dict[str, Any]:
+        """What `fit` learned; empty for judges without a fit."""
+        return {}
+
+    def load_fitted_state(self, fitted: dict[str, Any]) -> None:
+        """Restore what `fitted_state` returned."""
+        if fitted:
+            raise JudgeError(f"judge {self.display_name!r} has no fitted state to restore")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or type(self).__name__
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        options = ", ".join(f"{key}={value!r}" for key, value in sorted(self.options().items()))
+        return f"judge {self.display_name!r} ({type(self).__name__}{', ' + options if options else ''})"
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in sorted(self.options().items()))
+        return f"{type(self).__name__}({options})"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
+            "name": self.display_name,
+            "options": self.options(),
+            "fitted": self.fitted_state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Judge":
+        """Rebuild a judge from `state()`; called on the base class it resolves the stored class path."""
+        if state.get("format") != STATE_FORMAT:
+            raise JudgeError(f"unsupported judge state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        judge_class = _import_attribute(state["class"]) if cls is Judge else cls
+        if not (isinstance(judge_class, type) and issubclass(judge_class, Judge)):
+            raise JudgeError(f"{state['class']!r} is not a Judge subclass")
+        judge = judge_class(**state["options"])
+        judge.load_fitted_state(state["fitted"])
+        return judge
+
+    def save(self, path: str | Path) -> None:
+        """Write the judge (options and fitted state) atomically as a pickle."""
+        save_pickle(self.state(), path)
+
+    @staticmethod
+    def load(path: str | Path) -> "Judge":
+        """Load a judge written by `save`. Pickles run code when loaded: load only files you wrote."""
+        with open(path, "rb") as handle:
+            state = pickle.load(handle)
+        return Judge.from_state(state)
+
+
+def score_case(judge: Judge, case: JudgeInput) -> np.ndarray:
+    """Score one case and check the result: (K,) finite floats, else a JudgeError naming judge and case."""
+    where = f"judge {judge.display_name!r} on case {case.case_id!r}"
+    try:
+        raw_scores = judge.score(case)
+    except Exception as error:
+        raise JudgeError(f"{where} failed: {type(error).__name__}: {error}") from error
+    try:
+        scores = np.asarray(raw_scores, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise JudgeError(f"{where} returned scores that are not numbers: {error}") from error
+    if scores.shape != (case.proposal_count,):
+        raise JudgeError(f"{where} returned scores of shape {scores.shape}, expected ({case.proposal_count},)")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise JudgeError(
+            f"{where} returned non-finite scores (NaN or inf) for proposals {bad.tolist()}: {scores[bad].tolist()}"
+        )
+    return scores
+
+
+_REGISTRY: dict[str, type[Judge]] = {}
+
+
+def register_judge(name: str, judge_class: type[Judge], *, replace: bool = False) -> None:
+    """Make `judge_class` available to `get_judge(name)`."""
+    if not (isinstance(judge_class, type) and issubclass(judge_class, Judge)):
+        raise JudgeError(f"cannot register {judge_class!r} as {name!r}: not a Judge subclass")
+    if ":" in name or not name:
+        raise JudgeError(f"invalid judge name {name!r}: names are non-empty and contain no ':'")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not judge_class and not replace:
+        raise JudgeError(f"judge name {name!r} is already registered to {existing.__module__}.{existing.__qualname__}")
+    _REGISTRY[name] = judge_class
+
+
+def available_judges() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_judge(spec: str, **options: Any) -> Judge:
+    """Build a judge from a registered name ("agreement") or a dotted path ("mypkg.module:MyJudge")."""
+    if ":" in spec:
+        judge_class = _import_attribute(spec)
+        where = f"judge {spec!r}"
+    elif spec in _REGISTRY:
+        judge_class = _REGISTRY[spec]
+        where = f"judge {spec!r}"
+    else:
+        raise JudgeError(
+            f"unknown judge {spec!r}; valid names: {', '.join(available_judges())}, "
+            "or a dotted path 'package.module:ClassName'"
+        )
+    if not callable(judge_class):
+        raise JudgeError(f"{where} is not a class or factory")
+    try:
+        judge = judge_class(**options)
+    except TypeError as error:
+        raise JudgeError(f"{where} does not accept options {sorted(options)}: {error}") from error
+    if not isinstance(judge, Judge):
+        raise JudgeError(f"{where} built a {type(judge).__name__}, not a nnunet_rndpo Judge subclass instance")
+    return judge
+
+
+def _import_attribute(path: str) -> Any:
+    module_name, _, attribute_path = path.partition(":")
+    if not module_name or not attribute_path:
+        raise JudgeError(f"invalid dotted path {path!r}: expected 'package.module:ClassName'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise JudgeError(f"cannot import module {module_name!r} for judge {path!r}: {error}") from error
+    for attribute in attribute_path.split("."):
+        try:
+            target = getattr(target, attribute)
+        except AttributeError as error:
+            raise JudgeError(f"module {module_name!r} has no attribute {attribute_path!r} (judge {path!r})") from error
+    return target
