@@ -1,0 +1,79 @@
+"""Where nnU-Net keeps a dataset's plans, data and models, resolved once for the subcommands.
+
+Reads nnunetv2.paths at call time (nnU-Net reads the environment at import).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class RunLocation:
+    dataset_name: str
+    configuration: str
+    fold: object
+    plans_name: str
+    plans: dict
+    dataset_json: dict
+    raw_dataset_folder: Optional[Path]
+    preprocessed_base: Path
+    preprocessed_data_folder: Path
+    results_root: Path
+
+    def model_folder(self, trainer: str) -> Path:
+        return self.results_root / self.dataset_name / f"{trainer}__{self.plans_name}__{self.configuration}"
+
+    def checkpoint(self, trainer: str, checkpoint: str) -> Path:
+        """`checkpoint` is a file path, or a checkpoint name inside the trainer's fold folder."""
+        as_path = Path(checkpoint)
+        if as_path.suffix == ".pth" and (as_path.is_absolute() or as_path.parent != Path(".")):
+            return as_path
+        return self.model_folder(trainer) / f"fold_{self.fold}" / checkpoint
+
+    def store_folder(self, checkpoint_path: Path) -> Path:
+        from nnunet_rndpo.proposals.store import default_store_folder
+
+        return default_store_folder(self.preprocessed_base.parent, self.dataset_name, self.plans_name, self.configuration, self.fold, checkpoint_path)
+
+
+def parse_fold(fold: str):
+    return fold if fold == "all" else int(fold)
+
+
+def locate(dataset: str | int, configuration: str, fold, plans_name: str = "nnUNetPlans") -> RunLocation:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_rndpo.nnunet_env import require_nnunet_folders
+
+    require_nnunet_folders()
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as error:
+        raise RuntimeError(f"dataset {dataset!r} not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results: {error}") from error
+    preprocessed_base = Path(nnUNet_preprocessed) / dataset_name
+    plans_file = preprocessed_base / f"{plans_name}.json"
+    if not plans_file.is_file():
+        raise RuntimeError(f"plans {plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    plans = json.loads(plans_file.read_text())
+    if configuration not in plans["configurations"]:
+        raise RuntimeError(f"configuration {configuration!r} is not in {plans_file}; valid: {', '.join(plans['configurations'])}")
+    dataset_json = json.loads((preprocessed_base / "dataset.json").read_text())
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    return RunLocation(
+        dataset_name=dataset_name,
+        configuration=configuration,
+        fold=parse_fold(str(fold)),
+        plans_name=plans_name,
+        plans=plans,
+        dataset_json=dataset_json,
+        raw_dataset_folder=Path(nnUNet_raw) / dataset_name if nnUNet_raw else None,
+        preprocessed_base=preprocessed_base,
+        preprocessed_data_folder=preprocessed_base / data_identifier,
+        results_root=Path(nnUNet_results),
+    )

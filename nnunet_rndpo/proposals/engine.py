@@ -1,0 +1,176 @@
+"""K proposals for one preprocessed case in one sliding-window sweep.
+
+Every tile is cut once; all members that need a network pass (plain, each mirror flip, dropout draws) go
+through the network together as one batch, are flipped back and accumulated with nnU-Net's Gaussian
+weights. Padding, tiling and the Gaussian are nnU-Net's own (pad_nd_image, the predictor's slicers,
+compute_gaussian), so proposals are voxel-aligned with nnU-Net's preprocessed data and its predictions.
+Members derived from the plain softmax (threshold, temperature) cost no pass.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from nnunet_rndpo.proposals.dropout import dropout_hooks
+from nnunet_rndpo.proposals.members import ProposalMember, ProposalSettings, plan_members
+
+
+@dataclass
+class CaseProposals:
+    proposals: np.ndarray  # (K, *spatial) uint8 label maps
+    mean_probabilities: np.ndarray  # (C, *spatial) float16: softmax averaged over the network passes
+    case_seed: int
+
+
+class ProposalEngine:
+    """Produces proposals from one or more networks of the same plans (network 0 is the base)."""
+
+    def __init__(
+        self,
+        networks: Sequence[torch.nn.Module],
+        plans_manager,
+        configuration_manager,
+        label_manager,
+        dataset_json: dict,
+        settings: ProposalSettings,
+        mirror_axes: Optional[Sequence[int]],
+        device: torch.device | str = "cpu",
+    ):
+        if label_manager.has_regions:
+            raise ValueError(
+                "region-based (sigmoid) datasets are not supported by the proposal engine yet: "
+                "their masks are overlapping regions, not label maps"
+            )
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self.networks = list(networks)
+        self.settings = settings
+        self.device = torch.device(device)
+        self.num_classes = label_manager.num_segmentation_heads
+        self.patch_size = tuple(configuration_manager.patch_size)
+        self.members = plan_members(settings, mirror_axes if mirror_axes is not None else tuple(range(len(self.patch_size))))
+        if max(m.network_index for m in self.members) >= len(self.networks):
+            raise ValueError("a member needs an extra checkpoint that was not loaded")
+        # nnU-Net's predictor supplies the tiling; we never call its averaging prediction.
+        self._tiler = nnUNetPredictor(
+            tile_step_size=settings.tile_step_size,
+            use_gaussian=True,
+            use_mirroring=False,
+            perform_everything_on_device=self.device.type == "cuda",
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        self._tiler.manual_initialization(
+            self.networks[0], plans_manager, configuration_manager, None, dataset_json, "nnUNetTrainer", mirror_axes
+        )
+        for network in self.networks:
+            network.to(self.device).eval()
+
+    @property
+    def num_proposals(self) -> int:
+        return len(self.members)
+
+    @torch.inference_mode()
+    def generate(self, data: np.ndarray | torch.Tensor, case_seed: int) -> CaseProposals:
+        """data: (C_in, *spatial) preprocessed image. Returns K label maps and the mean softmax."""
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+        image = torch.as_tensor(np.asarray(data), dtype=torch.float32)
+        if image.dim() != len(self.patch_size) + 1:
+            raise ValueError(f"expected a (channels, *spatial) image of {len(self.patch_size)}D, got {tuple(image.shape)}")
+        padded, revert_padding = pad_nd_image(image, self.patch_size, "constant", {"value": 0}, True, None)
+        slicers = self._tiler._internal_get_sliding_window_slicers(padded.shape[1:])
+        gaussian = compute_gaussian(self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=self.device)
+
+        forward_members = [m for m in self.members if m.needs_forward]
+        accumulated = torch.zeros((len(forward_members), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=self.device)
+        weight = torch.zeros(padded.shape[1:], dtype=torch.float32, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(case_seed)
+        padded = padded.to(self.device)
+
+        by_network = {}
+        for slot, member in enumerate(forward_members):
+            by_network.setdefault(member.network_index, []).append((slot, member))
+        autocast = torch.autocast("cuda") if self.device.type == "cuda" else contextlib.nullcontext()
+        with contextlib.ExitStack() as stack:
+            hooks_per_network = {}
+            for index, group in by_network.items():
+                if any(member.dropout_p > 0 for _, member in group):
+                    hooks = stack.enter_context(
+                        dropout_hooks(self.networks[index], self.settings.dropout_location, self.settings.dropout_mode)
+                    )
+                    for hook in hooks:
+                        hook.generator = generator
+                    hooks_per_network[index] = hooks
+            for slicer in slicers:
+                tile = padded[slicer][None]
+                for index, group in by_network.items():
+                    for start in range(0, len(group), self.settings.members_per_batch):
+                        chunk = group[start : start + self.settings.members_per_batch]
+                        batch = torch.cat([_flip(tile, member.flip_axes) for _, member in chunk])
+                        for hook in hooks_per_network.get(index, ()):
+                            hook.rates = torch.tensor([member.dropout_p for _, member in chunk], device=self.device)
+                        with autocast:
+                            logits = self.networks[index](batch).float()
+                        for row, (slot, member) in enumerate(chunk):
+                            accumulated[(slot, *slicer)] += _flip(logits[row : row + 1], member.flip_axes)[0] * gaussian
+                weight[slicer[1:]] += gaussian
+            for hooks in hooks_per_network.values():
+                for hook in hooks:
+                    hook.rates = None
+        accumulated /= weight
+        accumulated = accumulated[(slice(None), slice(None), *revert_padding[1:])]
+
+        probabilities = torch.softmax(accumulated, dim=1)
+        mean_probabilities = probabilities.mean(0)
+        plain_logits = accumulated[0]
+        labels = []
+        forward_index = 0
+        for member_index, member in enumerate(self.members):
+            if member.needs_forward:
+                labels.append(accumulated[forward_index].argmax(0))
+                forward_index += 1
+            elif member.source == "threshold":
+                labels.append(_threshold_labels(probabilities[0], member.threshold))
+            elif member.source == "temperature":
+                labels.append(
+                    _tempered_sample(
+                        plain_logits,
+                        member.temperature,
+                        self.settings.temperature_smoothing_voxels,
+                        np.random.default_rng([case_seed, member_index]),
+                    )
+                )
+            else:  # pragma: no cover - plan_members only makes the sources above
+                raise ValueError(f"unknown member source {member.source}")
+        proposals = torch.stack(labels).to(torch.uint8).cpu().numpy()
+        return CaseProposals(proposals, mean_probabilities.to(torch.float16).cpu().numpy(), case_seed)
+
+
+def _flip(tensor: torch.Tensor, spatial_axes: tuple[int, ...]) -> torch.Tensor:
+    return torch.flip(tensor, [axis + 2 for axis in spatial_axes]) if spatial_axes else tensor
+
+
+def _threshold_labels(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Foreground where 1 - p(background) exceeds the threshold, as the most likely foreground class."""
+    foreground = (1.0 - probabilities[0]) > threshold
+    return torch.where(foreground, probabilities[1:].argmax(0) + 1, torch.zeros_like(foreground, dtype=torch.long))
+
+
+def _tempered_sample(logits: torch.Tensor, temperature: float, smoothing: float, rng: np.random.Generator) -> torch.Tensor:
+    """A draw from the tempered softmax with spatially smooth Gumbel noise (plausible blobs, not speckle)."""
+    gumbel = -np.log(-np.log(rng.uniform(1e-9, 1.0 - 1e-9, size=tuple(logits.shape))))
+    if smoothing > 0:
+        gumbel = ndimage.gaussian_filter(gumbel, sigma=(0, *([smoothing] * (logits.dim() - 1))))
+        # smoothing shrinks the noise; restore the Gumbel spread so the temperature keeps its meaning
+        gumbel = (gumbel - gumbel.mean()) / max(gumbel.std(), 1e-8) * (np.pi / np.sqrt(6.0))
+    noise = torch.as_tensor(gumbel, dtype=torch.float32, device=logits.device)
+    return (torch.log_softmax(logits / temperature, dim=0) + noise).argmax(0)

@@ -1,0 +1,142 @@
+"""Which K proposals to make: the sources and the plan of members, each with its provenance.
+
+Defaults follow what was measured on a real base model (shared notes, proposals-measured.md): single
+mirror-TTA members keep the base quality and still differ (~7% of the mask), so `tta` is the default source;
+dropout added after the fact is fragile (decoder stages: speckle even at p=0.03; bottleneck: almost no
+change), so it is opt-in with its location and rate exposed.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence
+
+from nnunet_rndpo.proposals.dropout import DROPOUT_LOCATIONS, DROPOUT_MODES
+
+PROPOSAL_SOURCES = ("tta", "dropout", "threshold", "temperature", "checkpoint")
+FORWARD_SOURCES = ("plain", "tta", "dropout", "checkpoint")  # members that need a network pass
+
+
+@dataclass(frozen=True)
+class ProposalMember:
+    source: str  # plain | tta | dropout | threshold | temperature | checkpoint
+    flip_axes: tuple[int, ...] = ()  # spatial axes flipped before the pass and flipped back after
+    dropout_p: float = 0.0
+    network_index: int = 0  # 0 = the base checkpoint, i = extra checkpoint i
+    threshold: Optional[float] = None  # foreground when 1 - p(background) > threshold
+    temperature: Optional[float] = None
+    sample_index: int = 0  # n-th draw of a stochastic source
+
+    @property
+    def needs_forward(self) -> bool:
+        return self.source in FORWARD_SOURCES
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["flip_axes"] = list(self.flip_axes)
+        return data
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    num_proposals: int = 8
+    sources: tuple[str, ...] = ("tta",)
+    dropout_p: float = 0.2
+    dropout_location: str = "bottleneck"
+    dropout_mode: str = "element"
+    thresholds: tuple[float, ...] = (0.3, 0.7)
+    temperature: float = 2.0
+    temperature_smoothing_voxels: float = 2.0
+    extra_checkpoints: tuple[str, ...] = ()
+    seed: int = 0
+    tile_step_size: float = 0.5
+    members_per_batch: int = 8
+
+    def __post_init__(self):
+        unknown = [s for s in self.sources if s not in PROPOSAL_SOURCES]
+        if unknown:
+            raise ValueError(f"unknown proposal source(s) {unknown}; valid: {', '.join(PROPOSAL_SOURCES)}")
+        if self.num_proposals < 2:
+            raise ValueError(f"num_proposals must be at least 2 (pairs need two masks), got {self.num_proposals}")
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p must lie in [0, 1), got {self.dropout_p}")
+        if self.dropout_location not in DROPOUT_LOCATIONS:
+            raise ValueError(f"dropout_location {self.dropout_location!r}; valid: {', '.join(DROPOUT_LOCATIONS)}")
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode {self.dropout_mode!r}; valid: {', '.join(DROPOUT_MODES)}")
+        if any(not 0.0 < t < 1.0 for t in self.thresholds):
+            raise ValueError(f"thresholds must lie in (0, 1), got {self.thresholds}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.tile_step_size <= 1.0:
+            raise ValueError(f"tile_step_size must lie in (0, 1], got {self.tile_step_size}")
+        if "checkpoint" in self.sources and not self.extra_checkpoints:
+            raise ValueError("source 'checkpoint' needs extra_checkpoints (paths of further checkpoint files)")
+        if self.members_per_batch < 1:
+            raise ValueError("members_per_batch must be >= 1")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProposalSettings":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown proposal setting(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def flip_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty combination of the allowed mirror axes (the identity is the plain member)."""
+    axes = sorted(mirror_axes)
+    return [c for size in range(1, len(axes) + 1) for c in itertools.combinations(axes, size)]
+
+
+def _source_members(source: str, settings: ProposalSettings, mirror_axes: Sequence[int]) -> Iterator[ProposalMember]:
+    if source == "tta":
+        for axes in flip_combinations(mirror_axes):
+            yield ProposalMember("tta", flip_axes=axes)
+    elif source == "dropout":
+        for draw in itertools.count():
+            yield ProposalMember("dropout", dropout_p=settings.dropout_p, sample_index=draw)
+    elif source == "threshold":
+        for threshold in settings.thresholds:
+            yield ProposalMember("threshold", threshold=threshold)
+    elif source == "temperature":
+        for draw in itertools.count():
+            yield ProposalMember("temperature", temperature=settings.temperature, sample_index=draw)
+    elif source == "checkpoint":
+        for index in range(1, len(settings.extra_checkpoints) + 1):
+            yield ProposalMember("checkpoint", network_index=index)
+
+
+def plan_members(settings: ProposalSettings, mirror_axes: Optional[Sequence[int]]) -> list[ProposalMember]:
+    """The plain pass first, then members drawn round-robin from the sources until K are planned."""
+    mirror_axes = tuple(mirror_axes or ())
+    members = [ProposalMember("plain")]
+    generators = {source: _source_members(source, settings, mirror_axes) for source in settings.sources}
+    while len(members) < settings.num_proposals and generators:
+        for source in list(generators):
+            if len(members) >= settings.num_proposals:
+                break
+            member = next(generators[source], None)
+            if member is None:
+                del generators[source]
+            else:
+                members.append(member)
+    if len(members) < settings.num_proposals:
+        raise ValueError(
+            f"sources {list(settings.sources)} give at most {len(members)} proposals per case "
+            f"(mirror axes {list(mirror_axes)}), but num_proposals={settings.num_proposals}: "
+            "lower num_proposals or add a stochastic source (dropout, temperature)"
+        )
+    return members
+
+
+def case_seed(base_seed: int, case_id: str) -> int:
+    """A stable per-case seed (Python's hash() changes between processes)."""
+    digest = hashlib.sha256(f"{base_seed}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

@@ -1,0 +1,149 @@
+"""Fill a proposal store for a pool: load the model once, preprocess each case once, K proposals per case,
+optional NIfTI export once per case. Used by `nnunet_rndpo propose` and by the trainers' start."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_rndpo.proposals.engine import ProposalEngine
+from nnunet_rndpo.proposals.members import ProposalSettings, case_seed, plan_members
+from nnunet_rndpo.proposals.model import LoadedModel, check_compatible, load_model, read_checkpoint
+from nnunet_rndpo.proposals.pool import PoolReader, UnlabeledPool
+from nnunet_rndpo.proposals.store import ProposalStore
+
+
+@dataclass
+class GenerationSummary:
+    cases_in_part: int
+    cases_generated: int
+    cases_reused: int
+    proposals_per_case: int
+    seconds: float
+
+    @property
+    def seconds_per_generated_case(self) -> float:
+        return self.seconds / self.cases_generated if self.cases_generated else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.cases_in_part} cases ({self.cases_generated} generated, {self.cases_reused} already in the store), "
+            f"{self.proposals_per_case} proposals each, {self.seconds:.1f} s "
+            f"({self.seconds_per_generated_case:.2f} s per generated case)"
+        )
+
+
+def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: UnlabeledPool, extra_sha256: Sequence[str]) -> dict:
+    members = plan_members(settings, model.mirror_axes if model.mirror_axes is not None else tuple(range(len(model.configuration_manager.patch_size))))
+    return {
+        "dataset": model.plans["dataset_name"],
+        "plans": model.plans["plans_name"],
+        "configuration": model.configuration,
+        "fold": model.fold,
+        "checkpoint": str(model.checkpoint_path),
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "extra_checkpoints_sha256": list(extra_sha256),
+        "settings": settings.to_dict(),
+        "members": [m.to_dict() for m in members],
+        "labels": model.dataset_json["labels"],
+        "pool_source": pool.source,
+    }
+
+
+def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) -> tuple[list[torch.nn.Module], list[str]]:
+    networks, hashes = [], []
+    if "checkpoint" in settings.sources:
+        for path in settings.extra_checkpoints:
+            extra = load_model(
+                path, device, expected_plans=model.plans, expected_configuration=model.configuration, expected_dataset_json=model.dataset_json
+            )
+            networks.append(extra.network)
+            hashes.append(extra.checkpoint_sha256)
+    return networks, hashes
+
+
+def generate_proposals(
+    model: LoadedModel,
+    pool: UnlabeledPool,
+    store_folder: Path,
+    settings: ProposalSettings,
+    *,
+    device: torch.device | str = "cpu",
+    part_id: int = 0,
+    num_parts: int = 1,
+    overwrite: bool = False,
+    export_nifti: Optional[Path] = None,
+    progress: bool = True,
+    case_ids: Optional[Sequence[str]] = None,
+) -> tuple[ProposalStore, GenerationSummary]:
+    """Fill `store_folder` with K proposals for this part of the pool; finished cases are reused."""
+    extra_networks, extra_hashes = load_extra_networks(model, settings, device)
+    store = ProposalStore(store_folder).open(store_manifest(model, settings, pool, extra_hashes), overwrite=overwrite)
+    engine = ProposalEngine(
+        [model.network, *extra_networks],
+        model.plans_manager,
+        model.configuration_manager,
+        model.label_manager,
+        model.dataset_json,
+        settings,
+        model.mirror_axes,
+        device,
+    )
+    reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    my_cases = list(case_ids) if case_ids is not None else pool.shard(part_id, num_parts)
+    started = time.perf_counter()
+    generated = reused = 0
+    for case_id in tqdm(my_cases, desc="proposals", unit="case", disable=not progress):
+        if store.has_case(case_id) and export_nifti is None:
+            reused += 1
+            continue
+        data, _, properties = reader.load(case_id)
+        if store.has_case(case_id):
+            reused += 1
+            proposals = store.load_case(case_id)["proposals"]
+        else:
+            result = engine.generate(data, case_seed(settings.seed, case_id))
+            store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
+            proposals = result.proposals
+            generated += 1
+        if export_nifti is not None:
+            export_case_nifti(proposals, properties, model, Path(export_nifti), case_id)
+    summary = GenerationSummary(len(my_cases), generated, reused, engine.num_proposals, time.perf_counter() - started)
+    return store, summary
+
+
+def export_case_nifti(proposals: np.ndarray, properties: dict, model: LoadedModel, folder: Path, case_id: str) -> list[Path]:
+    """Write each proposal in the original image geometry (nnU-Net's own revert of crop/resample/transpose)."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    from nnunet_rndpo.atomic import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plans_manager, configuration_manager, label_manager = model.plans_manager, model.configuration_manager, model.label_manager
+    writer = plans_manager.image_reader_writer_class()
+    ending = model.dataset_json["file_ending"]
+    written = []
+    for index, proposal in enumerate(proposals):
+        one_hot = np.eye(label_manager.num_segmentation_heads, dtype=np.float32)[proposal.astype(np.int64)]
+        one_hot = np.moveaxis(one_hot, -1, 0)
+        segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
+            torch.from_numpy(one_hot), plans_manager, configuration_manager, label_manager, properties, num_threads_torch=1
+        )
+        target = folder / f"{case_id}_proposal{index:02d}{ending}"
+        with atomic_path(target) as temporary:
+            # the writer picks its format from the name ending, so write beside the temporary with that ending
+            staged = temporary.with_name(temporary.name + ending)
+            writer.write_seg(segmentation, str(staged), properties)
+            staged.replace(temporary)
+        written.append(target)
+    return written
+
+
+def load_base_model(checkpoint_path: Path, device, plans: Optional[dict] = None, configuration: Optional[str] = None, dataset_json: Optional[dict] = None) -> LoadedModel:
+    """The base model, checked against the plans/configuration/labels it is meant for (when given)."""
+    return load_model(checkpoint_path, device, expected_plans=plans, expected_configuration=configuration, expected_dataset_json=dataset_json)

@@ -1,0 +1,137 @@
+"""The proposal store: one folder per (dataset, plans, configuration, fold, base checkpoint).
+
+Layout:
+    manifest.json          what made the proposals: checkpoint hash, settings, members with provenance
+    cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed
+    judges/, pairs/        judge scores and mined pairs (written by later steps)
+Every file is written under a temporary name and renamed, so a killed run never leaves a case that reads as
+whole; a rerun skips finished cases. A store made by another checkpoint or other settings is refused with a
+message instead of being mixed with new proposals.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from nnunet_rndpo.atomic import remove_stale_temporaries, save_json, save_npz
+
+STORE_FORMAT_VERSION = 1
+# Manifest fields that must match for a store to be reused.
+IDENTITY_FIELDS = ("format_version", "dataset", "plans", "configuration", "fold", "checkpoint_sha256", "settings", "members")
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (mismatch, corrupt case)."""
+
+
+def default_store_folder(preprocessed_root: Path, dataset_name: str, plans_name: str, configuration: str, fold, checkpoint_path: Path) -> Path:
+    """nnUNet_preprocessed/<Dataset>/rndpo_proposals/<plans>__<config>/fold_<F>/<base trainer folder>__<checkpoint>.
+
+    Outside nnU-Net's per-configuration data folder (every file there is taken for a case).
+    """
+    checkpoint_path = Path(checkpoint_path)
+    model_name = f"{checkpoint_path.parent.parent.name}__{checkpoint_path.parent.name}__{checkpoint_path.stem}"
+    return Path(preprocessed_root) / dataset_name / "rndpo_proposals" / f"{plans_name}__{configuration}" / f"fold_{fold}" / model_name
+
+
+class ProposalStore:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.cases_folder = self.folder / "cases"
+        self.manifest_path = self.folder / "manifest.json"
+
+    # ---------------------------------------------------------------- manifest
+    def manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            raise StoreError(f"no proposal store at {self.folder} (manifest.json missing); run `nnunet_rndpo propose` first")
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise StoreError(f"manifest {self.manifest_path} is not valid JSON: {error}") from error
+
+    def open(self, manifest: dict, overwrite: bool = False) -> "ProposalStore":
+        """Create the store for `manifest`, or reuse it when it was made by the same checkpoint and settings."""
+        manifest = {"format_version": STORE_FORMAT_VERSION, **manifest}
+        if self.manifest_path.is_file() and not overwrite:
+            existing = self.manifest()
+            differences = [
+                name for name in IDENTITY_FIELDS if _normalise(existing.get(name)) != _normalise(manifest.get(name))
+            ]
+            if differences:
+                details = "; ".join(
+                    f"{name}: store has {_short(existing.get(name))}, now {_short(manifest.get(name))}" for name in differences
+                )
+                raise StoreError(
+                    f"proposal store {self.folder} was made with a different {', '.join(differences)} ({details}). "
+                    "Its proposals would be mixed with new ones: delete that folder, or rerun with overwrite "
+                    "(`nnunet_rndpo propose --overwrite`, or the trainer setting \"overwrite_proposals\": true)."
+                )
+        elif overwrite and self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.cases_folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.cases_folder)
+        if not self.manifest_path.is_file():
+            save_json(manifest, self.manifest_path)
+        return self
+
+    # ---------------------------------------------------------------- cases
+    def case_path(self, case_id: str) -> Path:
+        return self.cases_folder / f"{case_id}.npz"
+
+    def has_case(self, case_id: str) -> bool:
+        return self.case_path(case_id).is_file()
+
+    def case_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.cases_folder.glob("*.npz")) if self.cases_folder.is_dir() else []
+
+    def save_case(self, case_id: str, proposals: np.ndarray, mean_probabilities: np.ndarray, case_seed: int) -> None:
+        if proposals.dtype != np.uint8 or proposals.ndim < 2:
+            raise StoreError(f"case {case_id}: proposals must be (K, *spatial) uint8, got {proposals.dtype} {proposals.shape}")
+        if mean_probabilities.shape[1:] != proposals.shape[1:]:
+            raise StoreError(f"case {case_id}: probabilities {mean_probabilities.shape} do not match proposals {proposals.shape}")
+        save_npz(
+            self.case_path(case_id),
+            proposals=proposals,
+            mean_probabilities=mean_probabilities.astype(np.float16),
+            case_seed=np.int64(case_seed),
+        )
+
+    def load_case(self, case_id: str) -> dict:
+        path = self.case_path(case_id)
+        if not path.is_file():
+            raise StoreError(f"case {case_id!r} is not in the proposal store {self.folder}")
+        try:
+            with np.load(path) as archive:
+                case = {name: archive[name] for name in ("proposals", "mean_probabilities", "case_seed")}
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
+            raise StoreError(f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun") from error
+        expected = len(self.manifest()["members"])
+        if case["proposals"].shape[0] != expected:
+            raise StoreError(f"proposal file {path} holds {case['proposals'].shape[0]} proposals, the manifest {expected}")
+        return case
+
+    def verify(self, case_ids: Optional[Iterable[str]] = None) -> list[str]:
+        """Integrity check: every listed case loads and matches the manifest. Returns the problems found."""
+        problems = []
+        for case_id in case_ids if case_ids is not None else self.case_ids():
+            try:
+                self.load_case(case_id)
+            except StoreError as error:
+                problems.append(str(error))
+        leftovers = list(self.cases_folder.glob(".*.partial")) if self.cases_folder.is_dir() else []
+        problems.extend(f"temporary file left behind: {p}" for p in leftovers)
+        return problems
+
+
+def _normalise(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
