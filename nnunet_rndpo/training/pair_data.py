@@ -1,0 +1,98 @@
+"""Preference pairs as an nnU-Net dataset, so that nnU-Net's own data loader and augmentation serve them.
+
+Each item is one (image, chosen, rejected) triple. The two masks ride as two segmentation channels through
+nnU-Net's spatial transforms and deep-supervision downsampling, which keeps them aligned with the image.
+Unlabeled cases have no `class_locations`; we give the loader the voxels where the two masks disagree
+instead, so its foreground oversampling becomes disagreement oversampling.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from nnunet_rndpo.proposals.pool import PoolReader
+from nnunet_rndpo.proposals.store import ProposalStore
+
+# nnU-Net samples at most this many locations per class for oversampling; we do the same per pair.
+MAX_LOCATIONS = 10_000
+LOCATIONS_KEY = "disagreement"
+
+
+@dataclass(frozen=True)
+class TrainingItem:
+    """One training example: a case and the indices of its chosen and rejected proposals.
+
+    For self-training, rejected == chosen and patches are centred on the chosen mask's foreground.
+    """
+
+    case_id: str
+    chosen: int
+    rejected: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.case_id}::{self.chosen}>{self.rejected}"
+
+
+def sample_locations(region: np.ndarray, rng: np.random.Generator, limit: int = MAX_LOCATIONS) -> np.ndarray:
+    """(N, 1 + dim) coordinates of True voxels (leading channel index 0, as nnU-Net stores them)."""
+    coordinates = np.argwhere(region)
+    if len(coordinates) > limit:
+        coordinates = coordinates[rng.choice(len(coordinates), limit, replace=False)]
+    return np.concatenate([np.zeros((len(coordinates), 1), dtype=coordinates.dtype), coordinates], axis=1)
+
+
+class PairDataset:
+    """Duck-types nnU-Net's dataset interface (`identifiers`, `load_case`) for the pair data loader."""
+
+    def __init__(self, items: Sequence[TrainingItem], store: ProposalStore, reader: PoolReader, cache_cases: int = 16):
+        if not items:
+            raise ValueError("no training items: every case of the pool yielded no preference pair")
+        self.items = {item.key: item for item in items}
+        self.identifiers = sorted(self.items)
+        self.store = store
+        self.reader = reader
+        self.cache_cases = cache_cases
+        self._cache: OrderedDict[str, tuple] = OrderedDict()
+
+    def __getstate__(self):
+        # workers get a copy without the cache (it can be large)
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()
+        return state
+
+    def _case(self, case_id: str):
+        if case_id in self._cache:
+            self._cache.move_to_end(case_id)
+            return self._cache[case_id]
+        data, outside, _ = self.reader.load(case_id)
+        proposals = self.store.load_case(case_id)["proposals"]
+        if proposals.shape[1:] != data.shape[1:]:
+            raise ValueError(f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape")
+        entry = (data, outside, proposals)
+        self._cache[case_id] = entry
+        while len(self._cache) > self.cache_cases:
+            self._cache.popitem(last=False)
+        return entry
+
+    def load_case(self, key: str):
+        item = self.items[key]
+        data, outside, proposals = self._case(item.case_id)
+        chosen = proposals[item.chosen].astype(np.int16)
+        rejected = proposals[item.rejected].astype(np.int16)
+        region = chosen != rejected if item.chosen != item.rejected else chosen > 0
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        locations = {LOCATIONS_KEY: sample_locations(region, rng)}
+        # -1 outside the image's nonzero mask, as nnU-Net's preprocessing marks it (removed by its transforms)
+        outside_mask = outside[0] < 0
+        chosen[outside_mask] = -1
+        rejected[outside_mask] = -1
+        seg = np.stack([chosen, rejected])
+        return data, seg, None, {"class_locations": locations}
+
+    def __getitem__(self, key: str):
+        return self.load_case(key)

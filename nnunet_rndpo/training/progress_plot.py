@@ -1,0 +1,48 @@
+"""progress_preference.png beside nnU-Net's progress.png: the DPO statistics per epoch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_rndpo.atomic import atomic_path
+
+
+def plot_preference_progress(logging: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        return np.asarray(logging.get(key) or [], dtype=float)
+
+    if not len(series("rewards/chosen")) and not len(series("mean_fg_dice")):
+        return
+    figure, axes = plt.subplots(3, 1, figsize=(10, 12))
+    for key, colour in (("rewards/chosen", "g"), ("rewards/rejected", "r"), ("rewards/margins", "b")):
+        values = series(key)
+        if len(values):
+            axes[0].plot(np.arange(len(values)), values, color=colour, label=key)
+    axes[0].set_ylabel("reward (beta x normalised log-ratio)")
+    axes[0].legend(loc="best")
+    accuracy = series("rewards/accuracies")
+    if len(accuracy):
+        axes[1].plot(np.arange(len(accuracy)), accuracy, color="b", label="rewards/accuracies")
+    skipped = series("pairs/skipped_fraction")
+    if len(skipped):
+        axes[1].plot(np.arange(len(skipped)), skipped, color="k", ls="--", label="pairs/skipped_fraction")
+    dice = series("mean_fg_dice")
+    if len(dice):
+        axes[1].plot(np.arange(len(dice)), dice, color="g", ls=":", label="validation pseudo Dice")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(loc="best")
+    fraction = series("disagreement/fraction_mean")
+    if len(fraction):
+        axes[2].plot(np.arange(len(fraction)), fraction, color="m", label="disagreement/fraction_mean (of the patch)")
+    axes[2].set_xlabel("epoch")
+    axes[2].legend(loc="best")
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
