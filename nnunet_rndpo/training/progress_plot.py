@@ -25,7 +25,6 @@ def plot_preference_progress(logging: dict, path: Path) -> None:
         if len(values):
             axes[0].plot(np.arange(len(values)), values, color=colour, label=key)
     axes[0].set_ylabel("reward (beta x normalised log-ratio)")
-    axes[0].legend(loc="best")
     accuracy = series("rewards/accuracies")
     if len(accuracy):
         axes[1].plot(np.arange(len(accuracy)), accuracy, color="b", label="rewards/accuracies")
@@ -36,12 +35,13 @@ def plot_preference_progress(logging: dict, path: Path) -> None:
     if len(dice):
         axes[1].plot(np.arange(len(dice)), dice, color="g", ls=":", label="validation pseudo Dice")
     axes[1].set_ylim(0, 1)
-    axes[1].legend(loc="best")
     fraction = series("disagreement/fraction_mean")
     if len(fraction):
         axes[2].plot(np.arange(len(fraction)), fraction, color="m", label="disagreement/fraction_mean (of the patch)")
     axes[2].set_xlabel("epoch")
-    axes[2].legend(loc="best")
+    for axis in axes:
+        if axis.lines:
+            axis.legend(loc="best")
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")

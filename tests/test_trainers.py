@@ -1,0 +1,232 @@
+"""The trainers end to end on the tiny synthetic configuration (CPU): in-process runs of each objective, the
+real nnUNetv2_train / nnUNetv2_predict entry points, resume with --c, and failures at start."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_rndpo.training import trainers as named
+from nnunet_rndpo.training.losses import preference_loss_over_scales
+from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE, SettingsError
+
+BIN = Path(sys.executable).parent
+
+
+# In-process runs use their own class names, so their output folders never collide with the subprocess runs.
+class InProcessRNDPO(named.nnUNetTrainerRNDPO_tiny):
+    pass
+
+
+class InProcessDPO(named.nnUNetTrainerDPO_tiny):
+    pass
+
+
+class InProcessSelfTrain(named.nnUNetTrainerSelfTrain_tiny):
+    pass
+
+
+def make_trainer(trainer_class, dataset, configuration: str):
+    plans = json.loads(dataset.plans_file.read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((dataset.preprocessed_folder / "dataset.json").read_text())
+    return trainer_class(plans, configuration, 0, dataset_json, torch.device("cpu"))
+
+
+def write_settings(tmp_path: Path, **settings) -> Path:
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings))
+    return path
+
+
+@pytest.fixture
+def settings_file(tmp_path, monkeypatch, base_checkpoint):
+    """RNDPO_SETTINGS pointing at a JSON; the tests add their keys."""
+
+    def make(**settings):
+        path = write_settings(tmp_path, **settings)
+        monkeypatch.setenv(SETTINGS_ENV_VARIABLE, str(path))
+        return path
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "trainer_class, objective",
+    [(InProcessRNDPO, "rn_dpo"), (InProcessDPO, "dpo"), (InProcessSelfTrain, "self_train")],
+)
+def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+    settings_file()
+    trainer = make_trainer(trainer_class, preprocessed_synthetic, tiny_configuration)
+    trainer.run_training()
+    output = Path(trainer.output_folder)
+    assert (output / "checkpoint_final.pth").is_file()
+    written = json.loads((output / "rndpo_settings.json").read_text())
+    assert written["settings"]["objective"] == objective
+    assert written["settings"]["num_epochs"] == 2 and written["trainer"] == trainer_class.__name__
+    pairs = json.loads((output / "rndpo_pairs.json").read_text())
+    assert pairs["items"], "the synthetic pool must give training items"
+    assert "agreement" in pairs["judge"]
+    logged = trainer.logger.local_logger.my_fantastic_logging
+    assert len(logged["mean_fg_dice"]) == 2
+    if objective == "self_train":
+        assert trainer.reference_network is None
+        assert all(item["chosen"] == item["rejected"] for item in pairs["items"])
+        assert not logged["rewards/margins"]
+    else:
+        assert len(logged["rewards/margins"]) == 2 and all(np.isfinite(logged["rewards/margins"]))
+        assert all(0.0 <= a <= 1.0 for a in logged["rewards/accuracies"])
+        assert (output / "progress_preference.png").stat().st_size > 0
+        # the reference is frozen: still the base checkpoint's weights after training
+        base = torch.load(base_checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+        for name, value in trainer.reference_network.state_dict().items():
+            assert torch.equal(value, base[name]), name
+        assert not any(p.requires_grad for p in trainer.reference_network.parameters())
+        # and the policy moved away from it
+        policy = trainer.network.state_dict()
+        assert any(not torch.equal(policy[name], base[name]) for name in base)
+
+
+def test_named_trainers_differ_only_by_settings():
+    for trainer_class in (named.nnUNetTrainerRNDPO, named.nnUNetTrainerDPO, named.nnUNetTrainerSelfTrain):
+        assert trainer_class.__mro__[1] is named.nnUNetTrainerPreference
+        assert set(vars(trainer_class)) <= {"settings_overrides", "__doc__", "__module__", "__qualname__", "__firstlineno__", "__static_attributes__", "__annotations__"}
+    assert named.nnUNetTrainerRNDPO.settings_overrides["objective"] == "rn_dpo"
+    assert named.nnUNetTrainerDPO.settings_overrides["objective"] == "dpo"
+    assert named.nnUNetTrainerSelfTrain.settings_overrides["objective"] == "self_train"
+
+
+@pytest.mark.slow
+def test_wrong_setting_fails_at_start_with_valid_names(preprocessed_synthetic, tiny_configuration, settings_file):
+    settings_file(objectiv="rn_dpo")
+    with pytest.raises(SettingsError, match="unknown setting.*objectiv.*valid:.*objective"):
+        make_trainer(named.nnUNetTrainerRNDPO, preprocessed_synthetic, tiny_configuration)
+    settings_file(mining="best_worst")
+    with pytest.raises(SettingsError, match="mining='best_worst'.*top_bottom"):
+        make_trainer(named.nnUNetTrainerRNDPO, preprocessed_synthetic, tiny_configuration)
+    settings_file(judge="crystal_ball")
+    with pytest.raises(SettingsError, match="agreement"):
+        make_trainer(named.nnUNetTrainerRNDPO, preprocessed_synthetic, tiny_configuration)
+
+
+@pytest.mark.slow
+def test_missing_base_checkpoint_fails_at_start(preprocessed_synthetic, tiny_configuration, settings_file, tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoint_final.pth"
+    settings_file(base_checkpoint=str(missing))
+    trainer = make_trainer(InProcessRNDPO, preprocessed_synthetic, tiny_configuration)
+    from nnunet_rndpo.proposals.model import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nowhere"):
+        trainer.run_training()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_configuration_fails_at_start(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.proposals.model import CheckpointError
+
+    nnunet_steps.add_configuration(preprocessed_synthetic.dataset_id, "3d_tiny_wide", patch_size=(32, 32, 32), batch_size=2, features_per_stage=(16, 32, 64))
+    settings_file(base_checkpoint=str(base_checkpoint))
+    trainer = make_trainer(InProcessRNDPO, preprocessed_synthetic, "3d_tiny_wide")
+    with pytest.raises(CheckpointError, match=r"trained for another setting: configuration '3d_tiny'"):
+        trainer.run_training()
+
+
+@pytest.mark.slow
+def test_empty_pool_fails_at_start(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file, tmp_path, monkeypatch):
+    from nnunet_rndpo.proposals.pool import PoolError
+
+    raw_copy = tmp_path / "raw" / preprocessed_synthetic.name
+    (raw_copy / "imagesUnlabeled").mkdir(parents=True)
+    shutil.copy(preprocessed_synthetic.raw_folder / "dataset.json", raw_copy / "dataset.json")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))  # nnunetv2 2.8 reads its paths at use
+    settings_file(base_checkpoint=str(base_checkpoint))
+    trainer = make_trainer(InProcessRNDPO, preprocessed_synthetic, tiny_configuration)
+    with pytest.raises(PoolError, match="imagesUnlabeled is empty"):
+        trainer.run_training()
+
+
+def test_loss_finite_when_every_pair_has_empty_disagreement():
+    torch.manual_seed(0)
+    outputs = [torch.randn(2, 3, 8, 8, 8, requires_grad=True), torch.randn(2, 3, 4, 4, 4, requires_grad=True)]
+    references = [o.detach() + 0.1 for o in outputs]
+    masks = [torch.randint(0, 3, (2, 1) + o.shape[2:]) for o in outputs]
+    targets = [torch.cat([m, m], dim=1) for m in masks]  # chosen == rejected everywhere
+    for loss_type in ("rn_dpo", "dpo", "mean", "ipo"):
+        loss, statistics = preference_loss_over_scales(outputs, references, targets, [0.67, 0.33], loss_type=loss_type, beta=1.0)
+        loss.backward()
+        assert torch.isfinite(loss) and loss.item() == 0.0
+        assert statistics["pairs/skipped_fraction"] == 1.0
+        assert all(torch.isfinite(o.grad).all() and (o.grad == 0).all() for o in outputs)
+
+
+def _environment(**extra) -> dict:
+    environment = dict(os.environ)
+    environment.update({k: str(v) for k, v in extra.items()})
+    return environment
+
+
+@pytest.mark.slow
+def test_real_nnunetv2_train_and_predict_entry_points_with_resume(preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path):
+    """nnUNetv2_train -tr nnUNetTrainerRNDPO_tiny finds our class (nnUNet_extTrainer from conftest), trains,
+    validates; nnUNetv2_predict loads the checkpoint; --c resumes with the same pairs and no new proposals."""
+    dataset_id = str(preprocessed_synthetic.dataset_id)
+    settings = write_settings(tmp_path, base_checkpoint=str(base_checkpoint), num_epochs=2)
+    environment = _environment(**{SETTINGS_ENV_VARIABLE: settings, "nnUNet_def_n_proc": 1})
+    command = [str(BIN / "nnUNetv2_train"), dataset_id, tiny_configuration, "0", "-tr", "nnUNetTrainerRNDPO_tiny", "-device", "cpu"]
+    first = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    output = Path(os.environ["nnUNet_results"]) / preprocessed_synthetic.name / f"nnUNetTrainerRNDPO_tiny__nnUNetPlans__{tiny_configuration}" / "fold_0"
+    assert (output / "checkpoint_final.pth").is_file()
+    assert "Mean Validation Dice" in first.stdout
+    pairs_before = (output / "rndpo_pairs.json").read_text()
+
+    prediction = tmp_path / "predictions"
+    predict = subprocess.run(
+        [str(BIN / "nnUNetv2_predict"), "-i", str(preprocessed_synthetic.raw_folder / "imagesTs"), "-o", str(prediction), "-d", dataset_id,
+         "-c", tiny_configuration, "-f", "0", "-tr", "nnUNetTrainerRNDPO_tiny", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert predict.returncode == 0, predict.stdout[-3000:] + predict.stderr[-3000:]
+    assert len(list(prediction.glob("*.nii.gz"))) == 3
+
+    # resume for one more epoch: no proposal regenerated, same pairs
+    write_settings(tmp_path, base_checkpoint=str(base_checkpoint), num_epochs=3)
+    resumed = subprocess.run(command + ["--c"], env=environment, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "0 generated" in resumed.stdout
+    assert (output / "rndpo_pairs.json").read_text() == pairs_before
+    assert re.search(r": Epoch 2$", resumed.stdout, re.M) and not re.search(r": Epoch [01]$", resumed.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_export_predicts_without_our_package_on_nnunets_path(preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path, settings_file):
+    from nnunet_rndpo.cli import main
+
+    settings_file()
+    trainer = make_trainer(InProcessRNDPO, preprocessed_synthetic, tiny_configuration)
+    if not (Path(trainer.output_folder) / "checkpoint_final.pth").is_file():
+        trainer.run_training()
+    exported = tmp_path / "exported"
+    assert main(["export", "-d", str(preprocessed_synthetic.dataset_id), "-c", tiny_configuration, "-tr", "InProcessRNDPO", "-o", str(exported)]) == 0
+    checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"
+    environment = _environment()
+    environment.pop("nnUNet_extTrainer", None)
+    prediction = tmp_path / "predictions"
+    result = subprocess.run(
+        [str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(preprocessed_synthetic.raw_folder / "imagesTs"), "-o", str(prediction),
+         "-m", str(exported), "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(list(prediction.glob("*.nii.gz"))) == 3
