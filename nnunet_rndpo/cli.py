@@ -72,4 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m nnunet_rndpo.cli`: run the imported module's main, because the subcommands in cli_commands
+    # register themselves on nnunet_rndpo.cli.SUBCOMMANDS, not on this __main__ copy's.
+    from nnunet_rndpo.cli import main as _package_main
+
+    sys.exit(_package_main())

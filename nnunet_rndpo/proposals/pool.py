@@ -6,8 +6,11 @@ file per channel). Without that folder, the fold's training cases serve, their l
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import pickle
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -162,14 +165,20 @@ class PoolReader:
     def _preprocess(self, case_id: str):
         files = [str(p) for p in self.pool.raw_files[case_id]]
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        printed = io.StringIO()
         try:
-            data, seg, properties = preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager, self.dataset_json)
+            # nnU-Net's readers print what is wrong (e.g. the channels' shapes) and raise a bare RuntimeError()
+            with contextlib.redirect_stdout(printed):
+                data, seg, properties = preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager, self.dataset_json)
         except Exception as error:
+            detail = str(error) or " ".join(printed.getvalue().split()) or "no message"
             raise PoolError(
                 f"unlabeled case {case_id!r} could not be read or preprocessed ({', '.join(files)}): "
-                f"{type(error).__name__}: {error}. Check that the files are readable images and that all channels "
+                f"{type(error).__name__}: {detail}. Check that the files are readable images and that all channels "
                 "share one geometry (size, spacing, origin, direction)."
             ) from error
+        finally:
+            sys.stdout.write(printed.getvalue())
         expected_channels = len(_channel_names(self.dataset_json))
         if data.shape[0] != expected_channels:
             raise PoolError(f"unlabeled case {case_id!r} has {data.shape[0]} channels after reading; expected {expected_channels}")

@@ -83,7 +83,9 @@ def generate_proposals(
 ) -> tuple[ProposalStore, GenerationSummary]:
     """Fill `store_folder` with K proposals for this part of the pool; finished cases are reused."""
     extra_networks, extra_hashes = load_extra_networks(model, settings, device)
-    store = ProposalStore(store_folder).open(store_manifest(model, settings, pool, extra_hashes), overwrite=overwrite)
+    my_cases = list(case_ids) if case_ids is not None else pool.shard(part_id, num_parts)
+    # only this part's stale temporaries are removed: other parts may be writing theirs right now
+    store = ProposalStore(store_folder).open(store_manifest(model, settings, pool, extra_hashes), overwrite=overwrite, case_ids=my_cases)
     engine = ProposalEngine(
         [model.network, *extra_networks],
         model.plans_manager,
@@ -95,7 +97,6 @@ def generate_proposals(
         device,
     )
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-    my_cases = list(case_ids) if case_ids is not None else pool.shard(part_id, num_parts)
     started = time.perf_counter()
     generated = reused = 0
     for case_id in tqdm(my_cases, desc="proposals", unit="case", disable=not progress):

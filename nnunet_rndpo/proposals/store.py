@@ -10,6 +10,7 @@ message instead of being mixed with new proposals.
 """
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import zipfile
@@ -18,7 +19,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from nnunet_rndpo.atomic import remove_stale_temporaries, save_json, save_npz
+from nnunet_rndpo.atomic import TEMP_SUFFIX, remove_stale_temporaries, save_json, save_npz
 
 STORE_FORMAT_VERSION = 1
 # Manifest fields that must match for a store to be reused.
@@ -54,8 +55,12 @@ class ProposalStore:
         except json.JSONDecodeError as error:
             raise StoreError(f"manifest {self.manifest_path} is not valid JSON: {error}") from error
 
-    def open(self, manifest: dict, overwrite: bool = False) -> "ProposalStore":
-        """Create the store for `manifest`, or reuse it when it was made by the same checkpoint and settings."""
+    def open(self, manifest: dict, overwrite: bool = False, case_ids: Optional[Iterable[str]] = None) -> "ProposalStore":
+        """Create the store for `manifest`, or reuse it when it was made by the same checkpoint and settings.
+
+        Temporaries left by a killed writer are removed: those of `case_ids` only when given (parts of a pool
+        may run at once, and another part's temporary may be a file it is writing right now), else all.
+        """
         manifest = {"format_version": STORE_FORMAT_VERSION, **manifest}
         if self.manifest_path.is_file() and not overwrite:
             existing = self.manifest()
@@ -63,9 +68,7 @@ class ProposalStore:
                 name for name in IDENTITY_FIELDS if _normalise(existing.get(name)) != _normalise(manifest.get(name))
             ]
             if differences:
-                details = "; ".join(
-                    f"{name}: store has {_short(existing.get(name))}, now {_short(manifest.get(name))}" for name in differences
-                )
+                details = "; ".join(_difference(name, existing.get(name), manifest.get(name)) for name in differences)
                 raise StoreError(
                     f"proposal store {self.folder} was made with a different {', '.join(differences)} ({details}). "
                     "Its proposals would be mixed with new ones: delete that folder, or rerun with overwrite "
@@ -74,7 +77,13 @@ class ProposalStore:
         elif overwrite and self.folder.exists():
             shutil.rmtree(self.folder)
         self.cases_folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.cases_folder)
+        if case_ids is None:
+            remove_stale_temporaries(self.cases_folder)
+        else:
+            for case_id in case_ids:
+                # atomic_path names a temporary `.<file name>.<random>.partial`
+                for stale in self.cases_folder.glob(f".{glob.escape(self.case_path(case_id).name)}.*{TEMP_SUFFIX}"):
+                    stale.unlink(missing_ok=True)
         if not self.manifest_path.is_file():
             save_json(manifest, self.manifest_path)
         return self
@@ -130,6 +139,16 @@ class ProposalStore:
 
 def _normalise(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _difference(name: str, stored, new) -> str:
+    """What differs, key by key for a mapping (settings): a whole-value excerpt may cut off the very difference."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(stored) | set(new) if _normalise(stored.get(k)) != _normalise(new.get(k)))
+        return "; ".join(f"{name}: {key}: store has {_short(stored.get(key))}, now {_short(new.get(key))}" for key in keys)
+    if isinstance(stored, list) and isinstance(new, list) and len(stored) != len(new):
+        return f"{name}: store has {len(stored)}, now {len(new)}"
+    return f"{name}: store has {_short(stored)}, now {_short(new)}"
 
 
 def _short(value, limit: int = 80) -> str:

@@ -204,7 +204,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
                 f"different proposals the judge could rank (mining {settings.mining!r}). Add proposal sources "
                 "(e.g. dropout), raise num_proposals, lower mining_margin, or check that the base model segments anything."
             )
-        self._pool, self._store, self._base_plans = pool, store, base_model
+        self._pool, self._store = pool, store
         return items
 
     def _barrier(self) -> None:

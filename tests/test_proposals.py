@@ -1,0 +1,565 @@
+"""Proposal engine, MC-dropout hooks, member planning, the proposal store, the pool and `nnunet_rndpo propose`.
+
+Fast tests build their own small inputs; the `slow` ones use the session's base checkpoint (3d_tiny, patch 32^3)
+on the synthetic dataset. Network passes are kept few: most engine checks run on a single 32^3 tile, and the
+store/CLI checks use K=2 (plain + one mirror member).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_rndpo.proposals.dropout import RowDropout, dropout_hooks, dropout_target_modules
+from nnunet_rndpo.proposals.members import (
+    ProposalMember,
+    ProposalSettings,
+    case_seed,
+    flip_combinations,
+    plan_members,
+)
+from nnunet_rndpo.proposals.model import CheckpointError, load_model, read_checkpoint
+from nnunet_rndpo.proposals.pool import PoolError, UnlabeledPool, discover_pool
+from nnunet_rndpo.proposals.store import ProposalStore, StoreError
+
+ALL_AXES = (0, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # The machine's 2 cores are shared: one thread is steadier (see conftest's TRAINING_THREADS).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_unet() -> torch.nn.Module:
+    """A 3-stage PlainConvUNet (the architecture nnU-Net builds), small enough for fast tests."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    network = PlainConvUNet(
+        input_channels=1, n_stages=3, features_per_stage=(4, 8, 16), conv_op=torch.nn.Conv3d, kernel_sizes=3,
+        strides=(1, 2, 2), n_conv_per_stage=1, num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False,
+    )
+    return network.eval()
+
+
+def fake_manifest(**changes) -> dict:
+    settings = ProposalSettings(num_proposals=3)
+    manifest = {
+        "dataset": "Dataset999_Fake",
+        "plans": "nnUNetPlans",
+        "configuration": "3d_fullres",
+        "fold": 0,
+        "checkpoint": "/models/checkpoint_final.pth",
+        "checkpoint_sha256": "a" * 64,
+        "settings": settings.to_dict(),
+        "members": [m.to_dict() for m in plan_members(settings, ALL_AXES)],
+    }
+    manifest.update(changes)
+    return manifest
+
+
+def fake_case(seed: int, k: int = 3, shape=(4, 5, 6)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 3, (k, *shape), dtype=np.uint8), rng.random((3, *shape)).astype(np.float16)
+
+
+def write_dataset_json(folder: Path, channels: int = 1) -> dict:
+    dataset_json = {
+        "channel_names": {str(c): f"ch{c}" for c in range(channels)},
+        "labels": {"background": 0, "organ": 1},
+        "numTraining": 1,
+        "file_ending": ".nii.gz",
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    return dataset_json
+
+
+def label_mismatch_outside_ties(labels: np.ndarray, logits: torch.Tensor, tolerance: float = 1e-4) -> int:
+    """Voxels where `labels` differ from argmax(logits) although the two best logits are not (almost) tied.
+
+    Batched and single passes round differently, so a near-tie may legitimately flip; anything else is a bug.
+    """
+    logits = logits.float()
+    expected = logits.argmax(0).numpy()
+    top2 = torch.topk(logits, 2, dim=0).values
+    tied = (top2[0] - top2[1]).numpy() < tolerance
+    return int(np.count_nonzero((labels != expected) & ~tied))
+
+
+# ------------------------------------------------------------------------------------------------ member planning
+def test_plan_members_plain_first_then_round_robin():
+    settings = ProposalSettings(num_proposals=6, sources=("tta", "dropout"), dropout_p=0.1)
+    members = plan_members(settings, ALL_AXES)
+    assert members[0] == ProposalMember("plain")
+    assert [m.source for m in members] == ["plain", "tta", "dropout", "tta", "dropout", "tta"]
+    # TTA members walk through the flip combinations in order; dropout draws are numbered
+    assert [m.flip_axes for m in members if m.source == "tta"] == [(0,), (1,), (2,)]
+    assert [m.sample_index for m in members if m.source == "dropout"] == [0, 1]
+    assert all(m.dropout_p == 0.1 for m in members if m.source == "dropout")
+
+
+def test_plan_members_tta_alone_gives_at_most_eight():
+    assert len(flip_combinations(ALL_AXES)) == 7
+    assert len(plan_members(ProposalSettings(num_proposals=8, sources=("tta",)), ALL_AXES)) == 8
+    with pytest.raises(ValueError, match=r"at most 8 proposals.*num_proposals=9"):
+        plan_members(ProposalSettings(num_proposals=9, sources=("tta",)), ALL_AXES)
+    # a network allowing mirroring on two axes only has 3 flips
+    with pytest.raises(ValueError, match=r"at most 4 proposals"):
+        plan_members(ProposalSettings(num_proposals=5, sources=("tta",)), (1, 2))
+    # an exhausted source stops contributing; a stochastic one fills up
+    sources = [m.source for m in plan_members(ProposalSettings(num_proposals=18, sources=("tta", "dropout")), ALL_AXES)]
+    assert sources[1:15] == ["tta", "dropout"] * 7 and sources[15:] == ["dropout"] * 3
+
+
+def test_case_seed_is_stable_and_case_specific():
+    assert case_seed(0, "synth_010") == case_seed(0, "synth_010")
+    assert len({case_seed(0, "synth_010"), case_seed(0, "synth_011"), case_seed(1, "synth_010")}) == 3
+    # a fixed value: Python's salted hash() would change between processes
+    assert case_seed(0, "a") == int.from_bytes(hashlib.sha256(b"0:a").digest()[:4], "little")
+
+
+# ------------------------------------------------------------------------------------------------ dropout hooks
+def test_dropout_hooks_keep_weights_and_touch_only_rows_with_a_rate():
+    network = tiny_unet()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    x = torch.randn(1, 1, 16, 16, 16).repeat(3, 1, 1, 1, 1)
+    with torch.no_grad():
+        reference = network(x)
+        with dropout_hooks(network, "all", "element") as hooks:
+            # the weights keep their names and values: a checkpoint saved without dropout loads strictly
+            assert network.state_dict().keys() == before.keys()
+            network.load_state_dict(before, strict=True)
+            assert len(hooks) == 1 + len(network.decoder.stages)
+            for hook in hooks:
+                hook.rates = torch.tensor([0.0, 0.5, 0.0])
+                hook.generator = torch.Generator().manual_seed(0)
+            assert not network.training  # eval mode, and dropout still acts (it does not use the training flag)
+            dropped = network(x)
+        after = network(x)
+    assert torch.equal(dropped[0], reference[0]) and torch.equal(dropped[2], reference[2])
+    assert not torch.allclose(dropped[1], reference[1])
+    # hooks are gone after the block: same output as before, no hook left on any module
+    assert torch.equal(after, reference)
+    assert all(not module._forward_hooks for module in network.modules())
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+
+def test_dropout_hooks_are_removed_when_the_block_fails():
+    network = tiny_unet()
+    with pytest.raises(RuntimeError, match="boom"):
+        with dropout_hooks(network, "decoder", "channel"):
+            assert any(module._forward_hooks for module in network.modules())
+            raise RuntimeError("boom")
+    assert all(not module._forward_hooks for module in network.modules())
+
+
+def test_dropout_targets_and_channel_mode():
+    network = tiny_unet()
+    assert dropout_target_modules(network, "bottleneck") == [network.encoder.stages[-1]]
+    assert dropout_target_modules(network, "decoder") == list(network.decoder.stages)
+    with pytest.raises(ValueError, match="unknown dropout location"):
+        dropout_target_modules(network, "head")
+    with pytest.raises(ValueError, match="encoder.stages"):
+        dropout_target_modules(torch.nn.Conv3d(1, 2, 1), "decoder")
+    # channel mode zeroes whole feature maps of a row
+    hook = RowDropout("channel")
+    hook.rates = torch.tensor([0.5, 0.0])
+    hook.generator = torch.Generator().manual_seed(1)
+    output = hook(None, None, torch.ones(2, 64, 3, 3, 3))
+    per_channel = output[0].flatten(1)
+    assert torch.all(per_channel.min(1).values == per_channel.max(1).values)  # constant per channel
+    assert set(per_channel[:, 0].tolist()) == {0.0, 2.0}  # dropped or rescaled by 1/(1-p)
+    assert torch.equal(output[1], torch.ones(64, 3, 3, 3))
+
+
+# ------------------------------------------------------------------------------------------------ store (fast)
+def test_store_refuses_other_settings_or_checkpoint_and_overwrite_replaces(tmp_path):
+    store = ProposalStore(tmp_path / "store").open(fake_manifest())
+    store.save_case("case_a", *fake_case(0), case_seed=7)
+    ProposalStore(tmp_path / "store").open(fake_manifest())  # same identity: reused
+    assert store.case_ids() == ["case_a"]
+
+    other_settings = ProposalSettings(num_proposals=3, dropout_p=0.3)
+    with pytest.raises(StoreError, match=r"different settings \(settings: dropout_p: store has 0\.2, now 0\.3\)") as error:
+        ProposalStore(tmp_path / "store").open(fake_manifest(settings=other_settings.to_dict()))
+    assert "--overwrite" in str(error.value)
+    with pytest.raises(StoreError, match=r"different checkpoint_sha256 \(checkpoint_sha256: store has \"a+\", now \"b+\"\)"):
+        ProposalStore(tmp_path / "store").open(fake_manifest(checkpoint_sha256="b" * 64))
+    # a checkpoint moved to another path but with the same bytes is the same model
+    ProposalStore(tmp_path / "store").open(fake_manifest(checkpoint="/elsewhere/checkpoint_final.pth"))
+
+    replaced = ProposalStore(tmp_path / "store").open(fake_manifest(checkpoint_sha256="b" * 64), overwrite=True)
+    assert replaced.case_ids() == []
+    assert replaced.manifest()["checkpoint_sha256"] == "b" * 64
+
+
+def test_store_round_trip_and_corrupt_case_named(tmp_path):
+    store = ProposalStore(tmp_path / "store").open(fake_manifest())
+    proposals, probabilities = fake_case(1)
+    store.save_case("good", proposals, probabilities, case_seed=11)
+    loaded = store.load_case("good")
+    assert np.array_equal(loaded["proposals"], proposals) and loaded["proposals"].dtype == np.uint8
+    assert np.array_equal(loaded["mean_probabilities"], probabilities) and int(loaded["case_seed"]) == 11
+
+    store.case_path("broken").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(StoreError, match=r"broken\.npz is corrupt"):
+        store.load_case("broken")
+    store.save_case("short", *fake_case(2, k=2), case_seed=0)  # 2 proposals, the manifest plans 3
+    problems = store.verify()
+    assert len(problems) == 2
+    assert any("broken.npz" in p and "corrupt" in p for p in problems)
+    assert any("short.npz holds 2 proposals, the manifest 3" in p for p in problems)
+    with pytest.raises(StoreError, match="'missing' is not in the proposal store"):
+        store.load_case("missing")
+    with pytest.raises(StoreError, match="uint8"):
+        store.save_case("bad", proposals.astype(np.int64), probabilities, case_seed=0)
+
+
+def test_store_open_cleans_only_the_temporaries_of_its_own_cases(tmp_path):
+    # Parts of one pool may run at once (as nnUNetv2_predict's parts): a part that opens the store must not
+    # delete another part's temporary file while that part is writing it.
+    store = ProposalStore(tmp_path / "store").open(fake_manifest())
+    mine = store.cases_folder / ".case_a.npz.x1y2z3.partial"
+    theirs = store.cases_folder / ".case_b.npz.q7r8s9.partial"
+    mine.write_bytes(b"half")
+    theirs.write_bytes(b"half")
+    ProposalStore(tmp_path / "store").open(fake_manifest(), case_ids=["case_a"])
+    assert not mine.exists() and theirs.exists()
+    ProposalStore(tmp_path / "store").open(fake_manifest())  # no part given: every temporary is stale
+    assert not theirs.exists()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_unreadable_checkpoints_raise_checkpoint_error_naming_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"not found: .*nowhere\.pth"):
+        read_checkpoint(tmp_path / "nowhere.pth")
+
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"a": 1}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pth is not an nnU-Net checkpoint.*found \['a'\]"):
+        load_model(foreign)
+
+    whole = tmp_path / "whole.pth"
+    torch.save({"network_weights": {"w": torch.randn(64, 64)}, "init_args": {}, "trainer_name": "nnUNetTrainer"}, whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # a copy cut off mid-transfer
+    with pytest.raises(CheckpointError, match=r"truncated\.pth cannot be read.*truncated or corrupt"):
+        load_model(truncated)
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x80\x04 this is not a pickle at all")
+    with pytest.raises(CheckpointError, match=r"garbage\.pth"):
+        load_model(garbage)
+
+
+# ------------------------------------------------------------------------------------------------ pool (fast)
+def test_empty_unlabeled_folder_is_an_error_naming_it(tmp_path):
+    dataset_json = write_dataset_json(tmp_path / "raw" / "Dataset999_Fake")
+    folder = tmp_path / "raw" / "Dataset999_Fake" / "imagesUnlabeled"
+    folder.mkdir()
+    (folder / ".DS_Store").write_bytes(b"")  # hidden files are not cases
+    with pytest.raises(PoolError, match=rf"{folder} is empty"):
+        discover_pool(tmp_path / "raw", tmp_path / "pre", "Dataset999_Fake", dataset_json, "data", 0)
+
+
+def test_wrongly_named_unlabeled_file_is_an_error_naming_it(tmp_path):
+    dataset_json = write_dataset_json(tmp_path / "raw" / "Dataset999_Fake")
+    folder = tmp_path / "raw" / "Dataset999_Fake" / "imagesUnlabeled"
+    folder.mkdir()
+    (folder / "case_001_0000.nii.gz").write_bytes(b"")
+    (folder / "case_002.nii.gz").write_bytes(b"")  # channel suffix forgotten
+    with pytest.raises(PoolError, match=r"case_002\.nii\.gz: not an nnU-Net image name"):
+        discover_pool(tmp_path / "raw", tmp_path / "pre", "Dataset999_Fake", dataset_json, "data", 0)
+
+
+def test_wrong_channel_count_is_an_error_naming_the_case(tmp_path):
+    dataset_json = write_dataset_json(tmp_path / "raw" / "Dataset999_Fake", channels=2)
+    folder = tmp_path / "raw" / "Dataset999_Fake" / "imagesUnlabeled"
+    folder.mkdir()
+    for name in ("case_001_0000.nii.gz", "case_001_0001.nii.gz", "case_002_0000.nii.gz"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(PoolError, match=r"'case_002'.*channel\(s\) \[0\].*declares 2 channel"):
+        discover_pool(tmp_path / "raw", tmp_path / "pre", "Dataset999_Fake", dataset_json, "data", 0)
+
+
+def test_shards_cover_every_case_exactly_once():
+    cases = [f"case_{i:02d}" for i in range(11)]
+    pool = UnlabeledPool("Dataset999_Fake", "imagesUnlabeled", cases)
+    for num_parts in range(1, 5):
+        parts = [pool.shard(part, num_parts) for part in range(num_parts)]
+        together = [case for part in parts for case in part]
+        assert sorted(together) == cases and len(together) == len(cases)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+    for bad in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="part_id"):
+            pool.shard(*bad)
+
+
+# ------------------------------------------------------------------------------------------------ engine (slow)
+@pytest.fixture(scope="module")
+def base_model(base_checkpoint):
+    return load_model(base_checkpoint)
+
+
+def load_preprocessed(data_folder: Path, case_id: str) -> np.ndarray:
+    """A case's preprocessed image as nnU-Net's own dataset class reads it for training."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = str(data_folder)
+    data, _, _, _ = infer_dataset_class(folder)(folder, [case_id]).load_case(case_id)
+    return np.asarray(data[:], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def training_case(preprocessed_synthetic):
+    case_id = preprocessed_synthetic.case_identifiers[0]
+    return case_id, load_preprocessed(preprocessed_synthetic.data_folder, case_id)
+
+
+@pytest.fixture(scope="module")
+def single_tile(training_case):
+    """A 32^3 crop through the organ: exactly one patch, so every member is one network pass."""
+    _, data = training_case
+    return np.ascontiguousarray(data[:, 4:36, 4:36, 4:36])
+
+
+def make_engine(model, **settings):
+    from nnunet_rndpo.proposals.engine import ProposalEngine
+
+    return ProposalEngine(
+        [model.network], model.plans_manager, model.configuration_manager, model.label_manager,
+        model.dataset_json, ProposalSettings(**settings), model.mirror_axes,
+    )
+
+
+@pytest.fixture(scope="module")
+def tta_result(base_model, single_tile):
+    engine = make_engine(base_model, num_proposals=8, sources=("tta",))
+    return engine.members, engine.generate(single_tile, case_seed=3)
+
+
+def by_hand(network, image: np.ndarray, flip_axes: tuple[int, ...]) -> torch.Tensor:
+    """Logits of one member computed directly: flip the input, run the network, flip the logits back."""
+    dims = [axis + 1 for axis in flip_axes]
+    x = torch.from_numpy(image)
+    with torch.inference_mode():
+        x = torch.flip(x, dims) if dims else x
+        logits = network(x[None])[0]
+        return torch.flip(logits, dims) if dims else logits
+
+
+@pytest.mark.slow
+def test_tta_members_differ_and_map_back_to_the_unflipped_frame(base_model, single_tile, tta_result):
+    members, result = tta_result
+    assert result.proposals.shape == (8, 32, 32, 32) and result.proposals.dtype == np.uint8
+    assert [m.flip_axes for m in members] == [(), *flip_combinations(ALL_AXES)]
+    assert np.count_nonzero(result.proposals[0]) > 100  # the base model segments something
+    distinct = {p.tobytes() for p in result.proposals}
+    assert len(distinct) >= 4, "mirror members of an imperfect model should disagree somewhere"
+
+    # Each member equals argmax(flip(net(flip(x)))): flipped back into the frame of the plain mask.
+    hand_probabilities = []
+    for member, proposal in zip(members, result.proposals):
+        logits = by_hand(base_model.network, single_tile, member.flip_axes)
+        assert label_mismatch_outside_ties(proposal, logits) == 0, member
+        hand_probabilities.append(torch.softmax(logits, 0))
+    # Forgetting to flip back would put the mask in the mirrored frame: far from the plain mask.
+    flipped = torch.flip(by_hand(base_model.network, single_tile, (0,)), [1]).argmax(0).numpy()
+    assert np.count_nonzero(flipped != result.proposals[1]) > 100
+    # mean_probabilities is the softmax averaged over the 8 passes (stored as float16)
+    assert result.mean_probabilities.dtype == np.float16
+    np.testing.assert_allclose(result.mean_probabilities, torch.stack(hand_probabilities).mean(0).numpy(), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_dropout_members_differ_and_are_reproducible(base_model, single_tile, tta_result):
+    engine = make_engine(base_model, num_proposals=4, sources=("dropout",), dropout_p=0.2, dropout_location="decoder")
+    first = engine.generate(single_tile, case_seed=5).proposals
+    assert len({p.tobytes() for p in first[1:]}) == 3  # three different draws
+    assert all(np.count_nonzero(p != first[0]) > 0 for p in first[1:])
+    # the plain member of the batch carries no dropout: same as the plain member of the TTA run
+    assert np.array_equal(first[0], tta_result[1].proposals[0])
+    # determinism: the same case seed gives the same draws; another seed other draws
+    assert np.array_equal(engine.generate(single_tile, case_seed=5).proposals, first)
+    assert not np.array_equal(engine.generate(single_tile, case_seed=6).proposals[1:], first[1:])
+    # the hooks are gone after generate: the network's own output is unchanged
+    assert all(not module._forward_hooks for module in base_model.network.modules())
+
+
+@pytest.mark.slow
+def test_dropout_off_gives_k_copies_of_the_plain_mask(base_model, single_tile, tta_result):
+    engine = make_engine(base_model, num_proposals=3, sources=("dropout",), dropout_p=0.0, dropout_location="all")
+    proposals = engine.generate(single_tile, case_seed=5).proposals
+    for proposal in proposals:
+        assert np.array_equal(proposal, tta_result[1].proposals[0])
+
+
+@pytest.mark.slow
+def test_hooked_base_network_keeps_the_checkpoint_weights(base_model, base_checkpoint):
+    saved = read_checkpoint(base_checkpoint)["network_weights"]
+    with dropout_hooks(base_model.network, "all", "element"):
+        state = base_model.network.state_dict()
+        assert state.keys() == saved.keys()
+        assert all(torch.equal(state[key], saved[key]) for key in saved)
+
+
+@pytest.mark.slow
+def test_plain_member_matches_nnunet_sliding_window_on_a_whole_case(base_model, training_case):
+    """Proposals live in nnU-Net's preprocessed voxel grid: the plain member is nnU-Net's own prediction."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    _, data = training_case
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.manual_initialization(base_model.network, base_model.plans_manager, base_model.configuration_manager,
+                                    None, base_model.dataset_json, "nnUNetTrainer", base_model.mirror_axes)
+    nnunet_logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(data))
+    proposals = make_engine(base_model, num_proposals=2, sources=("tta",)).generate(data, case_seed=0).proposals
+    assert proposals.shape == (2, *data.shape[1:])
+    assert label_mismatch_outside_ties(proposals[0], nnunet_logits) == 0
+    # a case smaller than the patch on some axes is padded for the pass and cropped back to its own shape
+    small = np.ascontiguousarray(data[:, :20, 3:40, :27])
+    assert make_engine(base_model, num_proposals=2).generate(small, case_seed=0).proposals.shape == (2, 20, 37, 27)
+
+
+# ------------------------------------------------------------------------------------------------ store + pool (slow)
+@pytest.fixture(scope="module")
+def unlabeled_pool(base_model, synthetic_dataset):
+    return discover_pool(
+        Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"]), synthetic_dataset.name,
+        base_model.dataset_json, base_model.configuration_manager.data_identifier, 0,
+    )
+
+
+@pytest.mark.slow
+def test_generation_resumes_after_a_crash(base_model, unlabeled_pool, tmp_path):
+    from nnunet_rndpo.proposals.run import generate_proposals
+
+    assert unlabeled_pool.source == "imagesUnlabeled" and len(unlabeled_pool.case_ids) == 4
+    settings = ProposalSettings(num_proposals=2)
+    folder = tmp_path / "store"
+    first, rest = unlabeled_pool.case_ids[:2], unlabeled_pool.case_ids[2:]
+    store, summary = generate_proposals(base_model, unlabeled_pool, folder, settings, case_ids=first, progress=False)
+    assert (summary.cases_generated, summary.cases_reused) == (2, 0)
+    # A killed writer leaves its temporary file behind, never a case file.
+    stale = store.cases_folder / f".{rest[0]}.npz.k1ll3d.partial"
+    stale.write_bytes(b"half a case")
+    stamps = {case: store.case_path(case).stat().st_mtime_ns for case in first}
+
+    store, summary = generate_proposals(base_model, unlabeled_pool, folder, settings, progress=False)
+    assert (summary.cases_in_part, summary.cases_generated, summary.cases_reused) == (4, 2, 2)
+    assert store.case_ids() == unlabeled_pool.case_ids
+    assert store.verify() == []
+    assert not stale.exists()
+    assert {case: store.case_path(case).stat().st_mtime_ns for case in first} == stamps  # not rewritten
+    # the seed is per case: a resumed run draws the same as an uninterrupted one would
+    assert int(store.load_case(rest[0])["case_seed"]) == case_seed(settings.seed, rest[0])
+
+    # same store, other settings: refused before anything is computed, and nothing is lost
+    with pytest.raises(StoreError, match=r"different settings, members"):
+        generate_proposals(base_model, unlabeled_pool, folder, ProposalSettings(num_proposals=3), progress=False)
+    assert store.verify() == [] and len(store.case_ids()) == 4
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_configuration_or_labels_is_refused(base_checkpoint, preprocessed_synthetic, tiny_configuration):
+    plans = json.loads(preprocessed_synthetic.plans_file.read_text())
+    dataset_json = json.loads((preprocessed_synthetic.preprocessed_folder / "dataset.json").read_text())
+    load_model(base_checkpoint, expected_plans=plans, expected_configuration=tiny_configuration, expected_dataset_json=dataset_json)
+    name = re.escape(str(base_checkpoint))
+    with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: configuration '3d_tiny' \(expected '3d_fullres'\)"):
+        load_model(base_checkpoint, expected_plans=plans, expected_configuration="3d_fullres", expected_dataset_json=dataset_json)
+    other_labels = {**dataset_json, "labels": {"background": 0, "organ": 1}}
+    with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: labels"):
+        load_model(base_checkpoint, expected_plans=plans, expected_configuration=tiny_configuration, expected_dataset_json=other_labels)
+
+
+@pytest.mark.slow
+def test_training_case_pool_is_voxel_aligned_with_preprocessed_data(base_model, preprocessed_synthetic, tmp_path):
+    from nnunet_rndpo.proposals.run import generate_proposals
+
+    # A raw root without imagesUnlabeled: the fold's training cases are the pool, read from nnU-Net's own data.
+    pool = discover_pool(tmp_path / "no_raw", preprocessed_synthetic.preprocessed_folder.parent, preprocessed_synthetic.name,
+                         base_model.dataset_json, base_model.configuration_manager.data_identifier, 0)
+    splits = json.loads((preprocessed_synthetic.preprocessed_folder / "splits_final.json").read_text())
+    assert pool.source.startswith("training cases of fold 0") and pool.case_ids == sorted(splits[0]["train"])
+    case_id = pool.case_ids[0]
+    data = load_preprocessed(preprocessed_synthetic.data_folder, case_id)
+    store, _ = generate_proposals(base_model, pool, tmp_path / "store", ProposalSettings(num_proposals=2), case_ids=[case_id], progress=False)
+    case = store.load_case(case_id)
+    assert case["proposals"].shape[1:] == data.shape[1:]
+    assert case["mean_probabilities"].shape == (3, *data.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------------ CLI (slow)
+@pytest.fixture
+def cli_checkpoint(base_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path):
+    """A copy of the base checkpoint under a unique folder name, so the CLI's default store is this test's own."""
+    from nnunet_rndpo.proposals.store import default_store_folder
+
+    copy = tmp_path / f"model_{uuid.uuid4().hex[:8]}" / "fold_0" / "checkpoint_final.pth"
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(base_checkpoint, copy)
+    store_folder = default_store_folder(preprocessed_synthetic.preprocessed_folder.parent, preprocessed_synthetic.name,
+                                        "nnUNetPlans", tiny_configuration, 0, copy)
+    yield copy, store_folder
+    shutil.rmtree(store_folder, ignore_errors=True)
+
+
+def propose(dataset_id, checkpoint, *extra) -> int:
+    from nnunet_rndpo.cli import main
+
+    return main(["propose", "-d", str(dataset_id), "-c", "3d_tiny", "-f", "0", "-chk", str(checkpoint), "-k", "2", *extra])
+
+
+@pytest.mark.slow
+def test_cli_parts_fill_the_store_with_every_case_once(cli_checkpoint, synthetic_dataset, unlabeled_pool, capsys):
+    checkpoint, store_folder = cli_checkpoint
+    assert propose(synthetic_dataset.dataset_id, checkpoint, "--part_id", "0", "--num_parts", "2") == 0
+    assert "2 cases (2 generated, 0 already in the store)" in capsys.readouterr().out
+    store = ProposalStore(store_folder)
+    assert store.case_ids() == unlabeled_pool.case_ids[0::2]
+    assert propose(synthetic_dataset.dataset_id, checkpoint, "--part_id", "1", "--num_parts", "2") == 0
+    assert "2 cases (2 generated, 0 already in the store)" in capsys.readouterr().out
+    files = sorted(p.name for p in store.cases_folder.iterdir())
+    assert files == [f"{case}.npz" for case in unlabeled_pool.case_ids]  # each once, no temporaries
+    assert store.verify() == []
+    assert store.manifest()["pool_source"] == "imagesUnlabeled"
+
+
+@pytest.mark.slow
+def test_cli_export_nifti_writes_k_files_in_the_original_geometry(cli_checkpoint, synthetic_dataset, unlabeled_pool, tmp_path):
+    import SimpleITK as sitk
+
+    checkpoint, store_folder = cli_checkpoint
+    export = tmp_path / "export"
+    assert propose(synthetic_dataset.dataset_id, checkpoint, "--part_id", "0", "--num_parts", "4", "--export_nifti", str(export)) == 0
+    case_id = unlabeled_pool.case_ids[0]
+    assert sorted(p.name for p in export.iterdir()) == [f"{case_id}_proposal00.nii.gz", f"{case_id}_proposal01.nii.gz"]
+    raw = sitk.ReadImage(str(synthetic_dataset.raw_folder / "imagesUnlabeled" / f"{case_id}_0000.nii.gz"))
+    stored = ProposalStore(store_folder).load_case(case_id)["proposals"]
+    for index in range(2):
+        written = sitk.ReadImage(str(export / f"{case_id}_proposal{index:02d}.nii.gz"))
+        assert written.GetSize() == raw.GetSize()
+        assert written.GetSpacing() == pytest.approx(raw.GetSpacing())
+        assert written.GetOrigin() == pytest.approx(raw.GetOrigin())
+        assert written.GetDirection() == pytest.approx(raw.GetDirection())
+        # spacing 1 and no crop here, so the exported mask holds the stored proposal's voxels label for label
+        labels = sitk.GetArrayFromImage(written)
+        assert np.array_equal(np.bincount(labels.ravel(), minlength=3), np.bincount(stored[index].ravel(), minlength=3))
