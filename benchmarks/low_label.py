@@ -1,0 +1,390 @@
+"""The low-label benchmark on real data (Dataset004_Hippocampus): does RN-DPO help, and is it stable, under
+reliable and weak judges?
+
+    python benchmarks/low_label.py --work bench_output/low_label --data ../shared/data/Dataset004_Hippocampus
+    python benchmarks/low_label.py ... --only base_s0 rn_dpo_agreement_top_bottom_s0   # a subset
+    python benchmarks/low_label.py ... --part_id 0 --num_parts 2                        # shard the arms
+    python benchmarks/low_label.py ... --report BENCHMARKS_low_label.md                # summarise finished arms
+
+Protocol (fixed seed, split written to <work>/split.json): L labeled training cases, V labeled validation
+cases (checkpoint selection and setting choices only), U unlabeled cases (imagesUnlabeled; their labels sit in
+labelsUnlabeled, read only by the oracle judge and the upper bound), T test cases (the rest, never used for
+any choice). Every arm of a seed continues from the same base model. Each finished arm writes
+<work>/arms/<arm>.json and is skipped on a rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+DATASET_ID = 940
+UPPER_ID = 941
+CONFIGURATION = "3d_bench"
+FEATURES = (8, 16, 32, 64)
+JUDGES = {
+    "oracle_reliable": ("oracle", {"noise_std": 0.005, "seed": 0}),
+    "oracle_weak": ("oracle", {"flip_probability": 0.7, "seed": 0}),
+    "agreement": ("agreement", {}),
+    "uncertainty": ("uncertainty", {}),
+    "learned_qc": ("learned_qc", {}),
+    "virtual_annotator": ("virtual_annotator", {}),
+}
+LABEL_FREE = ("agreement", "uncertainty", "learned_qc", "virtual_annotator")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    base_epochs: int = 30
+    base_iterations: int = 50
+    tune_epochs: int = 10
+    tune_iterations: int = 50
+    val_iterations: int = 5
+    base_lr: float = 1e-2
+    tune_lr: float = 1e-3
+
+
+@dataclass
+class Arm:
+    name: str
+    kind: str  # base | upper | rn_dpo | dpo | self_train
+    seed: int
+    judge: Optional[str] = None
+    mining: str = "top_bottom"
+    settings: dict = field(default_factory=dict)
+
+
+def build_arms(best_label_free: str, seeds=(0, 1, 2)) -> list[Arm]:
+    arms = [Arm(f"base_s{s}", "base", s) for s in seeds]
+    arms.append(Arm("upper_s0", "upper", 0))
+    arms.append(Arm("self_train_agreement_s0", "self_train", 0, "agreement"))
+    for judge in JUDGES:
+        for kind in ("rn_dpo", "dpo"):
+            arms.append(Arm(f"{kind}_{judge}_top_bottom_s0", kind, 0, judge))
+    for mining in ("top_rest", "margin", "random"):
+        arms.append(Arm(f"rn_dpo_{best_label_free}_{mining}_s0", "rn_dpo", 0, best_label_free, mining))
+    for s in seeds[1:]:
+        for judge in ("oracle_weak", best_label_free):
+            for kind in ("rn_dpo", "dpo"):
+                arms.append(Arm(f"{kind}_{judge}_top_bottom_s{s}", kind, s, judge))
+    return arms
+
+
+# ------------------------------------------------------------------------------------------------ data
+def make_split(data: Path, seed: int, labeled: int, validation: int, unlabeled: int) -> dict:
+    dataset_json = json.loads((data / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    cases = sorted(p.name[: -len(ending)] for p in (data / "labelsTr").iterdir() if p.name.endswith(ending))
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    split = {
+        "seed": seed,
+        "source": str(data),
+        "labeled": sorted(order[:labeled]),
+        "validation": sorted(order[labeled : labeled + validation]),
+        "unlabeled": sorted(order[labeled + validation : labeled + validation + unlabeled]),
+        "test": sorted(order[labeled + validation + unlabeled :]),
+    }
+    return split
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(source.resolve())
+
+
+def write_raw(data: Path, raw_root: Path, split: dict) -> None:
+    from nnunet_rndpo.atomic import save_json
+
+    dataset_json = json.loads((data / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+
+    def copy(dataset_folder: Path, cases, image_folder, label_folder):
+        for case in cases:
+            _link(data / "imagesTr" / f"{case}_0000{ending}", dataset_folder / image_folder / f"{case}_0000{ending}")
+            _link(data / "labelsTr" / f"{case}{ending}", dataset_folder / label_folder / f"{case}{ending}")
+
+    low = raw_root / f"Dataset{DATASET_ID}_HippoLowLabel"
+    copy(low, split["labeled"] + split["validation"], "imagesTr", "labelsTr")
+    copy(low, split["unlabeled"], "imagesUnlabeled", "labelsUnlabeled")
+    copy(low, split["test"], "imagesTs", "labelsTs")
+    save_json({**dataset_json, "name": "HippoLowLabel", "numTraining": len(split["labeled"]) + len(split["validation"])}, low / "dataset.json")
+    upper = raw_root / f"Dataset{UPPER_ID}_HippoUpperBound"
+    copy(upper, split["labeled"] + split["validation"] + split["unlabeled"], "imagesTr", "labelsTr")
+    save_json({**dataset_json, "name": "HippoUpperBound", "numTraining": len(split["labeled"]) + len(split["validation"]) + len(split["unlabeled"])}, upper / "dataset.json")
+
+
+def prepare(work: Path, data: Path, seed: int) -> dict:
+    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.atomic import save_json
+
+    split_file = work / "split.json"
+    if split_file.is_file():
+        split = json.loads(split_file.read_text())
+    else:
+        split = make_split(data, seed, labeled=10, validation=10, unlabeled=120)
+        save_json(split, split_file)
+    raw_root = Path(os.environ["nnUNet_raw"])
+    write_raw(data, raw_root, split)
+    for dataset_id, train in ((DATASET_ID, split["labeled"]), (UPPER_ID, split["labeled"] + split["unlabeled"])):
+        base = Path(os.environ["nnUNet_preprocessed"]) / nnunet_steps.find_dataset_name(dataset_id)
+        if not (base / "nnUNetPlans.json").is_file():
+            os.environ.pop("nnUNet_n_proc_DA", None)
+            nnunet_steps.plan_and_preprocess(dataset_id, num_processes=2)
+        plans = json.loads((base / "nnUNetPlans.json").read_text())
+        patch = plans["configurations"]["3d_fullres"]["patch_size"]
+        nnunet_steps.add_configuration(dataset_id, CONFIGURATION, patch_size=patch, batch_size=2, features_per_stage=FEATURES)
+        # one fold: train on the training cases, validate on the validation cases (never on test)
+        save_json([{"train": sorted(train), "val": sorted(split["validation"])}], base / "splits_final.json")
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    return split
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def unique_trainer(base_class, arm_name: str):
+    """A subclass named after the arm, so each arm has its own nnU-Net output folder."""
+    name = "Bench_" + arm_name
+    return type(name, (base_class,), {"__module__": __name__})
+
+
+def base_folder(seed: int) -> Path:
+    from nnunet_rndpo import nnunet_steps
+
+    return nnunet_steps.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
+
+
+def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int) -> dict:
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
+    from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerSelfTrain
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    if arm.kind in ("base", "upper"):
+        dataset_id = DATASET_ID if arm.kind == "base" else UPPER_ID
+        epochs = schedule.base_epochs if arm.kind == "base" else schedule.base_epochs * 2
+        folder = nnunet_steps.train_supervised(
+            dataset_id, CONFIGURATION, 0, num_epochs=epochs, iterations_per_epoch=schedule.base_iterations,
+            val_iterations=schedule.val_iterations, trainer_class=unique_trainer(nnUNetTrainer, arm.name),
+            initial_lr=schedule.base_lr, seed=arm.seed, num_threads=threads,
+        )
+        phases = {"training_s": time.perf_counter() - started}
+    else:
+        trainer_class = {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}[arm.kind]
+        judge, options = JUDGES[arm.judge]
+        settings = {
+            "base_checkpoint": str(base_folder(arm.seed) / "checkpoint_final.pth"),
+            "judge": judge, "judge_options": options, "mining": arm.mining, "seed": arm.seed,
+            "num_epochs": schedule.tune_epochs, "iterations_per_epoch": schedule.tune_iterations,
+            "val_iterations_per_epoch": schedule.val_iterations, "initial_lr": schedule.tune_lr, **arm.settings,
+        }
+        settings_file = work / "settings" / f"{arm.name}.json"
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(settings, indent=2))
+        os.environ[SETTINGS_ENV_VARIABLE] = str(settings_file)
+        folder = nnunet_steps.train_supervised(
+            DATASET_ID, CONFIGURATION, 0, num_epochs=schedule.tune_epochs, iterations_per_epoch=schedule.tune_iterations,
+            val_iterations=schedule.val_iterations, trainer_class=unique_trainer(trainer_class, arm.name),
+            initial_lr=schedule.tune_lr, seed=arm.seed, num_threads=threads,
+        )
+        os.environ.pop(SETTINGS_ENV_VARIABLE, None)
+        phases = {"total_s": time.perf_counter() - started}
+    result = {"arm": asdict(arm), "folder": str(folder), "seconds": phases, "schedule": asdict(schedule)}
+    result["validation_curve"] = _validation_curve(folder)
+    result["test"] = {}
+    for checkpoint in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        predictions = work / "predictions" / arm.name / checkpoint.split(".")[0]
+        result["test"][checkpoint.split(".")[0]] = evaluate_checkpoint(folder / checkpoint, predictions)
+    if arm.kind not in ("base", "upper"):
+        result["pairs"] = json.loads((folder / "rndpo_pairs.json").read_text())["summary"]
+        result["log_timings"] = _log_timings(folder)
+    return result
+
+
+def _validation_curve(folder: Path) -> list[float]:
+    import torch
+
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    return [float(v) for v in checkpoint["logging"]["mean_fg_dice"]]
+
+
+def _log_timings(folder: Path) -> dict:
+    logs = sorted(folder.glob("training_log_*.txt"))
+    text = logs[-1].read_text() if logs else ""
+    timings = {}
+    for line in text.splitlines():
+        if "proposals:" in line and "s per generated case" in line:
+            timings["proposals"] = line.split("proposals:", 1)[1].strip()
+    return timings
+
+
+def evaluate_checkpoint(checkpoint: Path, predictions: Path) -> dict:
+    """Predict the test images with a checkpoint (no trainer look-up) and compute Dice per class."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.proposals.model import load_model
+
+    raw = Path(os.environ["nnUNet_raw"]) / nnunet_steps.find_dataset_name(DATASET_ID)
+    model = load_model(checkpoint, "cpu")
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=__import__("torch").device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.manual_initialization(model.network, model.plans_manager, model.configuration_manager, [model.network.state_dict()], model.dataset_json, "nnUNetTrainer", model.mirror_axes)
+    if predictions.exists():
+        shutil.rmtree(predictions)
+    predictions.mkdir(parents=True)
+    predictor.predict_from_files_sequential(str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True)
+    return nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", model.dataset_json["labels"])
+
+
+def audit_on_validation(work: Path, seed: int, threads: int) -> dict:
+    """The judge audit on the validation split: picks the best label-free judge (never the test set)."""
+    import torch
+
+    from nnunet_rndpo.nnunet_paths import locate
+    from nnunet_rndpo.pipeline import run_audit
+    from nnunet_rndpo.proposals.members import ProposalSettings
+    from nnunet_rndpo.proposals.model import load_model
+
+    torch.set_num_threads(threads)
+    output = work / "audit"
+    if (output / "judge_audit.json").is_file():
+        return json.loads((output / "judge_audit.json").read_text())
+    location = locate(DATASET_ID, CONFIGURATION, 0)
+    model = load_model(base_folder(seed) / "checkpoint_final.pth", "cpu", expected_plans=location.plans, expected_configuration=CONFIGURATION, expected_dataset_json=location.dataset_json)
+    return run_audit(model, location, list(LABEL_FREE) + ["oracle"], ProposalSettings(), output, margin=0.02, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _wait_for(path: Path, poll_seconds: float = 20.0) -> Path:
+    """Another part of the run makes this file (a base model, the audit): wait for it."""
+    while not path.is_file():
+        print(f"waiting for {path} (made by another part)", flush=True)
+        time.sleep(poll_seconds)
+    return path
+
+
+def summarise(work: Path) -> str:
+    results = {p.stem: json.loads(p.read_text()) for p in sorted((work / "arms").glob("*.json"))}
+    if not results:
+        return "no finished arms"
+    split = json.loads((work / "split.json").read_text())
+
+    def mean_dice(result, which):
+        return result["test"][which]["foreground_mean"]
+
+    def group(name):
+        # arm name without the seed suffix
+        return name.rsplit("_s", 1)[0]
+
+    grouped = {}
+    for name, result in results.items():
+        grouped.setdefault(group(name), []).append(result)
+    base = grouped.get("base", [])
+    upper = grouped.get("upper", [])
+    base_final = float(np.mean([mean_dice(r, "checkpoint_final") for r in base])) if base else None
+    upper_final = float(np.mean([mean_dice(r, "checkpoint_final") for r in upper])) if upper else None
+    lines = [
+        f"Split: {len(split['labeled'])} labeled, {len(split['validation'])} validation, {len(split['unlabeled'])} unlabeled, "
+        f"{len(split['test'])} test cases (seed {split['seed']}, `{work / 'split.json'}`).",
+        "",
+        "| arm | seeds | test Dice final (sustained) | test Dice best-val (peak) | class 1 / class 2 final | gap closed | pairs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in sorted(grouped.items(), key=lambda item: (item[0] not in ("base", "upper"), item[0])):
+        finals = [mean_dice(r, "checkpoint_final") for r in runs]
+        bests = [mean_dice(r, "checkpoint_best") for r in runs]
+        per_class = [np.mean([r["test"]["checkpoint_final"]["mean"][str(c)] if str(c) in r["test"]["checkpoint_final"]["mean"] else r["test"]["checkpoint_final"]["mean"][c] for r in runs]) for c in (1, 2)]
+        spread = f" ± {np.std(finals):.4f}" if len(finals) > 1 else ""
+        closed = ""
+        if base_final is not None and upper_final is not None and upper_final > base_final and name not in ("base", "upper"):
+            closed = f"{(np.mean(finals) - base_final) / (upper_final - base_final):+.0%}"
+        pairs = runs[0].get("pairs", {}).get("pairs", "")
+        lines.append(
+            f"| {name} | {len(runs)} | {np.mean(finals):.4f}{spread} | {np.mean(bests):.4f} | {per_class[0]:.4f} / {per_class[1]:.4f} | {closed} | {pairs} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("bench_output/low_label"))
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset004_Hippocampus")
+    parser.add_argument("--seed", type=int, default=0, help="split seed")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
+    parser.add_argument("--part_id", type=int, default=0)
+    parser.add_argument("--num_parts", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a tiny schedule to check the runner")
+    parser.add_argument("--report", type=Path, default=None, help="write the summary table of finished arms here")
+    args = parser.parse_args(argv)
+
+    work = args.work.resolve()
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(work / name)
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+    os.environ.setdefault("nnUNet_compile", "false")
+    import torch
+
+    torch.set_flush_denormal(True)
+    from nnunet_rndpo.atomic import save_json
+
+    if args.report:
+        args.report.write_text(summarise(work) + "\n")
+        print(summarise(work))
+        return 0
+    schedule = Schedule(base_epochs=2, base_iterations=5, tune_epochs=2, tune_iterations=5, val_iterations=2) if args.quick else Schedule()
+    prepare(work, args.data, args.seed)
+    (work / "arms").mkdir(exist_ok=True)
+
+    def run(arm: Arm) -> None:
+        target = work / "arms" / f"{arm.name}.json"
+        if target.is_file():
+            print(f"skip {arm.name} (finished)", flush=True)
+            return
+        print(f"=== {arm.name}", flush=True)
+        result = run_arm(arm, schedule, work, args.threads)
+        result["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": args.threads}
+        result["date"] = time.strftime("%Y-%m-%d")
+        save_json(result, target)
+        print(f"    test Dice final {result['test']['checkpoint_final']['foreground_mean']:.4f}, best {result['test']['checkpoint_best']['foreground_mean']:.4f}", flush=True)
+
+    # Bases first: part 0 trains the seed-0 base and runs the judge audit on the validation split (which picks
+    # the best label-free judge for the other arms); the other parts train the other seeds' bases meanwhile.
+    seeds = (0, 1, 2)
+    bases = [Arm(f"base_s{s}", "base", s) for s in seeds]
+    for arm in bases[args.part_id :: args.num_parts] if args.num_parts > 1 else bases:
+        if args.only is None or arm.name in args.only or arm.seed == 0:
+            run(arm)
+    audit_file = work / "audit" / "judge_audit.json"
+    if args.part_id == 0:
+        audit_on_validation(work, 0, args.threads)
+    audit = json.loads(_wait_for(audit_file).read_text())
+    ranked = sorted(LABEL_FREE, key=lambda j: -(audit["judges"][j]["spearman"] or -1))
+    best = ranked[0]
+    print(f"best label-free judge on validation: {best} (Spearman {audit['judges'][best]['spearman']:.3f})", flush=True)
+    arms = [a for a in build_arms(best, seeds) if a.kind != "base"]
+    if args.only:
+        arms = [a for a in arms if a.name in set(args.only)]
+    arms = sorted(arms, key=lambda a: a.seed)[args.part_id :: args.num_parts]
+    for arm in arms:
+        _wait_for(base_folder(arm.seed) / "checkpoint_final.pth") if arm.kind != "upper" else None
+        run(arm)
+    print(summarise(work))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
