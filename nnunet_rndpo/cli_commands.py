@@ -99,11 +99,11 @@ def _configure_judge(parser):
     from nnunet_rndpo.mining import MINING_STRATEGIES
 
     _add_run_arguments(parser)
-    _add_proposal_arguments(parser)
     parser.add_argument("--judges", nargs="+", default=["agreement"], help="registered names or module:Class paths")
     parser.add_argument("--judge_options", type=json.loads, default={}, help='JSON options for a single judge, e.g. \'{"noise_std": 0.1}\'')
     parser.add_argument("--mining", default=None, choices=MINING_STRATEGIES, help="also mine pairs with this strategy")
     parser.add_argument("--margin", type=float, default=0.02, help="score gap for --mining margin")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random tie-breaks and --mining random")
 
 
 @subcommand("judge", "score the proposals of a store with one or more judges (and optionally mine pairs)")(_configure_judge)
@@ -112,6 +112,7 @@ def _run_judge(args) -> int:
 
     from nnunet_rndpo import pipeline
     from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.proposals.members import ProposalSettings
     from nnunet_rndpo.proposals.pool import PoolReader
     from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -123,7 +124,8 @@ def _run_judge(args) -> int:
         raise SystemExit(f"the store {store.folder} lacks {len(missing)} case(s) (e.g. {missing[0]}): run `nnunet_rndpo propose` first")
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     references = pipeline.ReferenceLoader(model, location.raw_dataset_folder, location.preprocessed_data_folder)
-    settings = _proposal_settings(args)
+    # learning judges are fitted on labeled cases' proposals made with the store's own settings
+    settings = ProposalSettings.from_dict(store.manifest()["settings"])
     for spec in args.judges:
         judge, fitted_file = pipeline.build_judge(spec, args.judge_options if len(args.judges) == 1 else {}, store)
         if fitted_file is not None and not fitted_file.is_file():
