@@ -58,11 +58,13 @@ class PairDataset:
         self.reader = reader
         self.cache_cases = cache_cases
         self._cache: OrderedDict[str, tuple] = OrderedDict()
+        self._locations: dict[str, dict] = {}  # per item: small (at most MAX_LOCATIONS coordinates)
 
     def __getstate__(self):
-        # workers get a copy without the cache (it can be large)
+        # workers get a copy without the caches (the case cache can be large)
         state = dict(self.__dict__)
         state["_cache"] = OrderedDict()
+        state["_locations"] = {}
         return state
 
     def _case(self, case_id: str):
@@ -84,9 +86,12 @@ class PairDataset:
         data, outside, proposals = self._case(item.case_id)
         chosen = proposals[item.chosen].astype(np.int16)
         rejected = proposals[item.rejected].astype(np.int16)
-        region = chosen != rejected if item.chosen != item.rejected else chosen > 0
-        rng = np.random.default_rng(zlib.crc32(key.encode()))
-        locations = {LOCATIONS_KEY: sample_locations(region, rng)}
+        if key not in self._locations:
+            # an argwhere over the whole volume: once per item, not once per patch
+            region = chosen != rejected if item.chosen != item.rejected else chosen > 0
+            rng = np.random.default_rng(zlib.crc32(key.encode()))
+            self._locations[key] = {LOCATIONS_KEY: sample_locations(region, rng)}
+        locations = self._locations[key]
         # -1 outside the image's nonzero mask, as nnU-Net's preprocessing marks it (removed by its transforms)
         outside_mask = outside[0] < 0
         chosen[outside_mask] = -1
