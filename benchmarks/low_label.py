@@ -44,9 +44,9 @@ LABEL_FREE = ("agreement", "uncertainty", "learned_qc", "virtual_annotator")
 
 @dataclass(frozen=True)
 class Schedule:
-    base_epochs: int = 30
+    base_epochs: int = 24
     base_iterations: int = 50
-    tune_epochs: int = 10
+    tune_epochs: int = 6
     tune_iterations: int = 50
     val_iterations: int = 5
     base_lr: float = 1e-2
@@ -174,7 +174,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int) -> dict:
     started = time.perf_counter()
     if arm.kind in ("base", "upper"):
         dataset_id = DATASET_ID if arm.kind == "base" else UPPER_ID
-        epochs = schedule.base_epochs if arm.kind == "base" else schedule.base_epochs * 2
+        epochs = schedule.base_epochs
         folder = nnunet_steps.train_supervised(
             dataset_id, CONFIGURATION, 0, num_epochs=epochs, iterations_per_epoch=schedule.base_iterations,
             val_iterations=schedule.val_iterations, trainer_class=unique_trainer(nnUNetTrainer, arm.name),
@@ -275,46 +275,87 @@ def _wait_for(path: Path, poll_seconds: float = 20.0) -> Path:
     return path
 
 
-def summarise(work: Path) -> str:
+def summarise(work: Path, figures: Optional[Path] = None) -> str:
+    """A markdown table of every finished arm (and validation-curve PNGs per judge into `figures`)."""
     results = {p.stem: json.loads(p.read_text()) for p in sorted((work / "arms").glob("*.json"))}
     if not results:
         return "no finished arms"
     split = json.loads((work / "split.json").read_text())
 
-    def mean_dice(result, which):
-        return result["test"][which]["foreground_mean"]
+    def dice(result, which, label=None):
+        block = result["test"][which]
+        if label is None:
+            return block["foreground_mean"]
+        return block["mean"][str(label)] if str(label) in block["mean"] else block["mean"][label]
 
-    def group(name):
-        # arm name without the seed suffix
-        return name.rsplit("_s", 1)[0]
-
-    grouped = {}
+    grouped: dict[str, list] = {}
     for name, result in results.items():
-        grouped.setdefault(group(name), []).append(result)
-    base = grouped.get("base", [])
-    upper = grouped.get("upper", [])
-    base_final = float(np.mean([mean_dice(r, "checkpoint_final") for r in base])) if base else None
-    upper_final = float(np.mean([mean_dice(r, "checkpoint_final") for r in upper])) if upper else None
+        grouped.setdefault(name.rsplit("_s", 1)[0], []).append(result)
+    base_runs, upper_runs = grouped.get("base", []), grouped.get("upper", [])
+    base_final = float(np.mean([dice(r, "checkpoint_final") for r in base_runs])) if base_runs else None
+    upper_final = float(np.mean([dice(r, "checkpoint_final") for r in upper_runs])) if upper_runs else None
+    base_seconds = float(np.mean([r["seconds"].get("training_s", 0) for r in base_runs])) if base_runs else None
     lines = [
-        f"Split: {len(split['labeled'])} labeled, {len(split['validation'])} validation, {len(split['unlabeled'])} unlabeled, "
-        f"{len(split['test'])} test cases (seed {split['seed']}, `{work / 'split.json'}`).",
+        f"Split (seed {split['seed']}): {len(split['labeled'])} labeled training, {len(split['validation'])} labeled validation, "
+        f"{len(split['unlabeled'])} unlabeled (pool), {len(split['test'])} test cases; lists in `split.json`.",
         "",
-        "| arm | seeds | test Dice final (sustained) | test Dice best-val (peak) | class 1 / class 2 final | gap closed | pairs |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seeds | test mean Dice, final (sustained) | test mean Dice, best-val checkpoint (peak) | class 1 / class 2 (final) | vs base (final) | gap to upper bound closed | pairs | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, runs in sorted(grouped.items(), key=lambda item: (item[0] not in ("base", "upper"), item[0])):
-        finals = [mean_dice(r, "checkpoint_final") for r in runs]
-        bests = [mean_dice(r, "checkpoint_best") for r in runs]
-        per_class = [np.mean([r["test"]["checkpoint_final"]["mean"][str(c)] if str(c) in r["test"]["checkpoint_final"]["mean"] else r["test"]["checkpoint_final"]["mean"][c] for r in runs]) for c in (1, 2)]
-        spread = f" ± {np.std(finals):.4f}" if len(finals) > 1 else ""
+    order = lambda item: ({"base": 0, "upper": 1}.get(item[0], 2), item[0])  # noqa: E731
+    for name, runs in sorted(grouped.items(), key=order):
+        finals = np.array([dice(r, "checkpoint_final") for r in runs])
+        peaks = np.array([dice(r, "checkpoint_best") for r in runs])
+        classes = [np.mean([dice(r, "checkpoint_final", c) for r in runs]) for c in (1, 2)]
+        spread = lambda values: f" ± {values.std():.4f}" if len(values) > 1 else ""  # noqa: E731
+        versus = f"{(finals.mean() - base_final) * 100:+.2f} pts" if base_final is not None and name != "base" else ""
         closed = ""
         if base_final is not None and upper_final is not None and upper_final > base_final and name not in ("base", "upper"):
-            closed = f"{(np.mean(finals) - base_final) / (upper_final - base_final):+.0%}"
+            closed = f"{(finals.mean() - base_final) / (upper_final - base_final):+.0%}"
+        seconds = np.mean([r["seconds"].get("training_s", r["seconds"].get("total_s", 0)) for r in runs])
         pairs = runs[0].get("pairs", {}).get("pairs", "")
         lines.append(
-            f"| {name} | {len(runs)} | {np.mean(finals):.4f}{spread} | {np.mean(bests):.4f} | {per_class[0]:.4f} / {per_class[1]:.4f} | {closed} | {pairs} |"
+            f"| {name} | {len(runs)} | {finals.mean():.4f}{spread(finals)} | {peaks.mean():.4f}{spread(peaks)} | "
+            f"{classes[0]:.4f} / {classes[1]:.4f} | {versus} | {closed} | {pairs} | {seconds:.0f} |"
         )
+    if base_seconds:
+        lines += ["", f"Base training wall time: {base_seconds:.0f} s per seed (mean)."]
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        _plot_curves(grouped, figures)
     return "\n".join(lines)
+
+
+def _plot_curves(grouped: dict, figures: Path) -> None:
+    """Validation pseudo Dice against fine-tuning epoch, base/DPO/RN-DPO, one PNG per judge (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_rndpo.atomic import atomic_path
+
+    base = grouped.get("base", [])
+    for judge in JUDGES:
+        arms = {kind: grouped.get(f"{kind}_{judge}_top_bottom") for kind in ("rn_dpo", "dpo")}
+        if not any(arms.values()):
+            continue
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for run in base:
+            if run["arm"]["seed"] == 0:
+                axis.axhline(run["validation_curve"][-1], color="k", ls="--", label="base (final validation)")
+        for kind, runs in arms.items():
+            for run in runs or []:
+                if run["arm"]["seed"] == 0:
+                    axis.plot(range(1, len(run["validation_curve"]) + 1), run["validation_curve"], marker="o", label=kind)
+        axis.set_xlabel("fine-tuning epoch")
+        axis.set_ylabel("validation pseudo Dice")
+        axis.set_title(f"judge: {judge} (mining top_bottom, seed 0)")
+        axis.legend(loc="best")
+        figure.tight_layout()
+        with atomic_path(figures / f"validation_curves_{judge}.png") as temporary:
+            figure.savefig(temporary, format="png", dpi=90)
+        plt.close(figure)
 
 
 def main(argv=None) -> int:
@@ -342,8 +383,9 @@ def main(argv=None) -> int:
     from nnunet_rndpo.atomic import save_json
 
     if args.report:
-        args.report.write_text(summarise(work) + "\n")
-        print(summarise(work))
+        table = summarise(work, figures=args.report.parent / "figures")
+        args.report.write_text(table + "\n")
+        print(table)
         return 0
     schedule = Schedule(base_epochs=2, base_iterations=5, tune_epochs=2, tune_iterations=5, val_iterations=2) if args.quick else Schedule()
     prepare(work, args.data, args.seed)
