@@ -64,18 +64,24 @@ class Arm:
 
 
 def build_arms(best_label_free: str, seeds=(0, 1, 2)) -> list[Arm]:
+    """Every arm, most important first (a run cut short still answers the main questions)."""
     arms = [Arm(f"base_s{s}", "base", s) for s in seeds]
     arms.append(Arm("upper_s0", "upper", 0))
+
+    def both(judge, seed, mining="top_bottom"):
+        return [Arm(f"{kind}_{judge}_{mining}_s{seed}", kind, seed, judge, mining) for kind in ("rn_dpo", "dpo")]
+
+    for judge in (best_label_free, "oracle_weak", "oracle_reliable"):
+        arms += both(judge, 0)
     arms.append(Arm("self_train_agreement_s0", "self_train", 0, "agreement"))
-    for judge in JUDGES:
-        for kind in ("rn_dpo", "dpo"):
-            arms.append(Arm(f"{kind}_{judge}_top_bottom_s0", kind, 0, judge))
+    for seed in seeds[1:]:
+        for judge in (best_label_free, "oracle_weak"):
+            arms += both(judge, seed)
+    for judge in LABEL_FREE:
+        if judge != best_label_free:
+            arms += both(judge, 0)
     for mining in ("top_rest", "margin", "random"):
         arms.append(Arm(f"rn_dpo_{best_label_free}_{mining}_s0", "rn_dpo", 0, best_label_free, mining))
-    for s in seeds[1:]:
-        for judge in ("oracle_weak", best_label_free):
-            for kind in ("rn_dpo", "dpo"):
-                arms.append(Arm(f"{kind}_{judge}_top_bottom_s{s}", kind, s, judge))
     return arms
 
 
@@ -420,7 +426,7 @@ def main(argv=None) -> int:
     arms = [a for a in build_arms(best, seeds) if a.kind != "base"]
     if args.only:
         arms = [a for a in arms if a.name in set(args.only)]
-    arms = sorted(arms, key=lambda a: a.seed)[args.part_id :: args.num_parts]
+    arms = arms[args.part_id :: args.num_parts]
     for arm in arms:
         _wait_for(base_folder(arm.seed) / "checkpoint_final.pth") if arm.kind != "upper" else None
         run(arm)

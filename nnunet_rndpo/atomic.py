@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on error remove it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    # the writer's pid in the name lets a cleanup tell a dead writer's leftovers from a live writer's file
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.pid{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(handle)
     temp = Path(temp_name)
     try:
@@ -51,12 +53,31 @@ def save_pickle(data: Any, path: str | os.PathLike) -> None:
             pickle.dump(data, handle)
 
 
+def writer_is_alive(temporary: Path) -> bool:
+    """Whether the process that is writing `temporary` still runs (on this machine)."""
+    match = re.search(r"\.pid(\d+)\.", temporary.name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries left by a killed writer; returns how many were removed."""
+    """Delete temporaries left by killed writers (never a live writer's); returns how many were removed."""
     removed = 0
     folder = Path(folder)
     if folder.is_dir():
         for stale in folder.glob(f".*{TEMP_SUFFIX}"):
+            if writer_is_alive(stale):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
                 removed += 1

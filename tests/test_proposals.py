@@ -563,3 +563,19 @@ def test_cli_export_nifti_writes_k_files_in_the_original_geometry(cli_checkpoint
         # spacing 1 and no crop here, so the exported mask holds the stored proposal's voxels label for label
         labels = sitk.GetArrayFromImage(written)
         assert np.array_equal(np.bincount(labels.ravel(), minlength=3), np.bincount(stored[index].ravel(), minlength=3))
+
+
+def test_cleanup_spares_a_live_writers_temporary_and_removes_a_dead_ones(tmp_path):
+    """Two processes filling one store (two trainers on one base) must not delete each other's files."""
+    import subprocess
+    import sys
+
+    from nnunet_rndpo.atomic import remove_stale_temporaries
+
+    live = tmp_path / f".case.npz.pid{os.getpid()}.abc.partial"
+    live.write_bytes(b"being written")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".case.npz.pid{int(finished.stdout)}.xyz.partial"
+    dead.write_bytes(b"left by a killed writer")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert live.exists() and not dead.exists()

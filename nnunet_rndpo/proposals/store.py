@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from nnunet_rndpo.atomic import TEMP_SUFFIX, remove_stale_temporaries, save_json, save_npz
+from nnunet_rndpo.atomic import TEMP_SUFFIX, remove_stale_temporaries, save_json, save_npz, writer_is_alive
 
 STORE_FORMAT_VERSION = 1
 # Manifest fields that must match for a store to be reused.
@@ -81,9 +81,10 @@ class ProposalStore:
             remove_stale_temporaries(self.cases_folder)
         else:
             for case_id in case_ids:
-                # atomic_path names a temporary `.<file name>.<random>.partial`
+                # atomic_path names a temporary `.<file name>.pid<writer>.<random>.partial`
                 for stale in self.cases_folder.glob(f".{glob.escape(self.case_path(case_id).name)}.*{TEMP_SUFFIX}"):
-                    stale.unlink(missing_ok=True)
+                    if not writer_is_alive(stale):
+                        stale.unlink(missing_ok=True)
         if not self.manifest_path.is_file():
             save_json(manifest, self.manifest_path)
         return self
