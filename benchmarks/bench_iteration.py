@@ -91,11 +91,17 @@ def main(argv=None) -> int:
 
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.nnunet_paths import locate
-    from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerSelfTrain
+    from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerRNDPO_PrecomputedRef, nnUNetTrainerSelfTrain
 
     location = locate(dataset, configuration, 0)
     device = torch.device(args.device)
-    trainers = {"nnUNetTrainer": nnUNetTrainer, "nnUNetTrainerRNDPO": nnUNetTrainerRNDPO, "nnUNetTrainerDPO": nnUNetTrainerDPO, "nnUNetTrainerSelfTrain": nnUNetTrainerSelfTrain}
+    trainers = {
+        "nnUNetTrainer": nnUNetTrainer,
+        "nnUNetTrainerRNDPO": nnUNetTrainerRNDPO,
+        "nnUNetTrainerRNDPO_PrecomputedRef": nnUNetTrainerRNDPO_PrecomputedRef,
+        "nnUNetTrainerDPO": nnUNetTrainerDPO,
+        "nnUNetTrainerSelfTrain": nnUNetTrainerSelfTrain,
+    }
     samples = {name: [] for name in trainers}
     for round_index in range(args.rounds):
         for name, trainer_class in trainers.items():

@@ -34,6 +34,10 @@ class InProcessSelfTrain(named.nnUNetTrainerSelfTrain_tiny):
     pass
 
 
+class InProcessPrecomputed(named.nnUNetTrainerRNDPO_PrecomputedRef_tiny):
+    pass
+
+
 def make_trainer(trainer_class, dataset, configuration: str):
     plans = json.loads(dataset.plans_file.read_text())
     plans["continue_training"] = False
@@ -62,7 +66,7 @@ def settings_file(tmp_path, monkeypatch, base_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "trainer_class, objective",
-    [(InProcessRNDPO, "rn_dpo"), (InProcessDPO, "dpo"), (InProcessSelfTrain, "self_train")],
+    [(InProcessRNDPO, "rn_dpo"), (InProcessDPO, "dpo"), (InProcessSelfTrain, "self_train"), (InProcessPrecomputed, "rn_dpo")],
 )
 def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
     settings_file()
@@ -78,7 +82,11 @@ def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_syn
     assert "agreement" in pairs["judge"]
     logged = trainer.logger.local_logger.my_fantastic_logging
     assert len(logged["mean_fg_dice"]) == 2
-    if objective == "self_train":
+    if trainer_class is InProcessPrecomputed:
+        assert written["settings"]["reference"] == "precomputed"
+        assert trainer.reference_network is None  # no reference pass: the store's log-probabilities serve
+        assert len(logged["rewards/margins"]) == 2 and all(np.isfinite(logged["rewards/margins"]))
+    elif objective == "self_train":
         assert trainer.reference_network is None
         assert all(item["chosen"] == item["rejected"] for item in pairs["items"])
         assert not logged["rewards/margins"]
@@ -97,7 +105,7 @@ def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_syn
 
 
 def test_named_trainers_differ_only_by_settings():
-    for trainer_class in (named.nnUNetTrainerRNDPO, named.nnUNetTrainerDPO, named.nnUNetTrainerSelfTrain):
+    for trainer_class in (named.nnUNetTrainerRNDPO, named.nnUNetTrainerDPO, named.nnUNetTrainerSelfTrain, named.nnUNetTrainerRNDPO_PrecomputedRef):
         assert trainer_class.__mro__[1] is named.nnUNetTrainerPreference
         assert set(vars(trainer_class)) <= {"settings_overrides", "__doc__", "__module__", "__qualname__", "__firstlineno__", "__static_attributes__", "__annotations__"}
     assert named.nnUNetTrainerRNDPO.settings_overrides["objective"] == "rn_dpo"

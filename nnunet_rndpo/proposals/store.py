@@ -2,7 +2,8 @@
 
 Layout:
     manifest.json          what made the proposals: checkpoint hash, settings, members with provenance
-    cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed
+    cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed,
+                           reference_log_probabilities (C, *spatial) float16 (the base's plain pass)
     judges/, pairs/        judge scores and mined pairs (written by later steps)
 Every file is written under a temporary name and renamed, so a killed run never leaves a case that reads as
 whole; a rerun skips finished cases. A store made by another checkpoint or other settings is refused with a
@@ -99,7 +100,14 @@ class ProposalStore:
     def case_ids(self) -> list[str]:
         return sorted(p.stem for p in self.cases_folder.glob("*.npz")) if self.cases_folder.is_dir() else []
 
-    def save_case(self, case_id: str, proposals: np.ndarray, mean_probabilities: np.ndarray, case_seed: int) -> None:
+    def save_case(
+        self,
+        case_id: str,
+        proposals: np.ndarray,
+        mean_probabilities: np.ndarray,
+        case_seed: int,
+        reference_log_probabilities: Optional[np.ndarray] = None,
+    ) -> None:
         if proposals.dtype != np.uint8 or proposals.ndim < 2:
             raise StoreError(f"case {case_id}: proposals must be (K, *spatial) uint8, got {proposals.dtype} {proposals.shape}")
         if mean_probabilities.shape[1:] != proposals.shape[1:]:
@@ -109,6 +117,7 @@ class ProposalStore:
             proposals=proposals,
             mean_probabilities=mean_probabilities.astype(np.float16),
             case_seed=np.int64(case_seed),
+            **({} if reference_log_probabilities is None else {"reference_log_probabilities": reference_log_probabilities.astype(np.float16)}),
         )
 
     def load_case(self, case_id: str) -> dict:
@@ -118,6 +127,8 @@ class ProposalStore:
         try:
             with np.load(path) as archive:
                 case = {name: archive[name] for name in ("proposals", "mean_probabilities", "case_seed")}
+                if "reference_log_probabilities" in archive.files:
+                    case["reference_log_probabilities"] = archive["reference_log_probabilities"]
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
             raise StoreError(f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun") from error
         expected = len(self.manifest()["members"])

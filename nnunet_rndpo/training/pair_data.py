@@ -20,6 +20,7 @@ from nnunet_rndpo.proposals.store import ProposalStore
 # nnU-Net samples at most this many locations per class for oversampling; we do the same per pair.
 MAX_LOCATIONS = 10_000
 LOCATIONS_KEY = "disagreement"
+REFERENCE_CHANNELS = 2  # precomputed reference log-likelihoods of the chosen and the rejected mask
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,17 @@ def sample_locations(region: np.ndarray, rng: np.random.Generator, limit: int = 
 class PairDataset:
     """Duck-types nnU-Net's dataset interface (`identifiers`, `load_case`) for the pair data loader."""
 
-    def __init__(self, items: Sequence[TrainingItem], store: ProposalStore, reader: PoolReader, cache_cases: int = 16):
+    def __init__(
+        self,
+        items: Sequence[TrainingItem],
+        store: ProposalStore,
+        reader: PoolReader,
+        cache_cases: int = 16,
+        reference_channels: bool = False,
+    ):
+        """reference_channels: append the base model's per-voxel log-likelihoods of chosen and rejected (from
+        the store) as two extra image channels; `ReferenceAsRegressionTarget` keeps them out of intensity
+        augmentation."""
         if not items:
             raise ValueError("no training items: every case of the pool yielded no preference pair")
         self.items = {item.key: item for item in items}
@@ -57,6 +68,7 @@ class PairDataset:
         self.store = store
         self.reader = reader
         self.cache_cases = cache_cases
+        self.reference_channels = reference_channels
         self._cache: OrderedDict[str, tuple] = OrderedDict()
         self._locations: dict[str, dict] = {}  # per item: small (at most MAX_LOCATIONS coordinates)
 
@@ -72,10 +84,17 @@ class PairDataset:
             self._cache.move_to_end(case_id)
             return self._cache[case_id]
         data, outside, _ = self.reader.load(case_id)
-        proposals = self.store.load_case(case_id)["proposals"]
+        stored = self.store.load_case(case_id)
+        proposals = stored["proposals"]
         if proposals.shape[1:] != data.shape[1:]:
             raise ValueError(f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape")
-        entry = (data, outside, proposals)
+        reference = stored.get("reference_log_probabilities")
+        if self.reference_channels and reference is None:
+            raise ValueError(
+                f"case {case_id}: the proposal store {self.store.folder} holds no reference log-probabilities "
+                "(made by an older version); regenerate it (setting \"overwrite_proposals\": true) or use \"reference\": \"online\""
+            )
+        entry = (data, outside, proposals, reference)
         self._cache[case_id] = entry
         while len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
@@ -83,9 +102,12 @@ class PairDataset:
 
     def load_case(self, key: str):
         item = self.items[key]
-        data, outside, proposals = self._case(item.case_id)
+        data, outside, proposals, reference = self._case(item.case_id)
         chosen = proposals[item.chosen].astype(np.int16)
         rejected = proposals[item.rejected].astype(np.int16)
+        if self.reference_channels:
+            reference_ll = np.take_along_axis(reference, np.stack([chosen, rejected]).astype(np.int64), axis=0)
+            data = np.concatenate([data, reference_ll.astype(np.float32)])
         if key not in self._locations:
             # an argwhere over the whole volume: once per item, not once per patch
             region = chosen != rejected if item.chosen != item.rejected else chosen > 0
@@ -101,3 +123,22 @@ class PairDataset:
 
     def __getitem__(self, key: str):
         return self.load_case(key)
+
+
+class ReferenceAsRegressionTarget:
+    """Runs nnU-Net's transforms with the last image channels carried as batchgeneratorsv2's
+    `regression_target`: spatial transforms (rotation, scaling, mirroring) move them exactly as the image,
+    intensity transforms (noise, blur, contrast, gamma, ...) leave them untouched. Then they are appended to
+    the image again, where the trainer splits them off."""
+
+    def __init__(self, transforms, extra_channels: int = REFERENCE_CHANNELS):
+        self.transforms = transforms
+        self.extra_channels = extra_channels
+
+    def __call__(self, **data_dict):
+        import torch
+
+        image = data_dict["image"]
+        split = image.shape[0] - self.extra_channels
+        result = self.transforms(image=image[:split], segmentation=data_dict["segmentation"], regression_target=image[split:].clone())
+        return {"image": torch.cat([result["image"], result["regression_target"].to(result["image"].dtype)]), "segmentation": result["segmentation"]}

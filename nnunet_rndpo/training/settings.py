@@ -21,6 +21,10 @@ SETTINGS_ENV_VARIABLE = "RNDPO_SETTINGS"
 SETTINGS_FILE_NAME = "rndpo_settings.json"
 OBJECTIVES = (*LOSS_TYPES, "self_train")  # self_train: Dice+CE on the judge's top proposal (pseudo-labels)
 DEEP_SUPERVISION_MODES = ("all_scales", "full_resolution")
+# online: the frozen reference runs on each augmented patch (exact). precomputed: the base model's
+# log-probabilities from proposal generation ride through nnU-Net's spatial transforms with the patch (no
+# reference pass, as TRL precomputes; the reference then sees the image before intensity augmentation).
+REFERENCE_MODES = ("online", "precomputed")
 
 
 class SettingsError(ValueError):
@@ -37,6 +41,7 @@ class PreferenceSettings:
     deep_supervision: str = "all_scales"  # preference loss on every output scale, weighted as nnU-Net's
     anchor_weight: float = 0.0  # lambda * nnU-Net Dice+CE on labeled batches (costs one more pass)
     sft_weight: float = 0.0  # Dice+CE on the chosen mask added to the preference loss
+    reference: str = "online"  # see REFERENCE_MODES
     # judge and mining
     judge: str = "agreement"
     judge_options: dict = field(default_factory=dict)
@@ -82,6 +87,7 @@ def validate(settings: PreferenceSettings) -> PreferenceSettings:
     if settings.normalization is not None:
         choose("normalization", settings.normalization, NORMALIZATIONS)
     choose("deep_supervision", settings.deep_supervision, DEEP_SUPERVISION_MODES)
+    choose("reference", settings.reference, REFERENCE_MODES)
     choose("mining", settings.mining, MINING_STRATEGIES)
     if ":" not in settings.judge:  # dotted paths are checked when the judge is built
         choose("judge", settings.judge, available_judges())

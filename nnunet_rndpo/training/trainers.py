@@ -64,6 +64,10 @@ class nnUNetTrainerPreference(nnUNetTrainer):
     def uses_reference(self) -> bool:
         return self.settings.objective != "self_train"
 
+    @property
+    def precomputed_reference(self) -> bool:
+        return self.uses_reference and self.settings.reference == "precomputed"
+
     def effective_settings(self) -> PreferenceSettings:
         """The settings as run: nnU-Net-style subclasses may have changed the schedule attributes."""
         from dataclasses import replace
@@ -111,7 +115,8 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         if not self._resumed:
             _unwrap(self.network).load_state_dict(base_model.network.state_dict())
             self.print_to_log_file(f"policy initialised from the base checkpoint {base_path}")
-        self.reference_network = self._build_reference(base_model) if self.uses_reference else None
+        online = self.uses_reference and not self.precomputed_reference
+        self.reference_network = self._build_reference(base_model) if online else None
         self.training_items = self._prepare_training_items(base_model)
         del base_model
         self.dataloader_labeled = self.dataloader_train if self.settings.anchor_weight > 0 else None
@@ -218,10 +223,10 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         from nnunet_rndpo.proposals.pool import PoolReader
-        from nnunet_rndpo.training.pair_data import PairDataset
+        from nnunet_rndpo.training.pair_data import PairDataset, ReferenceAsRegressionTarget
 
         reader = PoolReader(self._pool, self.plans_manager, self.configuration_manager, self.dataset_json)
-        dataset = PairDataset(items, self._store, reader)
+        dataset = PairDataset(items, self._store, reader, reference_channels=self.precomputed_reference)
         patch_size = self.configuration_manager.patch_size
         rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -229,6 +234,8 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=self.label_manager.ignore_label,
         )
+        if self.precomputed_reference:
+            transforms = ReferenceAsRegressionTarget(transforms)
         loader = nnUNetDataLoader(
             dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager,
             oversample_foreground_percent=self.settings.disagreement_sampling, sampling_probabilities=None,
@@ -256,8 +263,11 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             return [1.0] + [0.0] * (number_of_outputs - 1)
         return list(getattr(self.loss, "weight_factors", [1.0] + [0.0] * (number_of_outputs - 1)))
 
-    def compute_preference_loss(self, output, reference_output, target) -> tuple[torch.Tensor, dict]:
-        """The configured objective over every output scale; statistics from the full resolution."""
+    def compute_preference_loss(self, output, reference_output, target, reference_ll=None) -> tuple[torch.Tensor, dict]:
+        """The configured objective over every output scale; statistics from the full resolution.
+
+        reference_ll: (B, 2, *spatial) precomputed reference log-likelihoods of chosen and rejected, used
+        instead of `reference_output` (resampled to each output scale as nnU-Net resamples the masks)."""
         chosen = [t[:, :1] for t in target] if isinstance(target, (list, tuple)) else target[:, :1]
         if self.settings.objective == "self_train":
             return self.loss(output, chosen), {}
@@ -265,6 +275,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             output, reference_output, target, self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
             loss_type=self.settings.objective, beta=self.settings.beta, label_smoothing=self.settings.label_smoothing,
             normalization=self.settings.normalization, ignore_label=self.label_manager.ignore_label,
+            reference_voxel_ll=None if reference_ll is None else _per_scale(reference_ll, target),
         )
         if self.settings.sft_weight > 0:
             total = total + self.settings.sft_weight * self.loss(output, chosen)
@@ -272,6 +283,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
+        reference_ll = None
+        if self.precomputed_reference:
+            data, reference_ll = data[:, :-2], data[:, -2:]
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,7 +295,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             if self.reference_network is not None:
                 with torch.no_grad():
                     reference_output = self.reference_network(data)
-            loss, statistics = self.compute_preference_loss(output, reference_output, target)
+            loss, statistics = self.compute_preference_loss(output, reference_output, target, reference_ll)
             if self.dataloader_labeled is not None:
                 labeled = next(self.dataloader_labeled)
                 labeled_target = labeled["target"]
@@ -345,10 +359,26 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             self._shutdown(self.dataloader_labeled)
 
 
+def _per_scale(reference_ll: torch.Tensor, target) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Precomputed reference log-likelihoods at each target scale (nearest-exact, as nnU-Net downsamples masks)."""
+    targets = target if isinstance(target, (list, tuple)) else [target]
+    scaled = []
+    for masks in targets:
+        maps = reference_ll if masks.shape[2:] == reference_ll.shape[2:] else torch.nn.functional.interpolate(reference_ll.float(), size=masks.shape[2:], mode="nearest-exact")
+        scaled.append((maps[:, 0], maps[:, 1]))
+    return scaled
+
+
 class nnUNetTrainerRNDPO(nnUNetTrainerPreference):
     """Region-Normalized DPO: the margin averaged over the voxels where chosen and rejected disagree."""
 
     settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 1.0}
+
+
+class nnUNetTrainerRNDPO_PrecomputedRef(nnUNetTrainerPreference):
+    """RN-DPO without a reference pass per step: the base model's stored log-probabilities ride with the patch."""
+
+    settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 1.0, "reference": "precomputed"}
 
 
 class nnUNetTrainerDPO(nnUNetTrainerPreference):
@@ -373,5 +403,6 @@ nnUNetTrainerRNDPO_5epochs = _short(nnUNetTrainerRNDPO, "nnUNetTrainerRNDPO_5epo
 nnUNetTrainerDPO_5epochs = _short(nnUNetTrainerDPO, "nnUNetTrainerDPO_5epochs", 5, 250, 50)
 nnUNetTrainerSelfTrain_5epochs = _short(nnUNetTrainerSelfTrain, "nnUNetTrainerSelfTrain_5epochs", 5, 250, 50)
 nnUNetTrainerRNDPO_tiny = _short(nnUNetTrainerRNDPO, "nnUNetTrainerRNDPO_tiny", 2, 4, 2)
+nnUNetTrainerRNDPO_PrecomputedRef_tiny = _short(nnUNetTrainerRNDPO_PrecomputedRef, "nnUNetTrainerRNDPO_PrecomputedRef_tiny", 2, 4, 2)
 nnUNetTrainerDPO_tiny = _short(nnUNetTrainerDPO, "nnUNetTrainerDPO_tiny", 2, 4, 2)
 nnUNetTrainerSelfTrain_tiny = _short(nnUNetTrainerSelfTrain, "nnUNetTrainerSelfTrain_tiny", 2, 4, 2)
