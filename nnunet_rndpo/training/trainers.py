@@ -322,6 +322,8 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             logging.setdefault(key, [])
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
+        # nnU-Net's progress.png takes the shortest logged list as the epoch count: every key we add is
+        # logged every epoch, or never
         super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
         keys = sorted({k for o in train_outputs for k in o if k.startswith("stat::")})
         means = {k[6:]: float(np.mean([o[k] for o in train_outputs if k in o])) for k in keys}
@@ -348,10 +350,6 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             from nnunet_rndpo.training.progress_plot import plot_preference_progress
 
             plot_preference_progress(self.logger.local_logger.my_fantastic_logging, Path(self.output_folder) / PREFERENCE_PNG)
-
-    def _plot_keys_consistent(self):  # pragma: no cover - documentation of a constraint
-        """nnU-Net's progress.png takes the shortest logged list as the epoch count, so every key we add is logged
-        every epoch (or never)."""
 
     def on_train_end(self):
         super().on_train_end()
