@@ -316,9 +316,14 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy(), **{f"stat::{k}": v for k, v in statistics.items()}}
 
     # ------------------------------------------------------------------ logging
+    def _logged_keys(self) -> tuple[str, ...]:
+        """The statistics this run produces every epoch (only those are registered with nnU-Net's logger)."""
+        keys = LOGGED_KEYS if self.uses_reference else ()
+        return keys + (("anchor_loss",) if self.settings.anchor_weight > 0 else ())
+
     def _register_log_keys(self) -> None:
         logging = self.logger.local_logger.my_fantastic_logging
-        for key in LOGGED_KEYS + ("anchor_loss",):
+        for key in self._logged_keys():
             logging.setdefault(key, [])
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
@@ -331,12 +336,8 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, means)
             means = {k: float(np.mean([g[k] for g in gathered if k in g])) for k in means}
-        logging = self.logger.local_logger.my_fantastic_logging
-        for key in LOGGED_KEYS + ("anchor_loss",):
-            value = means.get(key)
-            if value is None and not logging.get(key):
-                continue  # keys this objective never produces stay empty
-            self.logger.log(key, value if value is not None else float("nan"), self.current_epoch)
+        for key in self._logged_keys():
+            self.logger.log(key, means.get(key, float("nan")), self.current_epoch)
 
     def on_epoch_end(self):
         if self.local_rank == 0 and any(self.logger.local_logger.my_fantastic_logging.get(k) for k in LOGGED_KEYS):
