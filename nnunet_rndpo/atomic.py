@@ -18,6 +18,17 @@ import numpy as np
 TEMP_SUFFIX = ".partial"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; the renamed file gets the permissions an ordinary
+# open() would have given it (shared results folders, containers running as another user)
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on error remove it."""
@@ -29,6 +40,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        if temp.exists():
+            os.chmod(temp, _FILE_MODE)
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -199,3 +199,4 @@ def test_bad_options_name_the_valid_ones():
         preference_loss(ratios, "dpo", normalization="area")
     with pytest.raises(ValueError, match="beta"):
         preference_loss(ratios, "dpo", beta=0)
+
