@@ -40,7 +40,10 @@ class PreferenceSettings:
     label_smoothing: float = 0.0
     deep_supervision: str = "all_scales"  # preference loss on every output scale, weighted as nnU-Net's
     anchor_weight: float = 0.0  # lambda * nnU-Net Dice+CE on labeled batches (costs one more pass)
-    sft_weight: float = 0.0  # Dice+CE on the chosen mask added to the preference loss
+    # Dice+CE on the chosen mask over the whole patch, added to the preference loss (as RPO adds NLL). The
+    # preference term only touches the disagreement region (<1% of a patch); without this anchor the rest of
+    # the prediction drifts: on the demo data RN-DPO alone fell from 0.80 to 0.50 test Dice in 500 steps.
+    sft_weight: float = 1.0
     reference: str = "online"  # see REFERENCE_MODES
     # judge and mining
     judge: str = "agreement"
