@@ -36,7 +36,7 @@ class PreferenceSettings:
     # objective
     objective: str = "rn_dpo"
     normalization: Optional[str] = None  # None: the objective's own (rn_dpo -> disagreement, dpo -> sum, ...)
-    beta: float = 1.0
+    beta: float = 0.1
     label_smoothing: float = 0.0
     deep_supervision: str = "all_scales"  # preference loss on every output scale, weighted as nnU-Net's
     anchor_weight: float = 0.0  # lambda * nnU-Net Dice+CE on labeled batches (costs one more pass)

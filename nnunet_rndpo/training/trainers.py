@@ -371,13 +371,13 @@ def _per_scale(reference_ll: torch.Tensor, target) -> list[tuple[torch.Tensor, t
 class nnUNetTrainerRNDPO(nnUNetTrainerPreference):
     """Region-Normalized DPO: the margin averaged over the voxels where chosen and rejected disagree."""
 
-    settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 1.0}
+    settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 0.1}
 
 
 class nnUNetTrainerRNDPO_PrecomputedRef(nnUNetTrainerPreference):
     """RN-DPO without a reference pass per step: the base model's stored log-probabilities ride with the patch."""
 
-    settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 1.0, "reference": "precomputed"}
+    settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 0.1, "reference": "precomputed"}
 
 
 class nnUNetTrainerDPO(nnUNetTrainerPreference):
