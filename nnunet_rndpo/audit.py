@@ -284,9 +284,13 @@ def write_audit(report: dict[str, Any], folder: str | os.PathLike) -> dict[str, 
     json_path = folder / AUDIT_JSON_NAME
     png_path = folder / AUDIT_PNG_NAME
     save_json({**report, "recommendation": recommend(report)}, json_path)
-    figure = _score_figure(report)
-    with atomic_path(png_path) as temp:
-        figure.savefig(temp, format="png", dpi=110)
+    import matplotlib
+
+    # nnU-Net's logger imports seaborn, which enlarges every font globally; draw with matplotlib's defaults
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        figure = _score_figure(report)
+        with atomic_path(png_path) as temp:
+            figure.savefig(temp, format="png", dpi=110)
     return {"json": json_path, "png": png_path}
 
 
@@ -312,8 +316,9 @@ def _score_figure(report: dict[str, Any]) -> Any:
         marker = " (uses labels)" if figures["uses_labels"] else ""
         title = f"{name}{marker}\nSpearman {_number(figures['spearman'], '.2f')}"
         axes.set_title(title, fontsize=10)
-        axes.set_xlabel("judge score, scaled to [0, 1] within each case")
-        axes.set_ylabel("true Dice")
+        axes.set_xlabel("judge score, scaled to [0, 1] within each case", fontsize=9)
+        axes.set_ylabel("true Dice", fontsize=9)
+        axes.tick_params(labelsize=8)
         axes.set_xlim(-0.05, 1.05)
     return figure
 

@@ -11,6 +11,14 @@ from nnunet_rndpo.atomic import atomic_path
 def plot_preference_progress(logging: dict, path: Path) -> None:
     import matplotlib
 
+    # nnU-Net's logger imports seaborn, which enlarges fonts globally; draw with matplotlib's defaults
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        _plot(logging, path)
+
+
+def _plot(logging: dict, path: Path) -> None:
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
