@@ -44,7 +44,7 @@ LABEL_FREE = ("agreement", "uncertainty", "learned_qc", "virtual_annotator")
 
 @dataclass(frozen=True)
 class Schedule:
-    base_epochs: int = 24
+    base_epochs: int = 60
     base_iterations: int = 50
     tune_epochs: int = 6
     tune_iterations: int = 50
@@ -370,6 +370,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset004_Hippocampus")
     parser.add_argument("--seed", type=int, default=0, help="split seed")
     parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
+    parser.add_argument("--core", action="store_true", help="seed 0 only: RN-DPO and DPO with the best label-free judge and the weak and reliable oracles, self-training, upper bound")
     parser.add_argument("--part_id", type=int, default=0)
     parser.add_argument("--num_parts", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     seeds = (0, 1, 2)
     bases = [Arm(f"base_s{s}", "base", s) for s in seeds]
     for arm in bases[args.part_id :: args.num_parts] if args.num_parts > 1 else bases:
-        if args.only is None or arm.name in args.only or arm.seed == 0:
+        if (args.only is None and not args.core) or (args.only and arm.name in args.only) or arm.seed == 0:
             run(arm)
     audit_file = work / "audit" / "judge_audit.json"
     if args.part_id == 0:
@@ -424,6 +425,10 @@ def main(argv=None) -> int:
     best = ranked[0]
     print(f"best label-free judge on validation: {best} (Spearman {audit['judges'][best]['spearman']:.3f})", flush=True)
     arms = [a for a in build_arms(best, seeds) if a.kind != "base"]
+    if args.core:
+        core = [f"{kind}_{judge}_top_bottom_s0" for judge in (best, "oracle_weak") for kind in ("rn_dpo", "dpo")]
+        core += ["self_train_agreement_s0"] + [f"{kind}_oracle_reliable_top_bottom_s0" for kind in ("rn_dpo", "dpo")] + ["upper_s0"]
+        arms = sorted((a for a in arms if a.name in core), key=lambda a: core.index(a.name))
     if args.only:
         arms = [a for a in arms if a.name in set(args.only)]
     arms = arms[args.part_id :: args.num_parts]
