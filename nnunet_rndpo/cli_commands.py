@@ -48,11 +48,13 @@ def _proposal_settings(args):
 
 def _load(args):
     from nnunet_rndpo.nnunet_paths import locate
-    from nnunet_rndpo.proposals.run import load_base_model
+    from nnunet_rndpo.proposals.model import load_model
 
     location = locate(args.dataset, args.configuration, args.fold, args.plans)
     checkpoint = location.checkpoint(args.base_trainer, args.checkpoint)
-    model = load_base_model(checkpoint, args.device, location.plans, args.configuration, location.dataset_json)
+    model = load_model(
+        checkpoint, args.device, expected_plans=location.plans, expected_configuration=args.configuration, expected_dataset_json=location.dataset_json
+    )
     return location, model
 
 
@@ -127,9 +129,10 @@ def _run_judge(args) -> int:
     # learning judges are fitted on labeled cases' proposals made with the store's own settings
     settings = ProposalSettings.from_dict(store.manifest()["settings"])
     for spec in args.judges:
-        judge, fitted_file = pipeline.build_judge(spec, args.judge_options if len(args.judges) == 1 else {}, store)
-        if fitted_file is not None and not fitted_file.is_file():
-            pipeline.fit_judge_on_labeled(judge, fitted_file, model, store, settings, location.preprocessed_base, location.preprocessed_data_folder.name, location.fold, args.device)
+        options = args.judge_options if len(args.judges) == 1 else {}
+        judge = pipeline.ready_judge(
+            spec, options, store, model, settings, location.preprocessed_base, location.preprocessed_data_folder.name, location.fold, args.device
+        )
         if judge.needs_labels:
             print(f"WARNING: {judge.describe()} reads true labels: research use only", file=sys.stderr)
         scores = pipeline.score_store(judge, store, reader, pool.case_ids, pipeline.foreground_labels(model), lambda c: references.load(c, pool))

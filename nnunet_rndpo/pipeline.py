@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case
-from nnunet_rndpo.mining import MiningResult, Pair, PairMiner
+from nnunet_rndpo.mining import MiningResult, PairMiner
 from nnunet_rndpo.proposals.members import ProposalSettings
 from nnunet_rndpo.proposals.model import LoadedModel
 from nnunet_rndpo.proposals.pool import PoolReader, UnlabeledPool, fold_split
@@ -128,6 +128,28 @@ def fit_judge_on_labeled(
     judge.save(fitted_file)
 
 
+def ready_judge(
+    spec: str,
+    options: dict,
+    store: ProposalStore,
+    model: LoadedModel,
+    settings: ProposalSettings,
+    preprocessed_base: Path,
+    data_identifier: str,
+    fold,
+    device,
+    progress: bool = True,
+    on_fit: Optional[Callable[[Judge], None]] = None,
+) -> Judge:
+    """The judge ready to score: restored from beside the store, or fitted there now if it learns."""
+    judge, fitted_file = build_judge(spec, options, store)
+    if fitted_file is not None and not fitted_file.is_file():
+        if on_fit is not None:
+            on_fit(judge)
+        fit_judge_on_labeled(judge, fitted_file, model, store, settings, preprocessed_base, data_identifier, fold, device, progress)
+    return judge
+
+
 def score_store(
     judge: Judge,
     store: ProposalStore,
@@ -177,9 +199,6 @@ def pairs_to_json(result: MiningResult) -> dict:
     }
 
 
-def pairs_from_json(data: dict) -> list[Pair]:
-    return [Pair(**entry) for entry in data["pairs"]]
-
 
 def run_audit(
     model: LoadedModel,
@@ -214,10 +233,9 @@ def run_audit(
     labels = foreground_labels(model)
     judges = []
     for spec in judge_specs:
-        judge, fitted_file = build_judge(spec, {}, audit_store)
-        if fitted_file is not None and not fitted_file.is_file():
-            fit_judge_on_labeled(judge, fitted_file, model, audit_store, settings, location.preprocessed_base, data_folder.name, location.fold, device, progress)
-        judges.append(judge)
+        judges.append(
+            ready_judge(spec, {}, audit_store, model, settings, location.preprocessed_base, data_folder.name, location.fold, device, progress)
+        )
     scores = {judge.display_name: score_store(judge, audit_store, reader, cases, labels, reference_of.get, progress) for judge in judges}
     audit_cases = []
     for case_id in cases:

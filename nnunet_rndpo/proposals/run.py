@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from nnunet_rndpo.proposals.engine import ProposalEngine
 from nnunet_rndpo.proposals.members import ProposalSettings, case_seed, plan_members
-from nnunet_rndpo.proposals.model import LoadedModel, check_compatible, load_model, read_checkpoint
+from nnunet_rndpo.proposals.model import LoadedModel, load_model
 from nnunet_rndpo.proposals.pool import PoolReader, UnlabeledPool
 from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -144,7 +144,3 @@ def export_case_nifti(proposals: np.ndarray, properties: dict, model: LoadedMode
         written.append(target)
     return written
 
-
-def load_base_model(checkpoint_path: Path, device, plans: Optional[dict] = None, configuration: Optional[str] = None, dataset_json: Optional[dict] = None) -> LoadedModel:
-    """The base model, checked against the plans/configuration/labels it is meant for (when given)."""
-    return load_model(checkpoint_path, device, expected_plans=plans, expected_configuration=configuration, expected_dataset_json=dataset_json)

@@ -175,13 +175,12 @@ class nnUNetTrainerPreference(nnUNetTrainer):
 
         if self.local_rank == 0 and not (self._resumed and pairs_file.is_file()):
             reader = PoolReader(pool, base_model.plans_manager, base_model.configuration_manager, self.dataset_json)
-            judge, fitted_file = pipeline.build_judge(settings.judge, settings.judge_options, store)
-            if fitted_file is not None and not fitted_file.is_file():
-                self.print_to_log_file(f"fitting {judge.describe()} on the labeled training cases of fold {self.fold}")
-                pipeline.fit_judge_on_labeled(
-                    judge, fitted_file, base_model, store, proposal_settings, Path(nnUNet_preprocessed) / self.plans_manager.dataset_name,
-                    self.configuration_manager.data_identifier, self.fold, self.device,
-                )
+            judge = pipeline.ready_judge(
+                settings.judge, settings.judge_options, store, base_model, proposal_settings,
+                Path(nnUNet_preprocessed) / self.plans_manager.dataset_name, self.configuration_manager.data_identifier,
+                self.fold, self.device,
+                on_fit=lambda j: self.print_to_log_file(f"fitting {j.describe()} on the labeled training cases of fold {self.fold}"),
+            )
             references = None
             if judge.needs_labels:
                 self.print_to_log_file(f"WARNING: {judge.describe()} reads true labels: research use only")
