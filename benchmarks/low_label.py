@@ -20,8 +20,10 @@ import os
 import platform
 import shutil
 import sys
+import re
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -227,13 +229,46 @@ def _validation_curve(folder: Path) -> list[float]:
 
 
 def _log_timings(folder: Path) -> dict:
-    logs = sorted(folder.glob("training_log_*.txt"))
-    text = logs[-1].read_text() if logs else ""
-    timings = {}
-    for line in text.splitlines():
-        if "proposals:" in line and "s per generated case" in line:
-            timings["proposals"] = line.split("proposals:", 1)[1].strip()
-    return timings
+    return phase_seconds(folder)
+
+
+_PROPOSALS_LINE = re.compile(r"proposals: (\d+) cases \((\d+) generated.*?, ([\d.]+) s \(")
+
+
+def _stamp(line: str) -> Optional[float]:
+    """Seconds since the epoch of an nnU-Net log line ('2026-11-23 19:24:36.844298: ...'), None if it has none."""
+    try:
+        return datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        return None
+
+
+def phase_seconds(folder: Path) -> dict:
+    """Wall seconds of a fine-tuning arm's phases, from the timestamps of its last nnU-Net training log.
+
+    proposals_generated / proposals_s: cases generated in this run and the seconds it took (an arm that finds
+    its seed's store filled pays 0); judging_s: scoring and mining (a judge's scores are cached in the store,
+    so the second arm with the same judge pays about 1 s); fine_tuning_s: first epoch to 'Training done'."""
+    for log in sorted(folder.glob("training_log_*.txt"), reverse=True):
+        lines = log.read_text().splitlines()
+        marks = {}
+        for line in lines:
+            if ": proposals: " in line and "proposals" not in marks:
+                match = _PROPOSALS_LINE.search(line)
+                marks["proposals"] = (_stamp(line), match)
+            elif ": training items: " in line:
+                marks["items"] = (_stamp(line), None)
+            elif line[28:].startswith("Training done"):
+                marks["done"] = (_stamp(line), None)
+        if {"proposals", "items", "done"} <= set(marks):
+            match = marks["proposals"][1]
+            return {
+                "proposals_generated": int(match.group(2)) if match else None,
+                "proposals_s": float(match.group(3)) if match else None,
+                "judging_s": marks["items"][0] - marks["proposals"][0],
+                "fine_tuning_s": marks["done"][0] - marks["items"][0],
+            }
+    return {}
 
 
 def evaluate_checkpoint(checkpoint: Path, predictions: Path) -> dict:
@@ -326,10 +361,58 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
         )
     if base_seconds:
         lines += ["", f"Base training wall time: {base_seconds:.0f} s per seed (mean)."]
+        lines += ["", *_wall_time_table(results, base_seconds)]
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
         _plot_curves(grouped, figures)
     return "\n".join(lines)
+
+
+def _arm_phases(result: dict) -> dict:
+    """Phase seconds of a finished fine-tuning arm: from its JSON, else from its log when that log is this
+    arm's (arms sharing an output folder overwrite each other's logs: the phases must add up to the total)."""
+    if "fine_tuning_s" in result.get("log_timings", {}):
+        return result["log_timings"]
+    phases = phase_seconds(Path(result["folder"]))
+    total = result["seconds"].get("total_s")
+    if phases and total and abs(phases["fine_tuning_s"] + phases["judging_s"] - total) <= 0.1 * total:
+        return phases
+    return {}
+
+
+def _wall_time_table(results: dict, base_seconds: float) -> list[str]:
+    """Wall time per fine-tuning arm by phase, and what one arm costs on its own (generating its seed's
+    proposals + scoring with its judge + fine-tuning) against training the base."""
+    phases = {name: _arm_phases(r) for name, r in results.items() if r["arm"]["kind"] not in ("base", "upper")}
+    # every seed's store holds the same pool with the same network size and K, so one generation time (the
+    # mean of those measured) stands for all; a judge's scoring cost is the largest measured for it
+    generations = [p["proposals_s"] for p in phases.values() if p.get("proposals_generated")]
+    generation = float(np.mean(generations)) if generations else None
+    judging: dict = {}
+    for name, phase in phases.items():
+        if phase:
+            judge = results[name]["arm"]["judge"]
+            judging[judge] = max(judging.get(judge, 0.0), phase["judging_s"])
+    lines = [
+        "| arm | proposals generated in this run (s) | judging + mining in this run (s) | fine-tuning (s) | on its own: proposals + judging + fine-tuning (s) | on its own / base training |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, phase in sorted(phases.items()):
+        if not phase:
+            lines.append(f"| {name} | | | | (log overwritten by a later arm in the same folder; total {results[name]['seconds'].get('total_s', 0):.0f} s) | |")
+            continue
+        arm = results[name]["arm"]
+        generated = f"{phase['proposals_s']:.0f} ({phase['proposals_generated']} cases)" if phase.get("proposals_generated") else "0 (store reused)"
+        own = " | "
+        if generation is not None:
+            total = generation + judging[arm["judge"]] + phase["fine_tuning_s"]
+            own = f"{total:.0f} | {total / base_seconds:.2f}"
+        lines.append(f"| {name} | {generated} | {phase['judging_s']:.1f} | {phase['fine_tuning_s']:.0f} | {own} |")
+    lines += ["", "Arms of one seed share one proposal store and a judge's scores are cached in it, so only the first "
+              "arm of a seed pays for the proposals and the first arm with a judge pays for scoring; 'on its own' adds "
+              "those costs back: the mean generation time measured over seeds (same pool, network and K) and the "
+              "largest scoring time measured for the arm's judge."]
+    return lines
 
 
 def _plot_curves(grouped: dict, figures: Path) -> None:
@@ -377,6 +460,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny schedule to check the runner")
     parser.add_argument("--report", type=Path, default=None, help="write the summary table of finished arms here")
     args = parser.parse_args(argv)
+    if not 0 <= args.part_id < args.num_parts:
+        parser.error(f"--part_id {args.part_id} must be between 0 and --num_parts - 1 ({args.num_parts - 1})")
 
     work = args.work.resolve()
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -1,0 +1,72 @@
+"""The pure parts of benchmarks/low_label.py: the split and the phase timings read from nnU-Net's log."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def low_label():
+    spec = importlib.util.spec_from_file_location("low_label", ROOT / "benchmarks" / "low_label.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["low_label"] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("low_label", None)
+
+
+def _fake_dataset(folder: Path, cases: int) -> Path:
+    (folder / "labelsTr").mkdir(parents=True)
+    for index in range(cases):
+        (folder / "labelsTr" / f"case_{index:03d}.nii.gz").write_bytes(b"")
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    return folder
+
+
+def test_split_is_disjoint_complete_and_fixed_by_seed(low_label, tmp_path):
+    data = _fake_dataset(tmp_path / "data", 30)
+    split = low_label.make_split(data, seed=3, labeled=5, validation=4, unlabeled=12)
+    parts = [set(split[name]) for name in ("labeled", "validation", "unlabeled", "test")]
+    assert [len(p) for p in parts] == [5, 4, 12, 9]
+    assert set().union(*parts) == {f"case_{i:03d}" for i in range(30)}
+    assert sum(len(p) for p in parts) == 30  # no case in two parts
+    assert low_label.make_split(data, seed=3, labeled=5, validation=4, unlabeled=12) == split
+    assert low_label.make_split(data, seed=4, labeled=5, validation=4, unlabeled=12) != split
+
+
+LOG = """
+#######################################################################
+2026-11-23 19:24:30.000000: policy initialised from the base checkpoint /x/checkpoint_final.pth
+2026-11-23 19:24:36.500000: proposals: 120 cases (120 generated, 0 already in the store), 8 proposals each, 95.3 s (0.79 s per generated case)
+2026-11-23 19:24:46.000000: training items: {"pairs": 120}; judge 'agreement'
+2026-11-23 19:24:46.100000: Epoch 0
+2026-11-23 19:29:46.000000: Epoch time: 34.14 s
+2026-11-23 19:29:47.000000: Training done.
+"""
+
+
+def test_phase_seconds_reads_the_log_timestamps(low_label, tmp_path):
+    (tmp_path / "training_log_2026_11_23_19_00_00.txt").write_text("an interrupted earlier run\n")
+    (tmp_path / "training_log_2026_11_23_19_24_30.txt").write_text(LOG)
+    phases = low_label.phase_seconds(tmp_path)
+    assert phases["proposals_generated"] == 120
+    assert phases["proposals_s"] == pytest.approx(95.3)
+    assert phases["judging_s"] == pytest.approx(9.5)
+    assert phases["fine_tuning_s"] == pytest.approx(301.0)
+
+
+def test_phase_seconds_of_an_unfinished_run_is_empty(low_label, tmp_path):
+    (tmp_path / "training_log_2026_11_23_19_24_30.txt").write_text(LOG.replace("Training done.", "Epoch 6"))
+    assert low_label.phase_seconds(tmp_path) == {}
+
+
+def test_runner_refuses_a_part_outside_the_parts(low_label, capsys):
+    with pytest.raises(SystemExit):
+        low_label.main(["--part_id", "1", "--num_parts", "1"])
+    assert "--part_id 1" in capsys.readouterr().err
