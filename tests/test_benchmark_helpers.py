@@ -70,3 +70,29 @@ def test_runner_refuses_a_part_outside_the_parts(low_label, capsys):
     with pytest.raises(SystemExit):
         low_label.main(["--part_id", "1", "--num_parts", "1"])
     assert "--part_id 1" in capsys.readouterr().err
+
+
+def _package_imports(path: Path):
+    """Every `from nnunet_rndpo... import name` in a file, wherever it sits (benchmarks import inside functions)."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nnunet_rndpo"):
+            for alias in node.names:
+                yield node.module, alias.name, node.lineno
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_import_only_names_that_exist(script):
+    # the benchmarks run by hand, rarely: a renamed or removed function must fail here, not an hour into a run
+    import importlib
+
+    missing = []
+    for module_name, name, line in _package_imports(ROOT / "benchmarks" / script):
+        module = importlib.import_module(module_name)
+        if not hasattr(module, name):
+            try:
+                importlib.import_module(f"{module_name}.{name}")
+            except ImportError:
+                missing.append(f"{script}:{line}: {module_name}.{name}")
+    assert not missing, missing
