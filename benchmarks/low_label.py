@@ -15,6 +15,7 @@ any choice). Every arm of a seed continues from the same base model. Each finish
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -308,6 +309,45 @@ def audit_on_validation(work: Path, seed: int, threads: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
+@contextlib.contextmanager
+def claim(folder: Path, arm_name: str):
+    """Yields whether this process may run the arm: a claim file made exclusively (O_EXCL), holding the pid, so
+    two runner processes over one work folder (e.g. a shard and an --only run) never train the same arm into
+    the same output folder. A claim left by a process that died is taken over."""
+    path = folder / f"{arm_name}.claim"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _process_alive(owner):
+                yield False
+                return
+            path.unlink(missing_ok=True)  # its owner died: take over
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _wait_for(path: Path, poll_seconds: float = 20.0) -> Path:
     """Another part of the run makes this file (a base model, the audit): wait for it."""
     while not path.is_file():
@@ -488,11 +528,15 @@ def main(argv=None) -> int:
         if target.is_file():
             print(f"skip {arm.name} (finished)", flush=True)
             return
-        print(f"=== {arm.name}", flush=True)
-        result = run_arm(arm, schedule, work, args.threads)
-        result["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": args.threads}
-        result["date"] = time.strftime("%Y-%m-%d")
-        save_json(result, target)
+        with claim(work / "arms", arm.name) as claimed:
+            if not claimed:
+                print(f"skip {arm.name} (another process is running it)", flush=True)
+                return
+            print(f"=== {arm.name}", flush=True)
+            result = run_arm(arm, schedule, work, args.threads)
+            result["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": args.threads}
+            result["date"] = time.strftime("%Y-%m-%d")
+            save_json(result, target)
         print(f"    test Dice final {result['test']['checkpoint_final']['foreground_mean']:.4f}, best {result['test']['checkpoint_best']['foreground_mean']:.4f}", flush=True)
 
     # Bases first: part 0 trains the seed-0 base and runs the judge audit on the validation split (which picks

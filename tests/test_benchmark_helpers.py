@@ -96,3 +96,21 @@ def test_benchmark_scripts_import_only_names_that_exist(script):
             except ImportError:
                 missing.append(f"{script}:{line}: {module_name}.{name}")
     assert not missing, missing
+
+
+def test_an_arm_is_claimed_by_one_process_at_a_time(low_label, tmp_path):
+    with low_label.claim(tmp_path, "rn_dpo_x_s0") as first:
+        assert first and (tmp_path / "rn_dpo_x_s0.claim").read_text() == str(__import__("os").getpid())
+        with low_label.claim(tmp_path, "rn_dpo_x_s0") as second:
+            assert not second  # the holder (this process) is alive
+    assert not (tmp_path / "rn_dpo_x_s0.claim").exists()
+
+
+def test_a_claim_left_by_a_dead_process_is_taken_over(low_label, tmp_path):
+    import subprocess
+    import sys as system
+
+    dead = subprocess.run([system.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "arm_s0.claim").write_text(dead)
+    with low_label.claim(tmp_path, "arm_s0") as claimed:
+        assert claimed
