@@ -42,6 +42,7 @@ JUDGES = {
     "learned_qc": ("learned_qc", {}),
     "virtual_annotator": ("virtual_annotator", {}),
 }
+MEANINGFUL_GAP = 0.01  # 1 Dice point between base and upper bound, below which "gap closed" is not reported
 LABEL_FREE = ("agreement", "uncertainty", "learned_qc", "virtual_annotator")
 
 
@@ -171,7 +172,7 @@ def base_folder(seed: int) -> Path:
     return nnunet_steps.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
 
 
-def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int) -> dict:
+def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str = "cpu") -> dict:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -187,7 +188,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int) -> dict:
         folder = nnunet_steps.train_supervised(
             dataset_id, CONFIGURATION, 0, num_epochs=epochs, iterations_per_epoch=schedule.base_iterations,
             val_iterations=schedule.val_iterations, trainer_class=unique_trainer(nnUNetTrainer, arm.name),
-            initial_lr=schedule.base_lr, seed=arm.seed, num_threads=threads,
+            initial_lr=schedule.base_lr, seed=arm.seed, num_threads=threads, device=device,
         )
         phases = {"training_s": time.perf_counter() - started}
     else:
@@ -206,7 +207,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int) -> dict:
         folder = nnunet_steps.train_supervised(
             DATASET_ID, CONFIGURATION, 0, num_epochs=schedule.tune_epochs, iterations_per_epoch=schedule.tune_iterations,
             val_iterations=schedule.val_iterations, trainer_class=unique_trainer(trainer_class, arm.name),
-            initial_lr=schedule.tune_lr, seed=arm.seed, num_threads=threads,
+            initial_lr=schedule.tune_lr, seed=arm.seed, num_threads=threads, device=device,
         )
         os.environ.pop(SETTINGS_ENV_VARIABLE, None)
         phases = {"total_s": time.perf_counter() - started}
@@ -215,7 +216,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int) -> dict:
     result["test"] = {}
     for checkpoint in ("checkpoint_final.pth", "checkpoint_best.pth"):
         predictions = work / "predictions" / arm.name / checkpoint.split(".")[0]
-        result["test"][checkpoint.split(".")[0]] = evaluate_checkpoint(folder / checkpoint, predictions)
+        result["test"][checkpoint.split(".")[0]] = evaluate_checkpoint(folder / checkpoint, predictions, device)
     if arm.kind not in ("base", "upper"):
         result["pairs"] = json.loads((folder / "rndpo_pairs.json").read_text())["summary"]
         result["log_timings"] = _log_timings(folder)
@@ -272,7 +273,7 @@ def phase_seconds(folder: Path) -> dict:
     return {}
 
 
-def evaluate_checkpoint(checkpoint: Path, predictions: Path) -> dict:
+def evaluate_checkpoint(checkpoint: Path, predictions: Path, device: str = "cpu") -> dict:
     """Predict the test images with a checkpoint (no trainer look-up) and compute Dice per class."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -280,8 +281,8 @@ def evaluate_checkpoint(checkpoint: Path, predictions: Path) -> dict:
     from nnunet_rndpo.proposals.model import load_model
 
     raw = Path(os.environ["nnUNet_raw"]) / nnunet_steps.find_dataset_name(DATASET_ID)
-    model = load_model(checkpoint, "cpu")
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=__import__("torch").device("cpu"), verbose=False, allow_tqdm=False)
+    model = load_model(checkpoint, device)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=__import__("torch").device(device), verbose=False, allow_tqdm=False)
     predictor.manual_initialization(model.network, model.plans_manager, model.configuration_manager, [model.network.state_dict()], model.dataset_json, "nnUNetTrainer", model.mirror_axes)
     if predictions.exists():
         shutil.rmtree(predictions)
@@ -290,7 +291,7 @@ def evaluate_checkpoint(checkpoint: Path, predictions: Path) -> dict:
     return nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", model.dataset_json["labels"])
 
 
-def audit_on_validation(work: Path, seed: int, threads: int) -> dict:
+def audit_on_validation(work: Path, seed: int, threads: int, device: str = "cpu") -> dict:
     """The judge audit on the validation split: picks the best label-free judge (never the test set)."""
     import torch
 
@@ -304,8 +305,8 @@ def audit_on_validation(work: Path, seed: int, threads: int) -> dict:
     if (output / "judge_audit.json").is_file():
         return json.loads((output / "judge_audit.json").read_text())
     location = locate(DATASET_ID, CONFIGURATION, 0)
-    model = load_model(base_folder(seed) / "checkpoint_final.pth", "cpu", expected_plans=location.plans, expected_configuration=CONFIGURATION, expected_dataset_json=location.dataset_json)
-    return run_audit(model, location, list(LABEL_FREE) + ["oracle"], ProposalSettings(), output, margin=0.02, seed=seed)
+    model = load_model(base_folder(seed) / "checkpoint_final.pth", device, expected_plans=location.plans, expected_configuration=CONFIGURATION, expected_dataset_json=location.dataset_json)
+    return run_audit(model, location, list(LABEL_FREE) + ["oracle"], ProposalSettings(), output, device=device, margin=0.02, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -373,14 +374,17 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
     for name, result in results.items():
         grouped.setdefault(name.rsplit("_s", 1)[0], []).append(result)
     base_runs, upper_runs = grouped.get("base", []), grouped.get("upper", [])
-    base_final = float(np.mean([dice(r, "checkpoint_final") for r in base_runs])) if base_runs else None
-    upper_final = float(np.mean([dice(r, "checkpoint_final") for r in upper_runs])) if upper_runs else None
+    # every fine-tuning arm continues from its seed's base: differences are paired by seed
+    base_by_seed = {r["arm"]["seed"]: dice(r, "checkpoint_final") for r in base_runs}
+    upper_by_seed = {r["arm"]["seed"]: dice(r, "checkpoint_final") for r in upper_runs}
+    gaps = [upper_by_seed[s] - base_by_seed[s] for s in upper_by_seed if s in base_by_seed]
+    gap = float(np.mean(gaps)) if gaps else None
     base_seconds = float(np.mean([r["seconds"].get("training_s", 0) for r in base_runs])) if base_runs else None
     lines = [
         f"Split (seed {split['seed']}): {len(split['labeled'])} labeled training, {len(split['validation'])} labeled validation, "
         f"{len(split['unlabeled'])} unlabeled (pool), {len(split['test'])} test cases; lists in `split.json`.",
         "",
-        "| arm | seeds | test mean Dice, final (sustained) | test mean Dice, best-val checkpoint (peak) | class 1 / class 2 (final) | vs base (final) | gap to upper bound closed | pairs | wall time (s) |",
+        "| arm | seeds | test mean Dice, final (sustained) | test mean Dice, best-val checkpoint (peak) | class 1 / class 2 (final) | vs base (final, paired by seed) | gap to upper bound closed | pairs | wall time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = lambda item: ({"base": 0, "upper": 1}.get(item[0], 2), item[0])  # noqa: E731
@@ -389,10 +393,12 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
         peaks = np.array([dice(r, "checkpoint_best") for r in runs])
         classes = [np.mean([dice(r, "checkpoint_final", c) for r in runs]) for c in (1, 2)]
         spread = lambda values: f" ± {values.std():.4f}" if len(values) > 1 else ""  # noqa: E731
-        versus = f"{(finals.mean() - base_final) * 100:+.2f} pts" if base_final is not None and name != "base" else ""
+        paired = [dice(r, "checkpoint_final") - base_by_seed[r["arm"]["seed"]] for r in runs if r["arm"]["seed"] in base_by_seed]
+        versus = f"{np.mean(paired) * 100:+.2f} pts" if paired and name != "base" else ""
         closed = ""
-        if base_final is not None and upper_final is not None and upper_final > base_final and name not in ("base", "upper"):
-            closed = f"{(finals.mean() - base_final) / (upper_final - base_final):+.0%}"
+        if gap is not None and paired and name not in ("base", "upper"):
+            # a gap within the base's own seed-to-seed spread makes any fraction of it noise
+            closed = f"{np.mean(paired) / gap:+.0%}" if gap >= MEANINGFUL_GAP else f"n/a (gap {gap * 100:.2f} pts)"
         seconds = np.mean([r["seconds"].get("training_s", r["seconds"].get("total_s", 0)) for r in runs])
         pairs = runs[0].get("pairs", {}).get("pairs", "")
         lines.append(
@@ -415,7 +421,7 @@ def _arm_phases(result: dict) -> dict:
         return result["log_timings"]
     phases = phase_seconds(Path(result["folder"]))
     total = result["seconds"].get("total_s")
-    if phases and total and abs(phases["fine_tuning_s"] + phases["judging_s"] - total) <= 0.1 * total:
+    if phases and total and abs(phases["fine_tuning_s"] + phases["judging_s"] + (phases["proposals_s"] or 0) - total) <= 0.1 * total:
         return phases
     return {}
 
@@ -497,6 +503,7 @@ def main(argv=None) -> int:
     parser.add_argument("--part_id", type=int, default=0)
     parser.add_argument("--num_parts", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for training, proposals and evaluation")
     parser.add_argument("--quick", action="store_true", help="a tiny schedule to check the runner")
     parser.add_argument("--report", type=Path, default=None, help="write the summary table of finished arms here")
     args = parser.parse_args(argv)
@@ -533,8 +540,8 @@ def main(argv=None) -> int:
                 print(f"skip {arm.name} (another process is running it)", flush=True)
                 return
             print(f"=== {arm.name}", flush=True)
-            result = run_arm(arm, schedule, work, args.threads)
-            result["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": args.threads}
+            result = run_arm(arm, schedule, work, args.threads, args.device)
+            result["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": args.threads, "device": args.device}
             result["date"] = time.strftime("%Y-%m-%d")
             save_json(result, target)
         print(f"    test Dice final {result['test']['checkpoint_final']['foreground_mean']:.4f}, best {result['test']['checkpoint_best']['foreground_mean']:.4f}", flush=True)
@@ -548,7 +555,7 @@ def main(argv=None) -> int:
             run(arm)
     audit_file = work / "audit" / "judge_audit.json"
     if args.part_id == 0:
-        audit_on_validation(work, 0, args.threads)
+        audit_on_validation(work, 0, args.threads, args.device)
     audit = json.loads(_wait_for(audit_file).read_text())
     ranked = sorted(LABEL_FREE, key=lambda j: -(audit["judges"][j]["spearman"] or -1))
     best = ranked[0]
