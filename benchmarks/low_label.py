@@ -315,6 +315,8 @@ def claim(folder: Path, arm_name: str):
     """Yields whether this process may run the arm: a claim file made exclusively (O_EXCL), holding the pid, so
     two runner processes over one work folder (e.g. a shard and an --only run) never train the same arm into
     the same output folder. A claim left by a process that died is taken over."""
+    from nnunet_rndpo.atomic import process_is_alive
+
     path = folder / f"{arm_name}.claim"
     for _ in range(2):
         try:
@@ -324,7 +326,7 @@ def claim(folder: Path, arm_name: str):
                 owner = int(path.read_text().strip() or 0)
             except (OSError, ValueError):
                 owner = 0
-            if owner and _process_alive(owner):
+            if owner and process_is_alive(owner):
                 yield False
                 return
             path.unlink(missing_ok=True)  # its owner died: take over
@@ -337,16 +339,6 @@ def claim(folder: Path, arm_name: str):
             path.unlink(missing_ok=True)
         return
     yield False
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wait_for(path: Path, poll_seconds: float = 20.0) -> Path:

@@ -71,7 +71,11 @@ def writer_is_alive(temporary: Path) -> bool:
     match = re.search(r"\.pid(\d+)\.", temporary.name)
     if match is None:
         return False
-    pid = int(match.group(1))
+    return process_is_alive(int(match.group(1)))
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (one of another user counts as running)."""
     if pid == os.getpid():
         return True
     try:
