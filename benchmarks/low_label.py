@@ -219,7 +219,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str 
         result["test"][checkpoint.split(".")[0]] = evaluate_checkpoint(folder / checkpoint, predictions, device)
     if arm.kind not in ("base", "upper"):
         result["pairs"] = json.loads((folder / "rndpo_pairs.json").read_text())["summary"]
-        result["log_timings"] = _log_timings(folder)
+        result["log_timings"] = phase_seconds(folder)
     return result
 
 
@@ -228,10 +228,6 @@ def _validation_curve(folder: Path) -> list[float]:
 
     checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     return [float(v) for v in checkpoint["logging"]["mean_fg_dice"]]
-
-
-def _log_timings(folder: Path) -> dict:
-    return phase_seconds(folder)
 
 
 _PROPOSALS_LINE = re.compile(r"proposals: (\d+) cases \((\d+) generated.*?, ([\d.]+) s \(")

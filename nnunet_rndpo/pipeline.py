@@ -100,34 +100,6 @@ def _judge_key(judge: Judge) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in key)
 
 
-def fit_judge_on_labeled(
-    judge: Judge,
-    fitted_file: Path,
-    model: LoadedModel,
-    store: ProposalStore,
-    settings: ProposalSettings,
-    preprocessed_base: Path,
-    data_identifier: str,
-    fold,
-    device,
-    progress: bool = True,
-) -> None:
-    """Fit a learning judge on the fold's labeled training cases (their own proposals and labels)."""
-    data_folder = preprocessed_base / data_identifier
-    train, _ = fold_split(preprocessed_base, data_folder, fold)
-    labeled_pool = UnlabeledPool(
-        dataset_name=model.plans["dataset_name"], source=LABELED_POOL_SOURCE.format(fold=fold), case_ids=sorted(train), preprocessed_folder=data_folder
-    )
-    labeled_store, _ = generate_proposals(
-        model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", settings, device=device, progress=progress
-    )
-    reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-    references = ReferenceLoader(model, None, data_folder)
-    inputs = list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, foreground_labels(model), lambda c: references.load(c, labeled_pool)))
-    judge.fit(inputs)
-    judge.save(fitted_file)
-
-
 def ready_judge(
     spec: str,
     options: dict,
@@ -141,12 +113,26 @@ def ready_judge(
     progress: bool = True,
     on_fit: Optional[Callable[[Judge], None]] = None,
 ) -> Judge:
-    """The judge ready to score: restored from beside the store, or fitted there now if it learns."""
+    """The judge ready to score: restored from beside the store, or, if it learns and has not been fitted yet,
+    fitted now on the fold's labeled training cases (their own proposals, made with `settings`, and labels)."""
     judge, fitted_file = build_judge(spec, options, store)
-    if fitted_file is not None and not fitted_file.is_file():
-        if on_fit is not None:
-            on_fit(judge)
-        fit_judge_on_labeled(judge, fitted_file, model, store, settings, preprocessed_base, data_identifier, fold, device, progress)
+    if fitted_file is None or fitted_file.is_file():
+        return judge
+    if on_fit is not None:
+        on_fit(judge)
+    data_folder = preprocessed_base / data_identifier
+    train, _ = fold_split(preprocessed_base, data_folder, fold)
+    labeled_pool = UnlabeledPool(
+        dataset_name=model.plans["dataset_name"], source=LABELED_POOL_SOURCE.format(fold=fold), case_ids=sorted(train), preprocessed_folder=data_folder
+    )
+    labeled_store, _ = generate_proposals(
+        model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", settings, device=device, progress=progress
+    )
+    reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    references = ReferenceLoader(model, None, data_folder)
+    inputs = list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, foreground_labels(model), lambda c: references.load(c, labeled_pool)))
+    judge.fit(inputs)
+    judge.save(fitted_file)
     return judge
 
 
@@ -197,7 +183,6 @@ def pairs_to_json(result: MiningResult) -> dict:
             for p in result.pairs
         ],
     }
-
 
 
 def run_audit(

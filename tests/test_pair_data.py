@@ -21,7 +21,7 @@ class FakeStore:
         rejected[16:32, 16:32, 32:34] = 1
         self.proposals = np.stack([chosen, rejected])
 
-    def load_case(self, case_id):
+    def load_case(self, case_id, with_reference=False):
         return {"proposals": self.proposals}
 
 
@@ -111,7 +111,7 @@ def test_masks_stay_aligned_with_the_image_through_nnunets_augmentation():
 class FakeStoreWithReference(FakeStore):
     """Reference log-probabilities: -0.5 for the label each voxel of the chosen mask has, -3 for the others."""
 
-    def load_case(self, case_id):
+    def load_case(self, case_id, with_reference=False):
         chosen = self.proposals[0]
         reference = np.where(np.stack([chosen == 0, chosen == 1]), -0.5, -3.0).astype(np.float16)
         return {"proposals": self.proposals, "reference_log_probabilities": reference}

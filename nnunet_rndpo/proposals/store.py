@@ -120,14 +120,16 @@ class ProposalStore:
             **({} if reference_log_probabilities is None else {"reference_log_probabilities": reference_log_probabilities.astype(np.float16)}),
         )
 
-    def load_case(self, case_id: str) -> dict:
+    def load_case(self, case_id: str, with_reference: bool = False) -> dict:
+        """proposals, mean_probabilities, case_seed; with_reference adds reference_log_probabilities when the
+        store has them (read only on request: an npz member is decompressed only when accessed)."""
         path = self.case_path(case_id)
         if not path.is_file():
             raise StoreError(f"case {case_id!r} is not in the proposal store {self.folder}")
         try:
             with np.load(path) as archive:
                 case = {name: archive[name] for name in ("proposals", "mean_probabilities", "case_seed")}
-                if "reference_log_probabilities" in archive.files:
+                if with_reference and "reference_log_probabilities" in archive.files:
                     case["reference_log_probabilities"] = archive["reference_log_probabilities"]
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
             raise StoreError(f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun") from error

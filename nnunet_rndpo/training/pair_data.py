@@ -84,7 +84,7 @@ class PairDataset:
             self._cache.move_to_end(case_id)
             return self._cache[case_id]
         data, outside, _ = self.reader.load(case_id)
-        stored = self.store.load_case(case_id)
+        stored = self.store.load_case(case_id, with_reference=self.reference_channels)
         proposals = stored["proposals"]
         if proposals.shape[1:] != data.shape[1:]:
             raise ValueError(f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape")
