@@ -16,6 +16,7 @@ setup(
         "nnunet_rndpo",
         "nnunet_rndpo.proposals",
         "nnunet_rndpo.training",
+        "nnunet_rndpo.demo",
         "nnunet_rndpo.trainers",
         "nnunet_rndpo.judges",
     ],

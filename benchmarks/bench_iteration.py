@@ -23,8 +23,8 @@ def _setup_synthetic(work: Path, threads: int) -> tuple[int, str]:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (work / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(work / name)
-    from nnunet_rndpo import nnunet_steps
-    from nnunet_rndpo.synthetic import make_synthetic_dataset
+    from nnunet_rndpo.demo import nnunet_steps
+    from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
 
     dataset_id, configuration = 960, "3d_bench"
     if not (work / "nnUNet_preprocessed" / "Dataset960_RNDPOBench" / "nnUNetPlans.json").is_file():

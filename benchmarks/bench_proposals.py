@@ -93,8 +93,8 @@ def prepare_synthetic_folder(args) -> Path | None:
 
 def build_synthetic(args) -> None:
     """Synthetic dataset, preprocessing, a tiny configuration and a briefly trained stock nnUNetTrainer."""
-    from nnunet_rndpo import nnunet_steps
-    from nnunet_rndpo.synthetic import make_synthetic_dataset
+    from nnunet_rndpo.demo import nnunet_steps
+    from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
 
     fold_folder = Path(os.environ["nnUNet_results"]) / f"Dataset{SYNTHETIC_ID:03d}_{SYNTHETIC_NAME}" / (
         f"nnUNetTrainer__nnUNetPlans__{SYNTHETIC_CONFIGURATION}") / "fold_0"

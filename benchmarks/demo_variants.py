@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.atomic import save_json
-    from nnunet_rndpo.demo import DEMO_CONFIGURATION, DEMO_DATASET_ID, FULL
+    from nnunet_rndpo.demo.run import DEMO_CONFIGURATION, DEMO_DATASET_ID, FULL
     from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
     from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO

@@ -91,50 +91,27 @@ def build_arms(best_label_free: str, seeds=(0, 1, 2)) -> list[Arm]:
 
 # ------------------------------------------------------------------------------------------------ data
 def make_split(data: Path, seed: int, labeled: int, validation: int, unlabeled: int) -> dict:
-    dataset_json = json.loads((data / "dataset.json").read_text())
-    ending = dataset_json["file_ending"]
-    cases = sorted(p.name[: -len(ending)] for p in (data / "labelsTr").iterdir() if p.name.endswith(ending))
-    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
-    split = {
-        "seed": seed,
-        "source": str(data),
-        "labeled": sorted(order[:labeled]),
-        "validation": sorted(order[labeled : labeled + validation]),
-        "unlabeled": sorted(order[labeled + validation : labeled + validation + unlabeled]),
-        "test": sorted(order[labeled + validation + unlabeled :]),
-    }
-    return split
+    from nnunet_rndpo.demo.splits import labeled_case_ids, split_cases
 
-
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(source.resolve())
+    sizes = [("labeled", labeled), ("validation", validation), ("unlabeled", unlabeled)]
+    return {"seed": seed, "source": str(data), **split_cases(labeled_case_ids(data), seed, sizes, rest="test")}
 
 
 def write_raw(data: Path, raw_root: Path, split: dict) -> None:
     from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.demo.splits import link_parts
 
     dataset_json = json.loads((data / "dataset.json").read_text())
-    ending = dataset_json["file_ending"]
-
-    def copy(dataset_folder: Path, cases, image_folder, label_folder):
-        for case in cases:
-            _link(data / "imagesTr" / f"{case}_0000{ending}", dataset_folder / image_folder / f"{case}_0000{ending}")
-            _link(data / "labelsTr" / f"{case}{ending}", dataset_folder / label_folder / f"{case}{ending}")
-
     low = raw_root / f"Dataset{DATASET_ID}_HippoLowLabel"
-    copy(low, split["labeled"] + split["validation"], "imagesTr", "labelsTr")
-    copy(low, split["unlabeled"], "imagesUnlabeled", "labelsUnlabeled")
-    copy(low, split["test"], "imagesTs", "labelsTs")
+    link_parts(data, low, {part: split[part] for part in ("labeled", "validation", "unlabeled", "test")})
     save_json({**dataset_json, "name": "HippoLowLabel", "numTraining": len(split["labeled"]) + len(split["validation"])}, low / "dataset.json")
     upper = raw_root / f"Dataset{UPPER_ID}_HippoUpperBound"
-    copy(upper, split["labeled"] + split["validation"] + split["unlabeled"], "imagesTr", "labelsTr")
+    link_parts(data, upper, {"labeled": split["labeled"] + split["validation"] + split["unlabeled"]})
     save_json({**dataset_json, "name": "HippoUpperBound", "numTraining": len(split["labeled"]) + len(split["validation"]) + len(split["unlabeled"])}, upper / "dataset.json")
 
 
 def prepare(work: Path, data: Path, seed: int) -> dict:
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.atomic import save_json
 
     split_file = work / "split.json"
@@ -167,7 +144,7 @@ def unique_trainer(base_class, arm_name: str):
 
 
 def base_folder(seed: int) -> Path:
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
 
     return nnunet_steps.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
 
@@ -176,7 +153,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str 
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
     from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerSelfTrain
 
@@ -273,7 +250,7 @@ def evaluate_checkpoint(checkpoint: Path, predictions: Path, device: str = "cpu"
     """Predict the test images with a checkpoint (no trainer look-up) and compute Dice per class."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.proposals.model import load_model
 
     raw = Path(os.environ["nnUNet_raw"]) / nnunet_steps.find_dataset_name(DATASET_ID)

@@ -200,6 +200,6 @@ def _configure_demo(parser):
 
 @subcommand("demo", "end-to-end demo: base model on few labels, proposals, judge, RN-DPO, held-out Dice")(_configure_demo)
 def _run_demo(args) -> int:
-    from nnunet_rndpo.demo import run_demo
+    from nnunet_rndpo.demo.run import run_demo
 
     return run_demo(args.output, data=args.data, quick=args.quick, seed=args.seed)

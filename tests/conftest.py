@@ -137,7 +137,7 @@ def _source_digest(*paths: Path) -> str:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset() -> SyntheticDataset:
-    from nnunet_rndpo.synthetic import LABELS, make_synthetic_dataset
+    from nnunet_rndpo.demo.synthetic import LABELS, make_synthetic_dataset
 
     raw_root = Path(os.environ["nnUNet_raw"])
     key = {
@@ -170,7 +170,7 @@ def _preprocessed(
     dataset_id: int, stamp_name: str, key: dict, configuration: str = "3d_fullres"
 ) -> PreprocessedDataset:
     """Plan and preprocess `configuration` unless a kept folder already holds it for the same `key`."""
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
 
     name = nnunet_steps.find_dataset_name(dataset_id)
     raw_folder = Path(os.environ["nnUNet_raw"]) / name
@@ -204,7 +204,7 @@ def preprocessed_synthetic(synthetic_dataset: SyntheticDataset) -> PreprocessedD
 
 @pytest.fixture(scope="session")
 def tiny_configuration(preprocessed_synthetic: PreprocessedDataset) -> str:
-    from nnunet_rndpo.nnunet_steps import add_configuration
+    from nnunet_rndpo.demo.nnunet_steps import add_configuration
 
     # Cheap and idempotent, so always (re)written: the plans file is rewritten by each preprocessing.
     add_configuration(preprocessed_synthetic.dataset_id, TINY_CONFIGURATION, **TINY_SETTINGS)
@@ -213,7 +213,7 @@ def tiny_configuration(preprocessed_synthetic: PreprocessedDataset) -> str:
 
 @pytest.fixture(scope="session")
 def base_checkpoint(preprocessed_synthetic: PreprocessedDataset, tiny_configuration: str) -> Path:
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
 
     key = {
         "preprocessed": json.loads(_stamp_path("preprocessed_synthetic").read_text()),

@@ -1,7 +1,5 @@
 """The pure parts of benchmarks/low_label.py: the split and the phase timings read from nnU-Net's log."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def low_label():
-    spec = importlib.util.spec_from_file_location("low_label", ROOT / "benchmarks" / "low_label.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["low_label"] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("low_label", None)
+    from benchmarks import low_label
+
+    return low_label
 
 
 def _fake_dataset(folder: Path, cases: int) -> Path:

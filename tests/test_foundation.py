@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_rndpo.synthetic import LABELS, make_case, make_synthetic_dataset
+from nnunet_rndpo.demo.synthetic import LABELS, make_case, make_synthetic_dataset
 
 NNUNET_CHECKPOINT_KEYS = {
     "network_weights",
@@ -133,7 +133,7 @@ def test_preprocessed_synthetic(preprocessed_synthetic):
 def test_add_configuration_loads_in_plans_manager(preprocessed_synthetic, tiny_configuration):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_rndpo.nnunet_steps import add_configuration
+    from nnunet_rndpo.demo.nnunet_steps import add_configuration
 
     plans = PlansManager(str(preprocessed_synthetic.plans_file))
     tiny = plans.get_configuration(tiny_configuration)
@@ -165,7 +165,7 @@ def test_in_process_pools_are_threads_and_are_restored():
 
     from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
 
-    from nnunet_rndpo.nnunet_steps import PLANNING_POOL_MODULES, in_process_pools
+    from nnunet_rndpo.demo.nnunet_steps import PLANNING_POOL_MODULES, in_process_pools
 
     with in_process_pools(PLANNING_POOL_MODULES):
         with fingerprint_extractor.multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -197,7 +197,7 @@ def test_base_checkpoint_is_a_stock_nnunet_checkpoint(base_checkpoint, preproces
 
 @pytest.mark.slow
 def test_predict_and_evaluate_test_cases(base_checkpoint, synthetic_dataset, tmp_path):
-    from nnunet_rndpo.nnunet_steps import evaluate_folder, predict_folder
+    from nnunet_rndpo.demo.nnunet_steps import evaluate_folder, predict_folder
 
     output = predict_folder(base_checkpoint.parent, synthetic_dataset.raw_folder / "imagesTs", tmp_path / "pred")
     predicted = case_names(output, ".nii.gz")
@@ -215,7 +215,7 @@ def test_predict_and_evaluate_test_cases(base_checkpoint, synthetic_dataset, tmp
 
 
 def test_evaluate_folder_on_hand_made_maps(tmp_path):
-    from nnunet_rndpo.nnunet_steps import evaluate_folder
+    from nnunet_rndpo.demo.nnunet_steps import evaluate_folder
 
     reference = np.zeros((4, 4, 4), dtype=np.uint8)
     reference[0, :2, :4] = 1  # 8 voxels of class 1

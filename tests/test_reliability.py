@@ -397,7 +397,7 @@ def test_proposal_run_killed_mid_pool_resumes_and_completes(own_checkpoint, synt
 
 @pytest.mark.slow
 def test_training_killed_after_the_first_epoch_resumes_and_completes(own_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path):
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.proposals.model import read_checkpoint
     from nnunet_rndpo.training.trainers import PAIRS_FILE_NAME
 

@@ -141,7 +141,7 @@ def test_missing_base_checkpoint_fails_at_start(preprocessed_synthetic, tiny_con
 
 @pytest.mark.slow
 def test_checkpoint_of_another_configuration_fails_at_start(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
-    from nnunet_rndpo import nnunet_steps
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.proposals.model import CheckpointError
 
     nnunet_steps.add_configuration(preprocessed_synthetic.dataset_id, "3d_tiny_wide", patch_size=(32, 32, 32), batch_size=2, features_per_stage=(16, 32, 64))

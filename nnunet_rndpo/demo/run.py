@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 DEMO_DATASET_ID = 990
 DEMO_CONFIGURATION = "3d_demo"
@@ -58,42 +56,19 @@ def relayout_real_dataset(source: Path, raw_root: Path, num_labeled: int, num_te
     The pool's labels are kept aside in labelsUnlabeled (research only) and never used for training.
     """
     from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.demo.splits import labeled_case_ids, link_parts, split_cases
 
+    source = Path(source)
     dataset_json = json.loads((source / "dataset.json").read_text())
-    ending = dataset_json["file_ending"]
-    cases = sorted(p.name[: -len(ending)] for p in (source / "labelsTr").iterdir() if p.name.endswith(ending))
+    cases = labeled_case_ids(source)
     if len(cases) < num_labeled + num_test + 2:
         raise ValueError(f"{source} has {len(cases)} labeled cases; the demo needs at least {num_labeled + num_test + 2}")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    labeled = [cases[i] for i in order[:num_labeled]]
-    test = [cases[i] for i in order[num_labeled : num_labeled + num_test]]
-    pool = [cases[i] for i in order[num_labeled + num_test :]]
+    parts = split_cases(cases, seed, [("labeled", num_labeled), ("test", num_test)], rest="unlabeled")
     target = raw_root / f"Dataset{DEMO_DATASET_ID}_Demo{source.name.split('_', 1)[-1]}"
-    channels = len(dataset_json["channel_names"])
-    for split, names, image_folder, label_folder in (
-        ("labeled", labeled, "imagesTr", "labelsTr"),
-        ("pool", pool, "imagesUnlabeled", "labelsUnlabeled"),
-        ("test", test, "imagesTs", "labelsTs"),
-    ):
-        (target / image_folder).mkdir(parents=True, exist_ok=True)
-        (target / label_folder).mkdir(parents=True, exist_ok=True)
-        for case in names:
-            for channel in range(channels):
-                name = f"{case}_{channel:04d}{ending}"
-                _link_or_copy(source / "imagesTr" / name, target / image_folder / name)
-            _link_or_copy(source / "labelsTr" / f"{case}{ending}", target / label_folder / f"{case}{ending}")
-    save_json({**dataset_json, "numTraining": len(labeled)}, target / "dataset.json")
-    save_json({"labeled": labeled, "unlabeled_pool": pool, "test": test, "seed": seed, "source": str(source)}, target / "demo_split.json")
+    link_parts(source, target, parts)
+    save_json({**dataset_json, "numTraining": len(parts["labeled"])}, target / "dataset.json")
+    save_json({**parts, "seed": seed, "source": str(source)}, target / "demo_split.json")
     return target
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    if target.exists():
-        return
-    try:
-        target.symlink_to(source.resolve())
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def run_demo(output: Path, data: Optional[Path] = None, quick: bool = False, seed: int = 0) -> int:
@@ -103,8 +78,8 @@ def run_demo(output: Path, data: Optional[Path] = None, quick: bool = False, see
     import torch
 
     torch.set_flush_denormal(True)  # steady CPU speed (denormal floats made iterations 3-5x slower here)
-    from nnunet_rndpo import nnunet_steps
-    from nnunet_rndpo.synthetic import make_synthetic_dataset
+    from nnunet_rndpo.demo import nnunet_steps
+    from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
 
     schedule = QUICK if quick else FULL
