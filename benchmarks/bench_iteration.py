@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from nnunet_rndpo import nnunet_paths
 
 
 def _setup_synthetic(work: Path, threads: int) -> tuple[int, str]:
@@ -32,7 +33,7 @@ def _setup_synthetic(work: Path, threads: int) -> tuple[int, str]:
         nnunet_steps.plan_and_preprocess(dataset_id)
     nnunet_steps.add_configuration(dataset_id, configuration, patch_size=(32, 32, 32), batch_size=2, features_per_stage=(8, 16, 32, 64))
     os.environ["nnUNet_n_proc_DA"] = "0"
-    if not (nnunet_steps.trainer_output_folder(dataset_id, configuration, 0) / "checkpoint_final.pth").is_file():
+    if not (nnunet_paths.trainer_output_folder(dataset_id, configuration, 0) / "checkpoint_final.pth").is_file():
         nnunet_steps.train_supervised(dataset_id, configuration, 0, num_epochs=2, iterations_per_epoch=20, val_iterations=2, seed=0, num_threads=threads)
     return dataset_id, configuration
 

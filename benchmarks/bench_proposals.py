@@ -150,7 +150,7 @@ def run_benchmark(args) -> dict:
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.proposals.engine import ProposalEngine
     from nnunet_rndpo.proposals.members import ProposalSettings, case_seed
-    from nnunet_rndpo.proposals.pool import PoolReader, UnlabeledPool
+    from nnunet_rndpo.proposals.pool import PoolReader, CasePool
     from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -175,7 +175,7 @@ def run_benchmark(args) -> dict:
                             model.dataset_json, settings, model.mirror_axes, device)
     if engine.num_proposals != NUM_PROPOSALS or any(m.source not in ("plain", "tta") for m in engine.members):
         raise SystemExit(f"the model allows mirroring on {model.mirror_axes}: fewer than 7 flips, K=8 TTA members impossible")
-    pool = UnlabeledPool(location.dataset_name, "benchmark (preprocessed training cases)", cases,
+    pool = CasePool(location.dataset_name, "benchmark (preprocessed training cases)", cases,
                          preprocessed_folder=location.preprocessed_data_folder)
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     preprocessor = model.configuration_manager.preprocessor_class(verbose=False)

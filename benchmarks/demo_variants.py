@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from nnunet_rndpo import nnunet_paths
 
 
 def main(argv=None) -> int:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     predictor.manual_initialization(model.network, model.plans_manager, model.configuration_manager, [model.network.state_dict()],
                                     model.dataset_json, "nnUNetTrainer", model.mirror_axes)
-    raw = Path(os.environ["nnUNet_raw"]) / nnunet_steps.find_dataset_name(DEMO_DATASET_ID)
+    raw = Path(os.environ["nnUNet_raw"]) / nnunet_paths.find_dataset_name(DEMO_DATASET_ID)
     predictions = work / "variants" / f"predictions_{args.name}"
     predictions.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from nnunet_rndpo import nnunet_paths
 
 DATASET_ID = 940
 UPPER_ID = 941
@@ -123,7 +124,7 @@ def prepare(work: Path, data: Path, seed: int) -> dict:
     raw_root = Path(os.environ["nnUNet_raw"])
     write_raw(data, raw_root, split)
     for dataset_id, train in ((DATASET_ID, split["labeled"]), (UPPER_ID, split["labeled"] + split["unlabeled"])):
-        base = Path(os.environ["nnUNet_preprocessed"]) / nnunet_steps.find_dataset_name(dataset_id)
+        base = Path(os.environ["nnUNet_preprocessed"]) / nnunet_paths.find_dataset_name(dataset_id)
         if not (base / "nnUNetPlans.json").is_file():
             os.environ.pop("nnUNet_n_proc_DA", None)
             nnunet_steps.plan_and_preprocess(dataset_id, num_processes=2)
@@ -146,7 +147,7 @@ def unique_trainer(base_class, arm_name: str):
 def base_folder(seed: int) -> Path:
     from nnunet_rndpo.demo import nnunet_steps
 
-    return nnunet_steps.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
+    return nnunet_paths.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
 
 
 def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str = "cpu") -> dict:
@@ -253,7 +254,7 @@ def evaluate_checkpoint(checkpoint: Path, predictions: Path, device: str = "cpu"
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.proposals.model import load_model
 
-    raw = Path(os.environ["nnUNet_raw"]) / nnunet_steps.find_dataset_name(DATASET_ID)
+    raw = Path(os.environ["nnUNet_raw"]) / nnunet_paths.find_dataset_name(DATASET_ID)
     model = load_model(checkpoint, device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=__import__("torch").device(device), verbose=False, allow_tqdm=False)
     predictor.manual_initialization(model.network, model.plans_manager, model.configuration_manager, [model.network.state_dict()], model.dataset_json, "nnUNetTrainer", model.mirror_axes)

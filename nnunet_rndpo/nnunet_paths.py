@@ -1,4 +1,5 @@
-"""Where nnU-Net keeps a dataset's plans, data and models, resolved once for the subcommands.
+"""Where nnU-Net keeps a dataset's plans, data, models and our proposal stores: the one place that knows
+nnU-Net's folders (the subcommands, the trainers' start, the pipeline and the demo all ask `locate`).
 
 Reads nnunetv2.paths at call time (nnU-Net reads the environment at import).
 """
@@ -37,6 +38,67 @@ class RunLocation:
         from nnunet_rndpo.proposals.store import default_store_folder
 
         return default_store_folder(self.preprocessed_base.parent, self.dataset_name, self.plans_name, self.configuration, self.fold, checkpoint_path)
+
+    def fold_split(self) -> tuple[list[str], list[str]]:
+        """nnU-Net's (training, validation) case ids of this fold."""
+        from nnunet_rndpo.proposals.pool import fold_split
+
+        return fold_split(self.preprocessed_base, self.preprocessed_data_folder, self.fold)
+
+    def unlabeled_pool(self):
+        """imagesUnlabeled when present, else the fold's training cases (marked in-sample)."""
+        from nnunet_rndpo.proposals.pool import discover_pool
+
+        return discover_pool(
+            self.raw_dataset_folder.parent if self.raw_dataset_folder else None, self.preprocessed_base.parent, self.dataset_name,
+            self.dataset_json, self.preprocessed_data_folder.name, self.fold,
+        )
+
+    def labeled_training_pool(self):
+        """The fold's labeled training cases (for fitting learning judges: in-sample for the base model)."""
+        from nnunet_rndpo.proposals.pool import CasePool
+
+        train, _ = self.fold_split()
+        return CasePool(
+            dataset_name=self.dataset_name, source=f"labeled training cases of fold {self.fold} (for fitting judges)",
+            case_ids=sorted(train), preprocessed_folder=self.preprocessed_data_folder, in_sample=True,
+        )
+
+    def validation_pool(self, case_ids=None):
+        """The fold's labeled validation cases (or the given labeled cases), for the audit."""
+        from nnunet_rndpo.proposals.pool import CasePool
+
+        cases = sorted(case_ids if case_ids is not None else self.fold_split()[1])
+        if not cases:
+            raise ValueError(f"no labeled cases to audit for fold {self.fold}")
+        return CasePool(
+            dataset_name=self.dataset_name, source=f"labeled validation cases of fold {self.fold} (audit)", case_ids=cases,
+            preprocessed_folder=self.preprocessed_data_folder,
+        )
+
+
+def find_dataset_name(dataset: int | str) -> str:
+    """`DatasetXXX_Name` for an id (searched in nnUNet_raw/preprocessed/results) or a name passed through."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return maybe_convert_to_dataset_name(dataset)
+
+
+def preprocessed_dataset_folder(dataset: int | str) -> Path:
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    return Path(nnUNet_preprocessed) / find_dataset_name(dataset)
+
+
+def plans_path(dataset: int | str, plans_name: str = "nnUNetPlans") -> Path:
+    return preprocessed_dataset_folder(dataset) / f"{plans_name}.json"
+
+
+def trainer_output_folder(dataset: int | str, configuration: str, fold, trainer_name: str = "nnUNetTrainer", plans_name: str = "nnUNetPlans") -> Path:
+    """nnU-Net's `nnUNet_results/DatasetX/<Trainer>__<Plans>__<config>/fold_F` (before the plans exist, too)."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return Path(get_output_folder(find_dataset_name(dataset), trainer_name, plans_name, configuration, fold))
 
 
 def parse_fold(fold: str):

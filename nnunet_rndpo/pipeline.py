@@ -1,12 +1,15 @@
-"""The steps before preference training, each reusing what is already on disk:
-proposals (store) -> judge (fitted on labeled cases if it learns) -> scores -> mined pairs.
+"""The steps before preference training, in one place, each reusing what is already on disk:
 
-Used by the trainers' start and by the `propose`, `judge` and `audit` subcommands; no argument parsing.
+    pool -> proposals (store) -> judge (fitted on labeled cases if it learns) -> scores -> pairs file
+
+`prepare_pairs` owns the whole sequence; the trainers' start (nnunet_rndpo/training/trainers.py), the `judge`
+subcommand and the audit (`run_audit`) call it. Under DDP the caller passes its rank, the world size and a
+barrier; everything else is decided here. No argument parsing, no nnU-Net trainer.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -15,30 +18,67 @@ from tqdm import tqdm
 
 from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case
-from nnunet_rndpo.mining import MiningResult, PairMiner
+from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, PairMiner
+from nnunet_rndpo.nnunet_paths import RunLocation
 from nnunet_rndpo.proposals.members import ProposalSettings
 from nnunet_rndpo.proposals.model import LoadedModel
-from nnunet_rndpo.proposals.pool import PoolReader, UnlabeledPool, fold_split
-from nnunet_rndpo.proposals.run import generate_proposals
+from nnunet_rndpo.proposals.pool import CasePool, PoolReader
+from nnunet_rndpo.proposals.run import generate_proposals, store_manifest
 from nnunet_rndpo.proposals.store import ProposalStore
 
-LABELED_POOL_SOURCE = "labeled training cases of fold {fold} (for fitting judges)"
-REFERENCE_FOLDER = "labelsUnlabeled"  # research only: true labels of imagesUnlabeled, for the oracle
+PAIRS_FILE_NAME = "rndpo_pairs.json"
+JUDGE_TOP = "judge_top"  # selection of the self-training baseline: the judge's best proposal of each case
+SELECTIONS = (*MINING_STRATEGIES, JUDGE_TOP)
+TRUE_LABELS_FOLDER = "labelsUnlabeled"  # research only: true labels of imagesUnlabeled, for the oracle
 
 
-class ReferenceLoader:
+class PairPreparationError(RuntimeError):
+    """Pairs cannot be prepared as asked (no proposals yet, an in-sample learned judge, no pairs at all)."""
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """What `prepare_pairs` makes: which proposals, which judge, and how scores become training items."""
+
+    proposals: ProposalSettings = field(default_factory=ProposalSettings)
+    judge: str = "agreement"
+    judge_options: dict = field(default_factory=dict)
+    selection: Optional[str] = "top_bottom"  # a mining strategy, JUDGE_TOP, or None: score only
+    mining_margin: float = 0.02
+    seed: int = 0
+    overwrite_proposals: bool = False
+
+    def __post_init__(self):
+        if self.selection is not None and self.selection not in SELECTIONS:
+            raise ValueError(f"selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
+
+
+@dataclass
+class PreparedPairs:
+    pool: CasePool
+    store: ProposalStore
+    judge: Judge
+    scores: dict[str, list[float]]
+    record: Optional[dict]  # the pairs file's content; None when only scoring was asked
+    pairs_file: Optional[Path] = None
+
+    @property
+    def items(self) -> list[dict]:
+        return [] if self.record is None else self.record["items"]
+
+
+class TrueLabelLoader:
     """True label maps in preprocessed space, for the oracle judge, judge fitting and the audit.
 
     Training cases: nnU-Net's preprocessed segmentation. imagesUnlabeled cases: `labelsUnlabeled/<case>`
     in the raw dataset (research setups only), preprocessed like the image.
     """
 
-    def __init__(self, model: LoadedModel, raw_dataset_folder: Optional[Path], preprocessed_data_folder: Path):
+    def __init__(self, model: LoadedModel, location: RunLocation):
         self.model = model
-        self.raw_dataset_folder = raw_dataset_folder
-        self.preprocessed_data_folder = preprocessed_data_folder
+        self.raw_dataset_folder = location.raw_dataset_folder
 
-    def load(self, case_id: str, pool: UnlabeledPool) -> Optional[np.ndarray]:
+    def load(self, case_id: str, pool: CasePool) -> Optional[np.ndarray]:
         if pool.preprocessed_folder is not None:
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -47,7 +87,7 @@ class ReferenceLoader:
             return np.maximum(np.asarray(seg[:])[0], 0).astype(np.uint8)
         if self.raw_dataset_folder is None:
             return None
-        label_file = self.raw_dataset_folder / REFERENCE_FOLDER / f"{case_id}{self.model.dataset_json['file_ending']}"
+        label_file = self.raw_dataset_folder / TRUE_LABELS_FOLDER / f"{case_id}{self.model.dataset_json['file_ending']}"
         if not label_file.is_file():
             return None
         preprocessor = self.model.configuration_manager.preprocessor_class(verbose=False)
@@ -55,6 +95,9 @@ class ReferenceLoader:
             [str(p) for p in pool.raw_files[case_id]], str(label_file), self.model.plans_manager, self.model.configuration_manager, self.model.dataset_json
         )
         return np.maximum(seg[0], 0).astype(np.uint8)
+
+    def for_pool(self, pool: CasePool) -> Callable[[str], Optional[np.ndarray]]:
+        return lambda case_id: self.load(case_id, pool)
 
 
 def foreground_labels(model: LoadedModel) -> tuple[int, ...]:
@@ -66,7 +109,7 @@ def judge_inputs(
     reader: PoolReader,
     case_ids: Sequence[str],
     labels: tuple[int, ...],
-    references: Optional[Callable[[str], Optional[np.ndarray]]] = None,
+    true_labels: Optional[Callable[[str], Optional[np.ndarray]]] = None,
 ) -> Iterator[JudgeInput]:
     for case_id in case_ids:
         case = store.load_case(case_id)
@@ -77,7 +120,7 @@ def judge_inputs(
             labels=labels,
             image=data,
             mean_probabilities=case["mean_probabilities"].astype(np.float32),
-            reference=references(case_id) if references is not None else None,
+            reference=true_labels(case_id) if true_labels is not None else None,
         )
 
 
@@ -105,33 +148,25 @@ def ready_judge(
     options: dict,
     store: ProposalStore,
     model: LoadedModel,
-    settings: ProposalSettings,
-    preprocessed_base: Path,
-    data_identifier: str,
-    fold,
+    location: RunLocation,
+    proposal_settings: ProposalSettings,
     device,
     progress: bool = True,
-    on_fit: Optional[Callable[[Judge], None]] = None,
+    log: Callable[[str], None] = print,
 ) -> Judge:
     """The judge ready to score: restored from beside the store, or, if it learns and has not been fitted yet,
-    fitted now on the fold's labeled training cases (their own proposals, made with `settings`, and labels)."""
+    fitted now on the fold's labeled training cases (their own proposals, made with `proposal_settings`)."""
     judge, fitted_file = build_judge(spec, options, store)
     if fitted_file is None or fitted_file.is_file():
         return judge
-    if on_fit is not None:
-        on_fit(judge)
-    data_folder = preprocessed_base / data_identifier
-    train, _ = fold_split(preprocessed_base, data_folder, fold)
-    labeled_pool = UnlabeledPool(
-        dataset_name=model.plans["dataset_name"], source=LABELED_POOL_SOURCE.format(fold=fold), case_ids=sorted(train), preprocessed_folder=data_folder
-    )
+    log(f"fitting {judge.describe()} on the labeled training cases of fold {location.fold}")
+    labeled_pool = location.labeled_training_pool()
     labeled_store, _ = generate_proposals(
-        model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", settings, device=device, progress=progress
+        model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", proposal_settings, device=device, progress=progress
     )
     reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-    references = ReferenceLoader(model, None, data_folder)
-    inputs = list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, foreground_labels(model), lambda c: references.load(c, labeled_pool)))
-    judge.fit(inputs)
+    true_labels = TrueLabelLoader(model, location).for_pool(labeled_pool)
+    judge.fit(list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, foreground_labels(model), true_labels)))
     judge.save(fitted_file)
     return judge
 
@@ -142,54 +177,145 @@ def score_store(
     reader: PoolReader,
     case_ids: Sequence[str],
     labels: tuple[int, ...],
-    references: Optional[Callable[[str], Optional[np.ndarray]]] = None,
+    true_labels: Optional[Callable[[str], Optional[np.ndarray]]] = None,
     progress: bool = True,
 ) -> dict[str, list[float]]:
-    """Scores of every case, written to <store>/judges/<judge>.json (reused when complete)."""
+    """Scores of every case, written to <store>/judges/<judge>.scores.json (reused when complete)."""
     scores_file = store.folder / "judges" / f"{_judge_key(judge)}.scores.json"
     if scores_file.is_file():
         saved = json.loads(scores_file.read_text())
         if saved.get("judge") == judge.describe() and set(case_ids) <= set(saved["scores"]):
             return {case_id: saved["scores"][case_id] for case_id in case_ids}
-    if judge.needs_labels and references is None:
+    if judge.needs_labels and true_labels is None:
         raise ValueError(f"{judge.describe()} needs true labels; none are available for this pool")
     scores = {}
-    inputs = judge_inputs(store, reader, case_ids, labels, references if judge.needs_labels else None)
+    inputs = judge_inputs(store, reader, case_ids, labels, true_labels if judge.needs_labels else None)
     for case in tqdm(inputs, total=len(case_ids), desc=f"judge {judge.display_name}", unit="case", disable=not progress):
         scores[case.case_id] = [float(s) for s in score_case(judge, case)]
     save_json({"judge": judge.describe(), "research_only_uses_labels": bool(judge.needs_labels), "scores": scores}, scores_file)
     return scores
 
 
-def mine_store(
-    store: ProposalStore, scores: dict[str, list[float]], strategy: str, margin: float, seed: int
-) -> MiningResult:
+def mine_store(store: ProposalStore, scores: dict[str, list[float]], strategy: str, margin: float, seed: int) -> MiningResult:
     miner = PairMiner(strategy=strategy, margin=margin, seed=seed)
     for case_id in sorted(scores):
         miner.add_case(case_id, np.asarray(scores[case_id]), store.load_case(case_id)["proposals"])
     return miner.result()
 
 
-def top_proposals(scores: dict[str, list[float]]) -> list[tuple[str, int]]:
-    """The judge's best proposal per case (the self-training pseudo-label)."""
-    return [(case_id, int(np.argmax(case_scores))) for case_id, case_scores in sorted(scores.items())]
+def pairs_record(store: ProposalStore, scores: dict[str, list[float]], selection: str, margin: float, seed: int) -> dict:
+    """Training items from scores: mined (chosen, rejected) pairs, or the judge's top proposal per case
+    (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file."""
+    if selection == JUDGE_TOP:
+        items = [{"case_id": case_id, "chosen": int(np.argmax(s)), "rejected": int(np.argmax(s))} for case_id, s in sorted(scores.items())]
+        return {"summary": {"strategy": JUDGE_TOP, "pairs": len(items), "cases_total": len(scores)}, "items": items}
+    mined = mine_store(store, scores, selection, margin, seed)
+    items = [
+        {"case_id": p.case_id, "chosen": p.chosen, "rejected": p.rejected, "score_gap": p.score_gap, "disagreement_voxels": p.disagreement_voxels}
+        for p in mined.pairs
+    ]
+    return {"summary": mined.summary(), "items": items}
 
 
-def pairs_to_json(result: MiningResult) -> dict:
-    return {
-        "summary": result.summary(),
-        "pairs": [
-            {"case_id": p.case_id, "chosen": p.chosen, "rejected": p.rejected, "score_gap": p.score_gap, "disagreement_voxels": p.disagreement_voxels}
-            for p in result.pairs
-        ],
-    }
+def default_pairs_file(store: ProposalStore, judge: Judge, selection: str) -> Path:
+    """Where the `judge` subcommand writes pairs: <store>/pairs/<judge>__<selection>/rndpo_pairs.json."""
+    return store.folder / "pairs" / f"{_judge_key(judge)}__{selection}" / PAIRS_FILE_NAME
+
+
+def prepare_pairs(
+    location: RunLocation,
+    model: LoadedModel,
+    settings: PairSettings,
+    *,
+    device="cpu",
+    pool: Optional[CasePool] = None,
+    store_folder: Optional[Path] = None,
+    pairs_file: Optional[Path] = None,
+    reuse_pairs_file: bool = False,
+    make_proposals: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> PreparedPairs:
+    """pool -> proposals -> judge -> scores -> pairs file, each step reusing what is on disk.
+
+    pool: default the dataset's unlabeled pool (imagesUnlabeled, else the fold's training cases, loudly).
+    pairs_file: where the training items go (default `default_pairs_file`); with `reuse_pairs_file` an existing
+    one is read instead of judging again (a resumed training keeps the pairs it started with).
+    make_proposals=False: refuse, instead of generating, when the store lacks cases.
+    rank / world_size / barrier: DDP; every rank makes proposals for its shard, rank 0 judges and writes.
+    """
+    pool = pool if pool is not None else location.unlabeled_pool()
+    store_folder = store_folder if store_folder is not None else location.store_folder(model.checkpoint_path)
+    if rank == 0:
+        log(f"pool: {len(pool.case_ids)} cases from {pool.source}; proposal store {store_folder}")
+    judge_spec_learns = judge_learns(get_judge(settings.judge, **settings.judge_options))
+    if pool.in_sample:
+        if judge_spec_learns:
+            raise PairPreparationError(
+                f"judge {settings.judge!r} learns from the fold's labeled training cases, and the pool is those same cases "
+                f"({pool.source}): it would be fitted and applied in-sample. Put unlabeled images in "
+                f"{location.raw_dataset_folder}/imagesUnlabeled, or choose a judge that does not learn."
+            )
+        if rank == 0:
+            log(
+                f"WARNING: no imagesUnlabeled folder in {location.raw_dataset_folder}: the pool is the base model's own "
+                f"training cases ({pool.source}), on which it is most confident; fine-tuning on them adds little. "
+                "Put unlabeled images in imagesUnlabeled/ (README: 'Using it on your data')."
+            )
+
+    store = ProposalStore(store_folder)
+    if make_proposals:
+        if rank == 0:
+            # opening (and, if asked, clearing) the store happens once, before any rank writes into it
+            store.open(store_manifest(model, settings.proposals, pool, []), overwrite=settings.overwrite_proposals)
+        barrier()
+        store, summary = generate_proposals(
+            model, pool, store_folder, settings.proposals, device=device, case_ids=pool.case_ids[rank::world_size], progress=progress and rank == 0
+        )
+        log(f"proposals: {summary.describe()}")
+        barrier()
+    else:
+        missing = [case_id for case_id in pool.case_ids if not store.has_case(case_id)]
+        if missing:
+            raise PairPreparationError(f"the store {store.folder} lacks {len(missing)} case(s) (e.g. {missing[0]}): run `nnunet_rndpo propose` first")
+
+    # learning judges are fitted on labeled cases' proposals made with the store's own settings
+    proposal_settings = ProposalSettings.from_dict(store.manifest()["settings"])
+    judge = ready_judge(settings.judge, settings.judge_options, store, model, location, proposal_settings, device, progress, log) if rank == 0 else None
+    scores: dict[str, list[float]] = {}
+    record = None
+    pairs_file = pairs_file if pairs_file is not None or settings.selection is None else default_pairs_file(store, judge, settings.selection)
+    if rank == 0 and not (reuse_pairs_file and pairs_file is not None and pairs_file.is_file()):
+        if judge.needs_labels:
+            log(f"WARNING: {judge.describe()} reads true labels: research use only")
+        reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+        true_labels = TrueLabelLoader(model, location).for_pool(pool)
+        scores = score_store(judge, store, reader, pool.case_ids, foreground_labels(model), true_labels, progress)
+        if settings.selection is not None:
+            record = pairs_record(store, scores, settings.selection, settings.mining_margin, settings.seed)
+            record.update(judge=judge.describe(), store=str(store.folder), pool=pool.source)
+            save_json(record, pairs_file)
+    barrier()
+    if settings.selection is not None:
+        record = json.loads(pairs_file.read_text())
+        log(f"training items: {json.dumps(record['summary'])}; {record['judge']}")
+        if not record["items"]:
+            raise PairPreparationError(
+                f"no preference pairs: none of the {len(pool.case_ids)} cases of the pool ({pool.source}) gave two "
+                f"different proposals the judge could rank (selection {settings.selection!r}). Add proposal sources "
+                "(e.g. dropout), raise num_proposals, lower mining_margin, or check that the base model segments anything."
+            )
+    return PreparedPairs(pool=pool, store=store, judge=judge, scores=scores, record=record, pairs_file=pairs_file)
 
 
 def run_audit(
     model: LoadedModel,
-    location,
+    location: RunLocation,
     judge_specs: Sequence[str],
-    settings: ProposalSettings,
+    proposal_settings: ProposalSettings,
     output_folder: Path,
     *,
     device="cpu",
@@ -200,36 +326,30 @@ def run_audit(
     progress: bool = True,
 ) -> dict:
     """Judges against true Dice on labeled cases (default: the fold's validation cases): JSON, PNG, report."""
-    from nnunet_rndpo.audit import audit_judges, recommend, write_audit, AuditCase
-    from nnunet_rndpo.mining import MINING_STRATEGIES
+    from nnunet_rndpo.audit import AuditCase, audit_judges, recommend, write_audit
     from nnunet_rndpo.segmentation_metrics import proposal_dice
 
-    data_folder = location.preprocessed_data_folder
-    _, validation = fold_split(location.preprocessed_base, data_folder, location.fold)
-    cases = sorted(case_ids if case_ids is not None else validation)
-    if not cases:
-        raise ValueError(f"no labeled cases to audit for fold {location.fold}")
-    pool = UnlabeledPool(dataset_name=location.dataset_name, source=f"labeled validation cases of fold {location.fold} (audit)", case_ids=cases, preprocessed_folder=data_folder)
+    pool = location.validation_pool(case_ids)
     store_folder = location.store_folder(model.checkpoint_path)
-    audit_store, _ = generate_proposals(model, pool, store_folder.parent / f"{store_folder.name}__audit", settings, device=device, progress=progress)
-    reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-    references = ReferenceLoader(model, None, data_folder)
-    reference_of = {case_id: references.load(case_id, pool) for case_id in cases}
-    labels = foreground_labels(model)
-    judges = []
-    for spec in judge_specs:
-        judges.append(
-            ready_judge(spec, {}, audit_store, model, settings, location.preprocessed_base, data_folder.name, location.fold, device, progress)
+    audit_store_folder = store_folder.parent / f"{store_folder.name}__audit"
+    prepared = [
+        prepare_pairs(
+            location, model, PairSettings(proposals=proposal_settings, judge=spec, selection=None, seed=seed),
+            device=device, pool=pool, store_folder=audit_store_folder, progress=progress,
+            log=lambda message: None,
         )
-    scores = {judge.display_name: score_store(judge, audit_store, reader, cases, labels, reference_of.get, progress) for judge in judges}
+        for spec in judge_specs
+    ]
+    true_labels = TrueLabelLoader(model, location).for_pool(pool)
+    labels = foreground_labels(model)
     audit_cases = []
-    for case_id in cases:
-        proposals = audit_store.load_case(case_id)["proposals"]
+    for case_id in pool.case_ids:
+        proposals = prepared[0].store.load_case(case_id)["proposals"]
         audit_cases.append(
             AuditCase(
                 case_id=case_id,
-                true_dice=proposal_dice(proposals, reference_of[case_id], labels),
-                judge_scores={name: np.asarray(per_case[case_id]) for name, per_case in scores.items()},
+                true_dice=proposal_dice(proposals, true_labels(case_id), labels),
+                judge_scores={p.judge.display_name: np.asarray(p.scores[case_id]) for p in prepared},
                 proposals=proposals,
             )
         )
@@ -238,10 +358,11 @@ def run_audit(
         strategies=tuple(strategies or MINING_STRATEGIES),
         margin=margin,
         seed=seed,
-        label_using_judges=tuple(j.display_name for j in judges if j.needs_labels),
+        label_using_judges=tuple(p.judge.display_name for p in prepared if p.judge.needs_labels),
     )
     report["recommendation"] = recommend(report)
-    report["proposal_settings"] = settings.to_dict()
+    report["proposal_settings"] = proposal_settings.to_dict()
     report["checkpoint"] = str(model.checkpoint_path)
     write_audit(report, output_folder)
     return report
+

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nnunet_rndpo import nnunet_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def synthetic_dataset() -> SyntheticDataset:
         **SYNTHETIC_COUNTS,
         "shape": list(SYNTHETIC_SHAPE),
         "seed": SYNTHETIC_SEED,
-        "generator": _source_digest(REPO_ROOT / "nnunet_rndpo" / "synthetic.py"),
+        "generator": _source_digest(REPO_ROOT / "nnunet_rndpo" / "demo" / "synthetic.py"),
     }
     folder = raw_root / f"Dataset{SYNTHETIC_ID:03d}_{SYNTHETIC_NAME}"
     if not (_stamp_matches("synthetic_dataset", key) and (folder / "dataset.json").is_file()):
@@ -172,7 +173,7 @@ def _preprocessed(
     """Plan and preprocess `configuration` unless a kept folder already holds it for the same `key`."""
     from nnunet_rndpo.demo import nnunet_steps
 
-    name = nnunet_steps.find_dataset_name(dataset_id)
+    name = nnunet_paths.find_dataset_name(dataset_id)
     raw_folder = Path(os.environ["nnUNet_raw"]) / name
     preprocessed_folder = Path(os.environ["nnUNet_preprocessed"]) / name
     plans_file = preprocessed_folder / "nnUNetPlans.json"
@@ -221,7 +222,7 @@ def base_checkpoint(preprocessed_synthetic: PreprocessedDataset, tiny_configurat
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_SETTINGS.items()},
         "training": BASE_TRAINING,
     }
-    fold_folder = nnunet_steps.trainer_output_folder(preprocessed_synthetic.dataset_id, tiny_configuration, 0)
+    fold_folder = nnunet_paths.trainer_output_folder(preprocessed_synthetic.dataset_id, tiny_configuration, 0)
     checkpoint = fold_folder / "checkpoint_final.pth"
     if not (_stamp_matches("base_checkpoint", key) and checkpoint.is_file()):
         if fold_folder.exists():

@@ -42,9 +42,11 @@ def test_judge_scores_a_store_and_mines_pairs(preprocessed_synthetic, tiny_confi
     scores = json.loads(next((store / "judges").glob("agreement*.scores.json")).read_text())
     assert set(scores["scores"]) == {p.name[: -len("_0000.nii.gz")] for p in (preprocessed_synthetic.raw_folder / "imagesUnlabeled").glob("*.nii.gz")}
     assert all(len(s) == 4 for s in scores["scores"].values())
-    pairs = json.loads((store / "pairs" / "agreement__top_bottom.json").read_text())
+    pairs_file = next((store / "pairs").glob("agreement*__top_bottom/rndpo_pairs.json"))
+    assert str(pairs_file) in printed
+    pairs = json.loads(pairs_file.read_text())
     assert pairs["summary"]["cases_total"] == len(scores["scores"])
-    for pair in pairs["pairs"]:
+    for pair in pairs["items"]:
         case_scores = scores["scores"][pair["case_id"]]
         assert pair["chosen"] != pair["rejected"] and case_scores[pair["chosen"]] > case_scores[pair["rejected"]]
 

@@ -32,13 +32,13 @@ def environment_without_ext_trainer() -> dict[str, str]:
 
 
 def test_help_lists_every_subcommand():
-    from nnunet_rndpo.cli import SUBCOMMANDS, build_parser
+    from nnunet_rndpo.cli import subcommand_names
 
-    build_parser()  # loads the subcommands registered in other modules
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    assert "env" in SUBCOMMANDS
-    for name in SUBCOMMANDS:
+    names = subcommand_names()
+    assert {"env", "propose", "judge", "audit", "export", "demo"} <= set(names)
+    for name in names:
         assert name in result.stdout, f"subcommand {name!r} missing from --help"
 
 

@@ -44,12 +44,12 @@ NUM_CLASSES = 3
 
 def _scenario_sharding(rank: int, world: int, shared: Path) -> dict:
     from nnunet_rndpo.atomic import save_json
-    from nnunet_rndpo.proposals.pool import UnlabeledPool
+    from nnunet_rndpo.proposals.pool import CasePool
 
     covered = {}
     for count in (7, 4, 1, 0):  # odd, even, fewer cases than ranks, none
         case_ids = [f"case_{i:03d}" for i in range(count)]
-        pool = UnlabeledPool(dataset_name="Dataset999_Test", source="test", case_ids=case_ids)
+        pool = CasePool(dataset_name="Dataset999_Test", source="test", case_ids=case_ids)
         mine = pool.case_ids[rank::world]  # what the trainer does before generating proposals
         assert mine == pool.shard(rank, world), "pool.shard disagrees with the trainer's slicing"
         gathered: list = [None] * world

@@ -23,11 +23,11 @@ from nnunet_rndpo.proposals.members import (
     ProposalMember,
     ProposalSettings,
     case_seed,
-    flip_combinations,
     plan_members,
 )
+from nnunet_rndpo.proposals.sources import flip_combinations
 from nnunet_rndpo.proposals.model import CheckpointError, load_model, read_checkpoint
-from nnunet_rndpo.proposals.pool import PoolError, UnlabeledPool, discover_pool
+from nnunet_rndpo.proposals.pool import PoolError, CasePool, discover_pool
 from nnunet_rndpo.proposals.store import ProposalStore, StoreError
 
 ALL_AXES = (0, 1, 2)
@@ -300,7 +300,7 @@ def test_wrong_channel_count_is_an_error_naming_the_case(tmp_path):
 
 def test_shards_cover_every_case_exactly_once():
     cases = [f"case_{i:02d}" for i in range(11)]
-    pool = UnlabeledPool("Dataset999_Fake", "imagesUnlabeled", cases)
+    pool = CasePool("Dataset999_Fake", "imagesUnlabeled", cases)
     for num_parts in range(1, 5):
         parts = [pool.shard(part, num_parts) for part in range(num_parts)]
         together = [case for part in parts for case in part]

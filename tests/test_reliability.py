@@ -29,6 +29,7 @@ from nnunet_rndpo.mining import MINING_STRATEGIES
 from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
 from nnunet_rndpo.proposals.pool import UNLABELED_FOLDER, PoolError, PoolReader, discover_pool
 from nnunet_rndpo.proposals.store import ProposalStore, default_store_folder
+from nnunet_rndpo import nnunet_paths
 
 DATASET_NAME = "Dataset999_Reliability"  # only ever under tmp_path
 LABELS = (1, 2)
@@ -310,14 +311,14 @@ def test_same_seed_gives_the_same_proposals_scores_and_pairs(tmp_path, base_mode
         store, _ = generate_proposals(base_model, pool, tmp_path / name, settings, progress=False)
         judge, _ = pipeline.build_judge("agreement", {}, store)
         scores = pipeline.score_store(judge, store, reader, pool.case_ids, pipeline.foreground_labels(base_model), progress=False)
-        pairs = pipeline.pairs_to_json(pipeline.mine_store(store, scores, "top_bottom", 0.0, seed))
+        pairs = pipeline.pairs_record(store, scores, "top_bottom", 0.0, seed)
         return {c: store.load_case(c)["proposals"] for c in pool.case_ids}, scores, pairs
 
     proposals_1, scores_1, pairs_1 = run(7, "first")
     proposals_2, scores_2, pairs_2 = run(7, "second")
     assert all(np.array_equal(proposals_1[c], proposals_2[c]) for c in pool.case_ids)
     assert scores_1 == scores_2
-    assert pairs_1 == pairs_2 and pairs_1["pairs"], pairs_1
+    assert pairs_1 == pairs_2 and pairs_1["items"], pairs_1
     assert json.dumps(pairs_1, sort_keys=True) == json.dumps(pairs_2, sort_keys=True)
     proposals_3, _, _ = run(8, "other_seed")
     assert any(not np.array_equal(proposals_1[c], proposals_3[c]) for c in pool.case_ids), "the seed has no effect"
@@ -399,11 +400,11 @@ def test_proposal_run_killed_mid_pool_resumes_and_completes(own_checkpoint, synt
 def test_training_killed_after_the_first_epoch_resumes_and_completes(own_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path):
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.proposals.model import read_checkpoint
-    from nnunet_rndpo.training.trainers import PAIRS_FILE_NAME
+    from nnunet_rndpo.pipeline import PAIRS_FILE_NAME
 
     checkpoint, store_folder = own_checkpoint
     trainer = "nnUNetTrainerDPO_tiny"
-    output = nnunet_steps.trainer_output_folder(preprocessed_synthetic.dataset_id, tiny_configuration, 0, trainer_name=trainer)
+    output = nnunet_paths.trainer_output_folder(preprocessed_synthetic.dataset_id, tiny_configuration, 0, trainer_name=trainer)
     shutil.rmtree(output, ignore_errors=True)  # this test's trainer; a kept test folder may hold an older run
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({

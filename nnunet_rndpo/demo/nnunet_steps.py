@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any, Iterator, Mapping, Sequence
 
 from nnunet_rndpo.atomic import save_json
+from nnunet_rndpo.nnunet_paths import find_dataset_name, plans_path, preprocessed_dataset_folder, trainer_output_folder
 
 DEFAULT_PLANS_IDENTIFIER = "nnUNetPlans"
 FILE_ENDING = ".nii.gz"
@@ -36,40 +37,6 @@ VALIDATION_POOL_MODULES = (
     "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
     "nnunetv2.evaluation.evaluate_predictions",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Datasets and folders
-
-
-def find_dataset_name(dataset_id: int | str) -> str:
-    """`DatasetXXX_Name` for an id (searched in nnUNet_raw/preprocessed/results) or a name passed through."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    return maybe_convert_to_dataset_name(dataset_id)
-
-
-def preprocessed_dataset_folder(dataset_id: int | str) -> Path:
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    return Path(nnUNet_preprocessed) / find_dataset_name(dataset_id)
-
-
-def plans_path(dataset_id: int | str, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> Path:
-    return preprocessed_dataset_folder(dataset_id) / f"{plans_identifier}.json"
-
-
-def trainer_output_folder(
-    dataset_id: int | str,
-    configuration: str,
-    fold: int | str,
-    trainer_name: str = "nnUNetTrainer",
-    plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
-) -> Path:
-    """nnU-Net's `nnUNet_results/DatasetX/<Trainer>__<Plans>__<config>/fold_F`."""
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-    return Path(get_output_folder(find_dataset_name(dataset_id), trainer_name, plans_identifier, configuration, fold))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from nnunet_rndpo import nnunet_paths
 
 
 DEMO_DATASET_ID = 990
@@ -102,7 +103,7 @@ def run_demo(output: Path, data: Optional[Path] = None, quick: bool = False, see
     _step("planned and preprocessed; configuration 3d_demo (patch 32^3, features 8-64) added", started)
 
     os.environ["nnUNet_n_proc_DA"] = "0"  # after planning: 0 crashes nnU-Net's planner, and is fastest on 2 cores
-    base_folder = nnunet_steps.trainer_output_folder(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
+    base_folder = nnunet_paths.trainer_output_folder(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
     if not (base_folder / "checkpoint_final.pth").is_file():
         nnunet_steps.train_supervised(
             DEMO_DATASET_ID, DEMO_CONFIGURATION, 0, num_epochs=schedule.base_epochs, iterations_per_epoch=schedule.base_iterations,

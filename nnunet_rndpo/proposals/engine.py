@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from nnunet_rndpo.proposals.dropout import dropout_hooks
-from nnunet_rndpo.proposals.members import ProposalMember, ProposalSettings, plan_members
+from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
+from nnunet_rndpo.proposals.sources import SOURCES
 
 
 @dataclass
@@ -132,8 +132,7 @@ class ProposalEngine:
         accumulated /= weight
         accumulated = accumulated[(slice(None), slice(None), *revert_padding[1:])]
 
-        probabilities = torch.softmax(accumulated, dim=1)
-        mean_probabilities = probabilities.mean(0)
+        mean_probabilities = torch.softmax(accumulated, dim=1).mean(0)
         plain_logits = accumulated[0]
         labels = []
         forward_index = 0
@@ -141,19 +140,9 @@ class ProposalEngine:
             if member.needs_forward:
                 labels.append(accumulated[forward_index].argmax(0))
                 forward_index += 1
-            elif member.source == "threshold":
-                labels.append(_threshold_labels(probabilities[0], member.threshold))
-            elif member.source == "temperature":
-                labels.append(
-                    _tempered_sample(
-                        plain_logits,
-                        member.temperature,
-                        self.settings.temperature_smoothing_voxels,
-                        np.random.default_rng([case_seed, member_index]),
-                    )
-                )
-            else:  # pragma: no cover - plan_members only makes the sources above
-                raise ValueError(f"unknown member source {member.source}")
+            else:
+                derive = SOURCES[member.source].derive
+                labels.append(derive(member, plain_logits, self.settings, np.random.default_rng([case_seed, member_index])))
         proposals = torch.stack(labels).to(torch.uint8).cpu().numpy()
         reference_log_probabilities = torch.log_softmax(plain_logits, dim=0).clamp(min=-60.0)  # float16-safe
         return CaseProposals(
@@ -166,20 +155,3 @@ class ProposalEngine:
 
 def _flip(tensor: torch.Tensor, spatial_axes: tuple[int, ...]) -> torch.Tensor:
     return torch.flip(tensor, [axis + 2 for axis in spatial_axes]) if spatial_axes else tensor
-
-
-def _threshold_labels(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Foreground where 1 - p(background) exceeds the threshold, as the most likely foreground class."""
-    foreground = (1.0 - probabilities[0]) > threshold
-    return torch.where(foreground, probabilities[1:].argmax(0) + 1, torch.zeros_like(foreground, dtype=torch.long))
-
-
-def _tempered_sample(logits: torch.Tensor, temperature: float, smoothing: float, rng: np.random.Generator) -> torch.Tensor:
-    """A draw from the tempered softmax with spatially smooth Gumbel noise (plausible blobs, not speckle)."""
-    gumbel = -np.log(-np.log(rng.uniform(1e-9, 1.0 - 1e-9, size=tuple(logits.shape))))
-    if smoothing > 0:
-        gumbel = ndimage.gaussian_filter(gumbel, sigma=(0, *([smoothing] * (logits.dim() - 1))))
-        # smoothing shrinks the noise; restore the Gumbel spread so the temperature keeps its meaning
-        gumbel = (gumbel - gumbel.mean()) / max(gumbel.std(), 1e-8) * (np.pi / np.sqrt(6.0))
-    noise = torch.as_tensor(gumbel, dtype=torch.float32, device=logits.device)
-    return (torch.log_softmax(logits / temperature, dim=0) + noise).argmax(0)

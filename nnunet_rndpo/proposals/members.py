@@ -8,19 +8,15 @@ change), so it is opt-in with its location and rate exposed.
 from __future__ import annotations
 
 import hashlib
-import itertools
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
 
 from nnunet_rndpo.proposals.dropout import DROPOUT_LOCATIONS, DROPOUT_MODES
-
-PROPOSAL_SOURCES = ("tta", "dropout", "threshold", "temperature", "checkpoint")
-FORWARD_SOURCES = ("plain", "tta", "dropout", "checkpoint")  # members that need a network pass
 
 
 @dataclass(frozen=True)
 class ProposalMember:
-    source: str  # plain | tta | dropout | threshold | temperature | checkpoint
+    source: str  # a name in nnunet_rndpo/proposals/sources.py: SOURCES
     flip_axes: tuple[int, ...] = ()  # spatial axes flipped before the pass and flipped back after
     dropout_p: float = 0.0
     network_index: int = 0  # 0 = the base checkpoint, i = extra checkpoint i
@@ -30,7 +26,9 @@ class ProposalMember:
 
     @property
     def needs_forward(self) -> bool:
-        return self.source in FORWARD_SOURCES
+        from nnunet_rndpo.proposals.sources import SOURCES
+
+        return SOURCES[self.source].needs_forward
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -54,9 +52,12 @@ class ProposalSettings:
     members_per_batch: int = 8
 
     def __post_init__(self):
-        unknown = [s for s in self.sources if s not in PROPOSAL_SOURCES]
+        from nnunet_rndpo.proposals.sources import SOURCES
+
+        valid = [name for name, source in SOURCES.items() if source.selectable]
+        unknown = [s for s in self.sources if s not in valid]
         if unknown:
-            raise ValueError(f"unknown proposal source(s) {unknown}; valid: {', '.join(PROPOSAL_SOURCES)}")
+            raise ValueError(f"unknown proposal source(s) {unknown}; valid: {', '.join(valid)}")
         if self.num_proposals < 2:
             raise ValueError(f"num_proposals must be at least 2 (pairs need two masks), got {self.num_proposals}")
         if not 0.0 <= self.dropout_p < 1.0:
@@ -89,35 +90,13 @@ class ProposalSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def flip_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
-    """Every non-empty combination of the allowed mirror axes (the identity is the plain member)."""
-    axes = sorted(mirror_axes)
-    return [c for size in range(1, len(axes) + 1) for c in itertools.combinations(axes, size)]
-
-
-def _source_members(source: str, settings: ProposalSettings, mirror_axes: Sequence[int]) -> Iterator[ProposalMember]:
-    if source == "tta":
-        for axes in flip_combinations(mirror_axes):
-            yield ProposalMember("tta", flip_axes=axes)
-    elif source == "dropout":
-        for draw in itertools.count():
-            yield ProposalMember("dropout", dropout_p=settings.dropout_p, sample_index=draw)
-    elif source == "threshold":
-        for threshold in settings.thresholds:
-            yield ProposalMember("threshold", threshold=threshold)
-    elif source == "temperature":
-        for draw in itertools.count():
-            yield ProposalMember("temperature", temperature=settings.temperature, sample_index=draw)
-    elif source == "checkpoint":
-        for index in range(1, len(settings.extra_checkpoints) + 1):
-            yield ProposalMember("checkpoint", network_index=index)
-
-
 def plan_members(settings: ProposalSettings, mirror_axes: Optional[Sequence[int]]) -> list[ProposalMember]:
     """The plain pass first, then members drawn round-robin from the sources until K are planned."""
+    from nnunet_rndpo.proposals.sources import SOURCES
+
     mirror_axes = tuple(mirror_axes or ())
     members = [ProposalMember("plain")]
-    generators = {source: _source_members(source, settings, mirror_axes) for source in settings.sources}
+    generators = {source: SOURCES[source].members(settings, mirror_axes) for source in settings.sources}
     while len(members) < settings.num_proposals and generators:
         for source in list(generators):
             if len(members) >= settings.num_proposals:

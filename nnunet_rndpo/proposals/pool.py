@@ -1,5 +1,4 @@
-"""The unlabeled pool: where the images that get proposals come from, preprocessed by the plans' own
-preprocessor once and cached.
+"""The pool of cases that get proposals, preprocessed by the plans' own preprocessor once and cached.
 
 By default the pool is `nnUNet_raw/<Dataset>/imagesUnlabeled/` (named as imagesTr: `<case>_0000.nii.gz`, one
 file per channel). Without that folder, the fold's training cases serve, their labels ignored.
@@ -27,13 +26,18 @@ class PoolError(RuntimeError):
 
 
 @dataclass
-class UnlabeledPool:
+class CasePool:
+    """Cases that get proposals: the unlabeled pool (imagesUnlabeled), or labeled cases of nnU-Net's
+    preprocessed folder (the fold's training cases as a fallback pool or for fitting judges; validation cases
+    for the audit), their labels ignored by everything but judge fitting, the oracle and the audit."""
+
     dataset_name: str
-    source: str  # "imagesUnlabeled" or "training cases of fold F (labels ignored)"
+    source: str  # "imagesUnlabeled", "training cases of fold F (labels ignored)", ...
     case_ids: list[str]
     raw_files: dict[str, list[Path]] = field(default_factory=dict)  # imagesUnlabeled only
     cache_folder: Optional[Path] = None
-    preprocessed_folder: Optional[Path] = None  # nnU-Net's folder, for the training-case fallback
+    preprocessed_folder: Optional[Path] = None  # nnU-Net's folder, for labeled cases
+    in_sample: bool = False  # the base model was trained on these cases
 
     def shard(self, part_id: int, num_parts: int) -> list[str]:
         """Cases of one part, as nnUNetv2_predict splits its work: every num_parts-th case."""
@@ -96,7 +100,7 @@ def fold_split(preprocessed_base: Path, data_folder: Path, fold) -> tuple[list[s
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
-def discover_pool(raw_root: Optional[Path], preprocessed_root: Path, dataset_name: str, dataset_json: dict, data_identifier: str, fold) -> UnlabeledPool:
+def discover_pool(raw_root: Optional[Path], preprocessed_root: Path, dataset_name: str, dataset_json: dict, data_identifier: str, fold) -> CasePool:
     """imagesUnlabeled when present (and non-empty), else the fold's training cases."""
     preprocessed_base = Path(preprocessed_root) / dataset_name
     unlabeled_folder = Path(raw_root) / dataset_name / UNLABELED_FOLDER if raw_root else None
@@ -104,7 +108,7 @@ def discover_pool(raw_root: Optional[Path], preprocessed_root: Path, dataset_nam
         files = split_channel_files(unlabeled_folder, dataset_json["file_ending"], len(_channel_names(dataset_json)))
         if not files:
             raise PoolError(f"the unlabeled pool {unlabeled_folder} is empty: add images or remove the folder")
-        return UnlabeledPool(
+        return CasePool(
             dataset_name=dataset_name,
             source=UNLABELED_FOLDER,
             case_ids=sorted(files),
@@ -120,11 +124,12 @@ def discover_pool(raw_root: Optional[Path], preprocessed_root: Path, dataset_nam
     train, _ = fold_split(preprocessed_base, data_folder, fold)
     if not train:
         raise PoolError(f"no unlabeled pool for {dataset_name}: no imagesUnlabeled folder and fold {fold} has no training cases")
-    return UnlabeledPool(
+    return CasePool(
         dataset_name=dataset_name,
         source=f"training cases of fold {fold} (labels ignored)",
         case_ids=sorted(train),
         preprocessed_folder=data_folder,
+        in_sample=True,
     )
 
 
@@ -135,7 +140,7 @@ def _channel_names(dataset_json: dict) -> dict:
 class PoolReader:
     """Loads pool cases in preprocessed space (preprocessing and caching imagesUnlabeled cases once)."""
 
-    def __init__(self, pool: UnlabeledPool, plans_manager, configuration_manager, dataset_json: dict):
+    def __init__(self, pool: CasePool, plans_manager, configuration_manager, dataset_json: dict):
         self.pool = pool
         self.plans_manager = plans_manager
         self.configuration_manager = configuration_manager

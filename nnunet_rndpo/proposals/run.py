@@ -14,7 +14,7 @@ from tqdm import tqdm
 from nnunet_rndpo.proposals.engine import ProposalEngine
 from nnunet_rndpo.proposals.members import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.model import LoadedModel, load_model
-from nnunet_rndpo.proposals.pool import PoolReader, UnlabeledPool
+from nnunet_rndpo.proposals.pool import PoolReader, CasePool
 from nnunet_rndpo.proposals.store import ProposalStore
 
 
@@ -38,7 +38,7 @@ class GenerationSummary:
         )
 
 
-def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: UnlabeledPool, extra_sha256: Sequence[str]) -> dict:
+def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePool, extra_sha256: Sequence[str]) -> dict:
     members = plan_members(settings, model.mirror_axes if model.mirror_axes is not None else tuple(range(len(model.configuration_manager.patch_size))))
     return {
         "dataset": model.plans["dataset_name"],
@@ -69,7 +69,7 @@ def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) 
 
 def generate_proposals(
     model: LoadedModel,
-    pool: UnlabeledPool,
+    pool: CasePool,
     store_folder: Path,
     settings: ProposalSettings,
     *,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from nnunet_rndpo.mining import MINING_STRATEGIES
 from nnunet_rndpo.objectives import LOSS_TYPES, NORMALIZATIONS
+from nnunet_rndpo.pipeline import JUDGE_TOP, PairSettings
 from nnunet_rndpo.proposals.members import ProposalSettings
 
 SETTINGS_ENV_VARIABLE = "RNDPO_SETTINGS"
@@ -68,6 +69,15 @@ class PreferenceSettings:
 
     def proposal_settings(self) -> ProposalSettings:
         return ProposalSettings.from_dict({"seed": self.seed, **self.proposals})
+
+    def pair_settings(self, overwrite_proposals: bool) -> PairSettings:
+        """What nnunet_rndpo.pipeline.prepare_pairs makes for this run: mined pairs, or for self-training the
+        judge's top proposal of each case."""
+        return PairSettings(
+            proposals=self.proposal_settings(), judge=self.judge, judge_options=dict(self.judge_options),
+            selection=JUDGE_TOP if self.objective == "self_train" else self.mining, mining_margin=self.mining_margin,
+            seed=self.seed, overwrite_proposals=overwrite_proposals,
+        )
 
     def to_dict(self) -> dict:
         data = asdict(self)

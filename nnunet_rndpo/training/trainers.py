@@ -25,7 +25,6 @@ from nnunet_rndpo.objectives import STATISTIC_NAMES
 from nnunet_rndpo.training.losses import preference_loss_over_scales
 from nnunet_rndpo.training.settings import SETTINGS_FILE_NAME, PreferenceSettings, resolve_settings
 
-PAIRS_FILE_NAME = "rndpo_pairs.json"
 PREFERENCE_PNG = "progress_preference.png"
 LOGGED_KEYS = STATISTIC_NAMES + ("preference_loss",)
 
@@ -80,18 +79,15 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             initial_lr=self.initial_lr,
         )
 
+    def run_location(self):
+        from nnunet_rndpo.nnunet_paths import locate
+
+        return locate(self.plans_manager.dataset_name, self.configuration_name, self.fold, self.plans_manager.plans_name)
+
     def base_checkpoint_path(self) -> Path:
         if self.settings.base_checkpoint:
             return Path(self.settings.base_checkpoint)
-        from nnunetv2.paths import nnUNet_results
-
-        return (
-            Path(nnUNet_results)
-            / self.plans_manager.dataset_name
-            / f"{self.settings.base_trainer}__{self.plans_manager.plans_name}__{self.configuration_name}"
-            / f"fold_{self.fold}"
-            / self.settings.base_checkpoint_name
-        )
+        return self.run_location().checkpoint(self.settings.base_trainer, self.settings.base_checkpoint_name)
 
     # ------------------------------------------------------------------ start
     def load_checkpoint(self, filename_or_checkpoint) -> None:
@@ -140,76 +136,19 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         return reference.to(self.device)
 
     def _prepare_training_items(self, base_model) -> list:
-        from nnunet_rndpo import pipeline
-        from nnunet_rndpo.proposals.pool import PoolReader, discover_pool
-        from nnunet_rndpo.proposals.run import generate_proposals, store_manifest
-        from nnunet_rndpo.proposals.store import ProposalStore, default_store_folder
+        """Proposals, judge and pairs by nnunet_rndpo.pipeline.prepare_pairs; here only the DDP rank and barrier,
+        and the resume rule (--c keeps the pairs of the first start)."""
+        from nnunet_rndpo.pipeline import PAIRS_FILE_NAME, prepare_pairs
         from nnunet_rndpo.training.pair_data import TrainingItem
-        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 
-        settings = self.settings
-        pairs_file = Path(self.output_folder) / PAIRS_FILE_NAME
-        world = dist.get_world_size() if self.is_ddp else 1
-        proposal_settings = settings.proposal_settings()
-        pool = discover_pool(
-            Path(nnUNet_raw) if nnUNet_raw else None,
-            Path(nnUNet_preprocessed),
-            self.plans_manager.dataset_name,
-            self.dataset_json,
-            self.configuration_manager.data_identifier,
-            self.fold,
+        prepared = prepare_pairs(
+            self.run_location(), base_model, self.settings.pair_settings(overwrite_proposals=self.settings.overwrite_proposals and not self._resumed),
+            device=self.device, pairs_file=Path(self.output_folder) / PAIRS_FILE_NAME, reuse_pairs_file=self._resumed,
+            rank=self.local_rank, world_size=dist.get_world_size() if self.is_ddp else 1, barrier=self._barrier,
+            log=self.print_to_log_file, progress=self.local_rank == 0,
         )
-        store_folder = default_store_folder(
-            Path(nnUNet_preprocessed), self.plans_manager.dataset_name, self.plans_manager.plans_name, self.configuration_name, self.fold, base_model.checkpoint_path
-        )
-        self.print_to_log_file(f"unlabeled pool: {len(pool.case_ids)} cases from {pool.source}; proposal store {store_folder}")
-        if self.local_rank == 0:
-            # opening (and, if asked, clearing) the store happens once, before any rank writes into it
-            ProposalStore(store_folder).open(store_manifest(base_model, proposal_settings, pool, []), overwrite=settings.overwrite_proposals and not self._resumed)
-        self._barrier()
-        store, summary = generate_proposals(
-            base_model, pool, store_folder, proposal_settings, device=self.device, case_ids=pool.case_ids[self.local_rank :: world], progress=self.local_rank == 0
-        )
-        self.print_to_log_file(f"proposals: {summary.describe()}")
-        self._barrier()
-
-        if self.local_rank == 0 and not (self._resumed and pairs_file.is_file()):
-            reader = PoolReader(pool, base_model.plans_manager, base_model.configuration_manager, self.dataset_json)
-            judge = pipeline.ready_judge(
-                settings.judge, settings.judge_options, store, base_model, proposal_settings,
-                Path(nnUNet_preprocessed) / self.plans_manager.dataset_name, self.configuration_manager.data_identifier,
-                self.fold, self.device,
-                on_fit=lambda j: self.print_to_log_file(f"fitting {j.describe()} on the labeled training cases of fold {self.fold}"),
-            )
-            references = None
-            if judge.needs_labels:
-                self.print_to_log_file(f"WARNING: {judge.describe()} reads true labels: research use only")
-                loader = pipeline.ReferenceLoader(base_model, Path(nnUNet_raw) / self.plans_manager.dataset_name if nnUNet_raw else None, Path(self.preprocessed_dataset_folder))
-                references = lambda case_id: loader.load(case_id, pool)  # noqa: E731
-            scores = pipeline.score_store(judge, store, reader, pool.case_ids, pipeline.foreground_labels(base_model), references)
-            if settings.objective == "self_train":
-                items = [{"case_id": c, "chosen": k, "rejected": k} for c, k in pipeline.top_proposals(scores)]
-                record = {"summary": {"strategy": "judge_top", "pairs": len(items), "cases_total": len(scores)}, "items": items}
-            else:
-                mined = pipeline.mine_store(store, scores, settings.mining, settings.mining_margin, settings.seed)
-                record = pipeline.pairs_to_json(mined)
-                record["items"] = [{"case_id": p.case_id, "chosen": p.chosen, "rejected": p.rejected} for p in mined.pairs]
-            record["judge"] = judge.describe()
-            record["store"] = str(store_folder)
-            save_json(record, pairs_file)
-            save_json(record, store.folder / "pairs" / f"{settings.judge.replace(':', '_')}__{settings.mining}__{settings.objective}.json")
-        self._barrier()
-        record = json.loads(pairs_file.read_text())
-        self.print_to_log_file(f"training items: {json.dumps(record['summary'])}; {record['judge']}")
-        items = [TrainingItem(**item) for item in record["items"]]
-        if not items:
-            raise RuntimeError(
-                f"no preference pairs: none of the {len(pool.case_ids)} cases of the pool ({pool.source}) gave two "
-                f"different proposals the judge could rank (mining {settings.mining!r}). Add proposal sources "
-                "(e.g. dropout), raise num_proposals, lower mining_margin, or check that the base model segments anything."
-            )
-        self._pool, self._store = pool, store
-        return items
+        self._pool, self._store = prepared.pool, prepared.store
+        return [TrainingItem(item["case_id"], item["chosen"], item["rejected"]) for item in prepared.items]
 
     def _barrier(self) -> None:
         if self.is_ddp:
