@@ -152,3 +152,36 @@ def test_precomputed_reference_rides_spatial_but_not_intensity_augmentation():
         added = (masks[:, 1] > 0) & (masks[:, 0] == 0)
         if added.sum() > 20:
             assert reference[:, 1][added].mean() < -1.5 and reference[:, 0][added].mean() > -1.0
+
+
+def test_disagreement_sampling_means_the_fraction_of_patches_it_names():
+    # nnU-Net's default rule forces the last round(batch * p) patches: with batch 2, p = 0.67 forced one of two
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_rndpo.training.pair_data import pair_loader
+
+    store = FakeStore()
+    dataset = PairDataset([TrainingItem("case", 0, 1)], store, FakeReader(store))
+    labels = LabelManager({"background": 0, "thing": 1}, regions_class_order=None)
+    np.random.seed(0)
+    for fraction in (0.33, 0.67, 0.9):
+        loader = pair_loader(dataset, 2, (32, 32, 32), (32, 32, 32), labels, fraction, None)
+        forced = [loader.get_do_oversample(index % 2) for index in range(4000)]
+        assert np.mean(forced) == pytest.approx(fraction, abs=0.03)
+
+
+def test_a_dataset_with_an_ignore_label_gives_batches():
+    # nnU-Net's loader looks unforced patches up under its annotated-classes key when an ignore label exists
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_rndpo.training.pair_data import annotated_key, pair_loader
+
+    labels = LabelManager({"background": 0, "thing": 1, "ignore": 2}, regions_class_order=None)
+    store = FakeStore()
+    dataset = PairDataset([TrainingItem("case", 0, 1)], store, FakeReader(store), annotated_key=annotated_key(labels))
+    np.random.seed(0)
+    loader = pair_loader(dataset, 2, (32, 32, 32), (32, 32, 32), labels, 0.5, None)
+    for _ in range(5):
+        batch = loader.generate_train_batch()
+        assert batch["target"].shape == (2, 2, 32, 32, 32)
+    assert annotated_key(LabelManager({"background": 0, "thing": 1}, regions_class_order=None)) is None

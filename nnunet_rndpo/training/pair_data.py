@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -57,8 +57,11 @@ class PairDataset:
         reader: PoolReader,
         cache_cases: int = 16,
         reference_channels: bool = False,
+        annotated_key: Optional[tuple] = None,
     ):
-        """reference_channels: append the base model's per-voxel log-likelihoods of chosen and rejected (from
+        """annotated_key: for datasets with an ignore label, nnU-Net's loader centres unforced patches on the
+        voxels listed under this key (its `annotated_classes_key`); a proposal labels every voxel, so every voxel
+        inside the image is listed. reference_channels: append the base model's per-voxel log-likelihoods of chosen and rejected (from
         the store) as two extra image channels; `ReferenceAsRegressionTarget` keeps them out of intensity
         augmentation."""
         if not items:
@@ -69,6 +72,7 @@ class PairDataset:
         self.reader = reader
         self.cache_cases = cache_cases
         self.reference_channels = reference_channels
+        self.annotated_key = annotated_key
         self._cache: OrderedDict[str, tuple] = OrderedDict()
         self._locations: dict[str, dict] = {}  # per item: small (at most MAX_LOCATIONS coordinates)
 
@@ -113,6 +117,8 @@ class PairDataset:
             region = chosen != rejected if item.chosen != item.rejected else chosen > 0
             rng = np.random.default_rng(zlib.crc32(key.encode()))
             self._locations[key] = {LOCATIONS_KEY: sample_locations(region, rng)}
+            if self.annotated_key is not None:
+                self._locations[key][self.annotated_key] = sample_locations(outside[0] >= 0, rng)
         locations = self._locations[key]
         # -1 outside the image's nonzero mask, as nnU-Net's preprocessing marks it (removed by its transforms)
         outside_mask = outside[0] < 0
@@ -123,6 +129,24 @@ class PairDataset:
 
     def __getitem__(self, key: str):
         return self.load_case(key)
+
+
+def pair_loader(dataset: PairDataset, batch_size: int, initial_patch_size, patch_size, label_manager, disagreement_sampling: float, transforms):
+    """nnU-Net's own data loader over the pairs. Each patch is centred on a disagreeing voxel with probability
+    `disagreement_sampling` (nnU-Net's probabilistic oversampling): its default rule, the last
+    round(batch * p) patches of a batch, makes every p in [0.25, 0.75) one patch of two."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+    return nnUNetDataLoader(
+        dataset, batch_size, initial_patch_size, patch_size, label_manager,
+        oversample_foreground_percent=disagreement_sampling, sampling_probabilities=None,
+        pad_sides=None, transforms=transforms, probabilistic_oversampling=True,
+    )
+
+
+def annotated_key(label_manager) -> Optional[tuple]:
+    """nnU-Net's `annotated_classes_key` when the dataset has an ignore label (see PairDataset), else None."""
+    return tuple([-1] + label_manager.all_labels) if label_manager.has_ignore_label else None
 
 
 class ReferenceAsRegressionTarget:

@@ -157,14 +157,13 @@ class nnUNetTrainerPreference(nnUNetTrainer):
     def _build_pair_loader(self, items):
         from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
         from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-        from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         from nnunet_rndpo.proposals.pool import PoolReader
-        from nnunet_rndpo.training.pair_data import PairDataset, ReferenceAsRegressionTarget
+        from nnunet_rndpo.training.pair_data import PairDataset, ReferenceAsRegressionTarget, annotated_key, pair_loader
 
         reader = PoolReader(self._pool, self.plans_manager, self.configuration_manager, self.dataset_json)
-        dataset = PairDataset(items, self._store, reader, reference_channels=self.precomputed_reference)
+        dataset = PairDataset(items, self._store, reader, reference_channels=self.precomputed_reference, annotated_key=annotated_key(self.label_manager))
         patch_size = self.configuration_manager.patch_size
         rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -174,11 +173,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         )
         if self.precomputed_reference:
             transforms = ReferenceAsRegressionTarget(transforms)
-        loader = nnUNetDataLoader(
-            dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-            oversample_foreground_percent=self.settings.disagreement_sampling, sampling_probabilities=None,
-            pad_sides=None, transforms=transforms, probabilistic_oversampling=False,
-        )
+        loader = pair_loader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager, self.settings.disagreement_sampling, transforms)
         processes = get_allowed_n_proc_DA()
         if processes == 0:
             return SingleThreadedAugmenter(loader, None)
