@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
     from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO
 
-    settings = {"num_epochs": FULL.rndpo_epochs, "iterations_per_epoch": FULL.rndpo_iterations,
+    settings = {"num_epochs": FULL.tune_epochs, "iterations_per_epoch": FULL.tune_iterations,
                 "val_iterations_per_epoch": FULL.val_iterations, "seed": 0, **args.settings}
     (work / "variants").mkdir(exist_ok=True)
     settings_file = work / "variants" / f"{args.name}.settings.json"

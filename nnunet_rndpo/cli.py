@@ -144,7 +144,7 @@ def run_export(args) -> int:
 def run_demo(args) -> int:
     from nnunet_rndpo.demo.run import run_demo as demo
 
-    return demo(args.output, data=args.data, quick=args.quick, seed=args.seed)
+    return demo(args.output, data=args.data, quick=args.quick, seed=args.seed, verbose=args.verbose)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", "end-to-end demo: base model on few labels, proposals, judge, RN-DPO, held-out Dice", run_demo)
     demo.add_argument("--output", type=Path, default=Path("rndpo_demo"), help="working folder (nnU-Net folders, results, report)")
     demo.add_argument("--data", type=Path, default=None, help="a real nnU-Net raw dataset folder instead of the synthetic one")
-    demo.add_argument("--quick", action="store_true", help="a shorter schedule (smoke test)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run of every step in under 2 minutes (its numbers mean nothing)")
+    demo.add_argument("--verbose", action="store_true", help="show nnU-Net's full output instead of one line per phase")
     demo.add_argument("--seed", type=int, default=0)
     return parser
 
