@@ -3,7 +3,7 @@
 Input per case: each judge's scores (K,) and the true mean Dice (K,) of the K proposals (plus the proposals,
 which mining needs to skip identical masks). Output: a JSON-ready report dict, a recommendation of judge and
 mining strategy, a PNG (one panel per judge), and a text table. Users should run it before trusting a judge:
-a plausible-looking judge can be useless or harmful (shared/notes/proposals-measured.md).
+a plausible-looking judge can be useless or harmful (docs/measured-proposals.md).
 
 Conventions:
 - rank correlations (Spearman, Kendall tau-b) are computed per case and averaged; a case where the
@@ -32,7 +32,7 @@ AUDIT_JSON_NAME = "judge_audit.json"
 AUDIT_PNG_NAME = "judge_audit.png"
 _TIE_TOLERANCE = 1e-12
 # Preferred strategies: top_rest first because it keeps pairs between plausible masks (good-vs-broken
-# pairs teach little, proposals-measured.md); margin is the only option left for a weak judge.
+# pairs teach little, docs/measured-proposals.md); margin is the only option left for a weak judge.
 _RELIABLE_JUDGE_STRATEGIES = ("top_rest", "top_bottom", "margin")
 _WEAK_JUDGE_STRATEGIES = ("margin",)
 

@@ -94,19 +94,6 @@ def check_strategy(strategy: str, margin: float) -> None:
         raise ValueError(f"margin must be a finite number >= 0, got {margin}")
 
 
-def mine_case(
-    case_id: str,
-    scores: np.ndarray,
-    proposals: np.ndarray,
-    strategy: str,
-    *,
-    margin: float = 0.05,
-    rng: np.random.Generator,
-) -> list[Pair]:
-    """The pairs of one case (see the module docstring for the strategies and rules)."""
-    return list(mine_case_outcome(case_id, scores, proposals, strategy, margin=margin, rng=rng).pairs)
-
-
 def mine_case_outcome(
     case_id: str,
     scores: np.ndarray,
@@ -117,7 +104,8 @@ def mine_case_outcome(
     rng: np.random.Generator,
     disagreement: np.ndarray | None = None,
 ) -> CaseMiningOutcome:
-    """Like `mine_case`, with the counts of what was dropped. `disagreement` (K, K), from
+    """The pairs of one case (see the module docstring for the strategies and rules), with the counts of what
+    was dropped. `disagreement` (K, K), from
     `disagreement_matrix(proposals)`, saves recomputing it when one case is mined several times."""
     check_strategy(strategy, margin)
     scores = np.asarray(scores, dtype=np.float64)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case
-from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, PairMiner
+from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, mine_pairs
 from nnunet_rndpo.nnunet_paths import RunLocation
 from nnunet_rndpo.proposals.members import ProposalSettings
 from nnunet_rndpo.proposals.model import LoadedModel
@@ -197,10 +197,8 @@ def score_store(
 
 
 def mine_store(store: ProposalStore, scores: dict[str, list[float]], strategy: str, margin: float, seed: int) -> MiningResult:
-    miner = PairMiner(strategy=strategy, margin=margin, seed=seed)
-    for case_id in sorted(scores):
-        miner.add_case(case_id, np.asarray(scores[case_id]), store.load_case(case_id)["proposals"])
-    return miner.result()
+    cases = ((case_id, np.asarray(scores[case_id]), store.load_case(case_id)["proposals"]) for case_id in sorted(scores))
+    return mine_pairs(cases, strategy, margin=margin, seed=seed)
 
 
 def pairs_record(store: ProposalStore, scores: dict[str, list[float]], selection: str, margin: float, seed: int) -> dict:

@@ -10,10 +10,14 @@ from nnunet_rndpo.mining import (
     PairMiner,
     case_rng,
     disagreement_matrix,
-    mine_case,
+    mine_case_outcome,
     mine_pairs,
 )
 
+
+
+def mine_case_pairs(*args, **kwargs):
+    return list(mine_case_outcome(*args, **kwargs).pairs)
 
 def distinct_proposals(count: int, size: int = 8) -> np.ndarray:
     """`count` label maps that differ pairwise: proposal k has its first k+1 voxels set to 1."""
@@ -49,21 +53,21 @@ def test_top_bottom_and_top_rest_take_roles_from_scores():
     proposals = distinct_proposals(4)
     scores = np.array([0.2, 0.9, 0.5, 0.1])
     rng = np.random.default_rng(0)
-    assert mine_case("c", scores, proposals, "top_bottom", rng=rng) == [Pair("c", 1, 3, pytest.approx(0.8), 2)]
-    top_rest = mine_case("c", scores, proposals, "top_rest", rng=rng)
+    assert mine_case_pairs("c", scores, proposals, "top_bottom", rng=rng) == [Pair("c", 1, 3, pytest.approx(0.8), 2)]
+    top_rest = mine_case_pairs("c", scores, proposals, "top_rest", rng=rng)
     assert [(pair.chosen, pair.rejected) for pair in top_rest] == [(1, 2), (1, 0), (1, 3)]
     # flipping the scores flips the roles
-    flipped = mine_case("c", -scores, proposals, "top_bottom", rng=rng)
+    flipped = mine_case_pairs("c", -scores, proposals, "top_bottom", rng=rng)
     assert [(pair.chosen, pair.rejected) for pair in flipped] == [(3, 1)]
 
 
 def test_margin_keeps_only_pairs_with_a_large_enough_gap():
     proposals = distinct_proposals(3)
     scores = np.array([0.90, 0.87, 0.50])
-    pairs = mine_case("c", scores, proposals, "margin", margin=0.05, rng=np.random.default_rng(0))
+    pairs = mine_case_pairs("c", scores, proposals, "margin", margin=0.05, rng=np.random.default_rng(0))
     assert sorted((pair.chosen, pair.rejected) for pair in pairs) == [(0, 2), (1, 2)]
     assert sorted(pair.score_gap for pair in pairs) == pytest.approx([0.37, 0.40])
-    pairs = mine_case("c", scores, proposals, "margin", margin=0.01, rng=np.random.default_rng(0))
+    pairs = mine_case_pairs("c", scores, proposals, "margin", margin=0.01, rng=np.random.default_rng(0))
     assert len(pairs) == 3 and all(pair.score_gap > 0 for pair in pairs)
 
 
@@ -99,12 +103,12 @@ def test_top_ties_are_broken_by_the_seeded_rng_not_by_index():
 
 
 def test_mining_has_no_access_to_labels_and_follows_a_wrong_judge():
-    for function in (mine_case, mine_pairs):
+    for function in (mine_case_pairs, mine_pairs):
         parameters = set(inspect.signature(function).parameters)
         assert not parameters & {"labels", "reference", "true_dice"}
     # a judge that prefers the empty proposal: mining obeys the judge
     proposals = np.stack([np.ones((3, 3)), np.zeros((3, 3))]).astype(np.uint8)
-    pairs = mine_case("c", np.array([0.1, 0.9]), proposals, "top_bottom", rng=np.random.default_rng(0))
+    pairs = mine_case_pairs("c", np.array([0.1, 0.9]), proposals, "top_bottom", rng=np.random.default_rng(0))
     assert (pairs[0].chosen, pairs[0].rejected) == (1, 0)
 
 

@@ -1,6 +1,6 @@
 """Which K proposals to make: the sources and the plan of members, each with its provenance.
 
-Defaults follow what was measured on a real base model (shared notes, proposals-measured.md): single
+Defaults follow what was measured on a real base model (docs/measured-proposals.md): single
 mirror-TTA members keep the base quality and still differ (~7% of the mask), so `tta` is the default source;
 dropout added after the fact is fragile (decoder stages: speckle even at p=0.03; bottleneck: almost no
 change), so it is opt-in with its location and rate exposed.

@@ -2,7 +2,7 @@
 needs a network pass. Members without a pass are derived from the plain pass's logits (`derive`).
 
 Adding a source is one entry in SOURCES: its member generator and, for a source without a network pass, its
-derivation. Defaults and what each source is worth on a real base model: shared notes, proposals-measured.md.
+derivation. Defaults and what each source is worth on a real base model: docs/measured-proposals.md.
 """
 from __future__ import annotations
 
