@@ -69,6 +69,7 @@ class AnatomyJudge(Judge):
     labeled cases' true label maps (module docstring: features, standardisation, shrinkage)."""
 
     name = "anatomy"
+    fit_reads_proposals = False  # fit reads the true label maps only
 
     def __init__(self, features: Sequence[str] = FEATURE_GROUPS, min_shrinkage: float = 0.1) -> None:
         features = tuple(features)

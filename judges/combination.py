@@ -76,10 +76,18 @@ class CombinationJudge(Judge):
         parts = "; ".join(f"{weight:g} x {judge.describe()}" for weight, judge in zip(self.weights, self.judges))
         return f"{super().describe()}: {parts}"
 
+    @property
+    def learns(self) -> bool:
+        return any(judge.learns for judge in self.judges)
+
+    @property
+    def fit_reads_proposals(self) -> bool:  # type: ignore[override]
+        return any(judge.learns and judge.fit_reads_proposals for judge in self.judges)
+
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         labeled_cases = list(labeled_cases)
         for judge in self.judges:
-            if type(judge).fit is not Judge.fit:
+            if judge.learns:
                 judge.fit(labeled_cases)
 
     def score(self, case: JudgeInput) -> np.ndarray:

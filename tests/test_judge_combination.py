@@ -93,6 +93,16 @@ def test_builtin_agreement_plus_anatomy_fits_and_ranks():
     assert "anatomy" in judge.describe() and "fitted on 6" in judge.describe()
 
 
+def test_combination_learns_only_when_a_sub_judge_learns(fixed_judges):
+    assert not get_judge("combination", judges=["agreement", "uncertainty"]).learns
+    assert get_judge("combination", judges=["agreement", "anatomy"]).learns
+    assert get_judge("anatomy").learns and not get_judge("agreement").learns
+    # anatomy fits on the references alone, learned_qc on the labeled cases' proposals
+    assert not get_judge("anatomy").fit_reads_proposals
+    assert not get_judge("combination", judges=["agreement", "anatomy"]).fit_reads_proposals
+    assert get_judge("combination", judges=["anatomy", "learned_qc"]).fit_reads_proposals
+
+
 def test_label_reading_sub_judge_makes_the_combination_read_labels():
     assert not get_judge("combination", judges=["agreement", "uncertainty"]).needs_labels
     with_oracle = get_judge("combination", judges=["agreement", "oracle"], judge_options={"oracle": {"noise_std": 0.1}})
