@@ -244,6 +244,8 @@ def test_pair_example_picks_the_most_disagreeing_slice_and_crops_it():
     assert example.to_json()["disagreeing_voxels_in_slice"] == 6
     without_image = pair_example("judge", "top_bottom", "c1", 0, 1, np.array([0.9, 0.7]), proposals, None)
     assert without_image.image_slice is None
+    flat = pair_example("judge", "top_bottom", "c2", 0, 1, np.array([0.9, 0.7]), proposals[:, 2], image[0, 2])
+    assert flat.slice_index == 0 and np.count_nonzero(flat.chosen_slice != flat.rejected_slice) == 6
     with pytest.raises(ValueError, match="case 'c1'.*image"):
         pair_example("judge", "top_bottom", "c1", 0, 1, np.array([0.9, 0.7]), proposals, np.zeros((4, 8, 9)))
 
