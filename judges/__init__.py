@@ -2,8 +2,8 @@
 
 Built-in judges by registry name: agreement, uncertainty, learned_qc, virtual_annotator, anatomy (a density
 of anatomical features fitted on the labeled cases' true labels), combination (a weighted sum of other judges'
-within-case ranks), and the research-only oracle (reads the true labels). A user's own judge is a `Judge` subclass, given to `get_judge` as a dotted
-path "package.module:ClassName" or registered with `register_judge`.
+within-case ranks), and the research-only oracle (reads the true labels). A user's own judge is a `Judge`
+subclass, given to `get_judge` as a dotted path "package.module:ClassName" or registered with `register_judge`.
 """
 from .agreement import AgreementJudge
 from .anatomy import AnatomyJudge

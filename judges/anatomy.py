@@ -76,7 +76,8 @@ class AnatomyJudge(Judge):
         unknown = [group for group in features if group not in FEATURE_GROUPS]
         if unknown or not features:
             raise JudgeError(
-                f"anatomy option 'features' must be a non-empty subset of {', '.join(FEATURE_GROUPS)}; got {list(features)}"
+                f"anatomy option 'features' must be a non-empty subset of {', '.join(FEATURE_GROUPS)}; "
+                f"got {list(features)}"
             )
         if not 0.0 <= float(min_shrinkage) <= 1.0:
             raise JudgeError(f"anatomy option 'min_shrinkage' must be in [0, 1], got {min_shrinkage}")
@@ -173,7 +174,9 @@ class AnatomyJudge(Judge):
                 "anatomy judge is not fitted: call fit() on labeled cases (or load a fitted judge) before scoring"
             )
         if case.labels != self.labels:
-            raise JudgeError(f"case {case.case_id!r} has labels {case.labels}, the anatomy judge was fitted on {self.labels}")
+            raise JudgeError(
+                f"case {case.case_id!r} has labels {case.labels}, the anatomy judge was fitted on {self.labels}"
+            )
         features = np.stack([anatomy_features(proposal, case.labels, self.features) for proposal in case.proposals])
         return self.log_density(features)
 
@@ -205,11 +208,14 @@ def feature_layout(labels: Sequence[int], groups: Sequence[str] = FEATURE_GROUPS
     if "centroid_offset" in groups:
         for first_index, first in enumerate(labels):
             for second in labels[first_index + 1 :]:
-                layout += [(f"centroid_class{second}_minus_class{first}_axis{axis}", "centroid_offset") for axis in range(3)]
+                names = [f"centroid_class{second}_minus_class{first}_axis{axis}" for axis in range(3)]
+                layout += [(name, "centroid_offset") for name in names]
     return layout
 
 
-def anatomy_features(label_map: np.ndarray, labels: Sequence[int], groups: Sequence[str] = FEATURE_GROUPS) -> np.ndarray:
+def anatomy_features(
+    label_map: np.ndarray, labels: Sequence[int], groups: Sequence[str] = FEATURE_GROUPS
+) -> np.ndarray:
     """(F,) anatomical features of one 3D label map, in the order of `feature_layout` (values outside
     `labels`, e.g. nnU-Net's -1 outside the crop, count as background)."""
     label_map = np.asarray(label_map)
@@ -255,7 +261,7 @@ def cavity_count(mask: np.ndarray) -> int:
         return 0
     # A one-voxel background frame joins every border-touching background component into one.
     framed = np.pad(~mask, 1, constant_values=True)
-    component_map, count = ndimage.label(framed, structure=_CROSS)
+    _, count = ndimage.label(framed, structure=_CROSS)
     return int(count - 1)
 
 

@@ -42,7 +42,9 @@ class CombinationJudge(Judge):
             raise JudgeError(f"combination option 'judges' lists a judge twice: {judges}")
         weights = [1.0 / len(judges)] * len(judges) if weights is None else [float(w) for w in weights]
         if len(weights) != len(judges):
-            raise JudgeError(f"combination option 'weights' has {len(weights)} values for {len(judges)} judges {judges}")
+            raise JudgeError(
+                f"combination option 'weights' has {len(weights)} values for {len(judges)} judges {judges}"
+            )
         if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
             raise JudgeError(f"combination option 'weights' must be finite, >= 0 and not all 0, got {weights}")
         judge_options = {str(spec): dict(options) for spec, options in (judge_options or {}).items()}

@@ -194,7 +194,8 @@ def fit_on_held_out_predictions(
             raise JudgeError(f"{where} is marked in-sample (the fold model trained on it): only held-out examples")
         if fold_training_cases is not None:
             if fold not in fold_training_cases:
-                raise JudgeError(f"{where}: fold {fold!r} is not in fold_training_cases {sorted(map(str, fold_training_cases))}")
+                listed = sorted(map(str, fold_training_cases))
+                raise JudgeError(f"{where}: fold {fold!r} is not in fold_training_cases {listed}")
             if case_id in fold_training_cases[fold]:
                 raise JudgeError(f"{where}: the case is in that fold's training cases, so the example is in-sample")
         if example.true_dice is not None:

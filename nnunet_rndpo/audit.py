@@ -577,7 +577,9 @@ def write_audit(report: dict[str, Any], folder: str | os.PathLike) -> dict[str, 
     }
     examples = report.get("pair_examples", [])
     saved = {**report, "recommendation": recommend(report)}
-    saved["pair_examples"] = [example.to_json() if isinstance(example, PairExample) else example for example in examples]
+    saved["pair_examples"] = [
+        example.to_json() if isinstance(example, PairExample) else example for example in examples
+    ]
     save_json(saved, paths["json"])
     import matplotlib
 
@@ -686,7 +688,8 @@ def _pair_montage(examples: Sequence[PairExample]) -> Any:
             else:
                 axes.imshow(np.zeros(example.chosen_slice.shape), cmap="gray", vmin=0, vmax=1)
             disagreement = example.chosen_slice != example.rejected_slice
-            axes.imshow(np.ma.masked_where(~disagreement, disagreement), cmap=shade, alpha=0.35, interpolation="nearest")
+            shaded = np.ma.masked_where(~disagreement, disagreement)
+            axes.imshow(shaded, cmap=shade, alpha=0.35, interpolation="nearest")
             # The chosen outline is drawn wider, so it stays visible where the rejected one runs on top of it.
             outlines = ((example.chosen_slice, "C0", "solid", 2.0), (example.rejected_slice, "C1", "dashed", 1.0))
             for label_map, colour, style, width in outlines:

@@ -127,7 +127,8 @@ def test_audit_accepts_a_generator_and_checks_consistency():
 def test_write_audit_writes_json_and_png_without_temporaries(tmp_path):
     report = audit_judges(hand_cases(perfect=lambda dice: dice, reversed=lambda dice: -dice, oracle=lambda d: d))
     paths = write_audit(report, tmp_path / "audit")
-    names = {"json": AUDIT_JSON_NAME, "png": AUDIT_PNG_NAME, "ranks_png": AUDIT_RANKS_PNG_NAME, "pairs_png": AUDIT_PAIRS_PNG_NAME}
+    names = {"json": AUDIT_JSON_NAME, "png": AUDIT_PNG_NAME}
+    names.update(ranks_png=AUDIT_RANKS_PNG_NAME, pairs_png=AUDIT_PAIRS_PNG_NAME)
     assert paths == {key: tmp_path / "audit" / name for key, name in names.items()}
     saved = json.loads(paths["json"].read_text())
     assert saved["judges"]["perfect"]["spearman"] == pytest.approx(1.0)

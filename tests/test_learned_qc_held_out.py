@@ -12,7 +12,7 @@ def held_out_examples():
     """Fold 0 held out cases a, b; fold 1 held out c, d (ordered cases: truth, dilated, fragmented, empty)."""
     shifts = {"a": -1.5, "b": -0.5, "c": 0.5, "d": 1.5}
     return [
-        HeldOutPrediction(ordered_case(case_id, centre=(7.5 + shift, 7.5 - shift, 7.5)), fold=0 if case_id in "ab" else 1)
+        HeldOutPrediction(ordered_case(case_id, centre=(7.5 + shift, 7.5 - shift, 7.5)), fold=int(case_id in "cd"))
         for case_id, shift in shifts.items()
     ]
 
@@ -35,10 +35,10 @@ def test_fits_on_held_out_examples_and_ranks(tmp_path):
 
 def test_given_true_dice_are_the_targets():
     # Reversed targets: the regressor must learn that the empty mask is the best one.
-    examples = [
-        HeldOutPrediction(example.case, example.fold, true_dice=1.0 - proposal_dice(example.case.proposals, example.case.reference, (1,)))
-        for example in held_out_examples()
-    ]
+    examples = []
+    for example in held_out_examples():
+        true_dice = proposal_dice(example.case.proposals, example.case.reference, (1,))
+        examples.append(HeldOutPrediction(example.case, example.fold, true_dice=1.0 - true_dice))
     scores = score_case(fit_on_held_out_predictions(examples), ordered_case("test"))
     assert scores[3] > scores[0]
 
