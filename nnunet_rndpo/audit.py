@@ -686,7 +686,8 @@ def _pair_montage(examples: Sequence[PairExample]) -> Any:
             if example.image_slice is not None:
                 axes.imshow(example.image_slice, cmap="gray", interpolation="nearest")
             else:
-                axes.imshow(np.zeros(example.chosen_slice.shape), cmap="gray", vmin=0, vmax=1)
+                # No image: a light background, on which the shading and both outlines stay visible.
+                axes.imshow(np.full(example.chosen_slice.shape, 0.92), cmap="gray", vmin=0, vmax=1)
             disagreement = example.chosen_slice != example.rejected_slice
             shaded = np.ma.masked_where(~disagreement, disagreement)
             axes.imshow(shaded, cmap=shade, alpha=0.35, interpolation="nearest")
