@@ -4,7 +4,9 @@ Fit the judge (and, for comparison, the virtual annotator) on the TRUE label map
 Hippocampus cases; for each of the next `--test-cases` cases, make perturbed copies of its true label map
 (erosion, dilation, a spurious blob, a cavity, a class swap, a lost class, combinations) and compute, per case,
 the Spearman correlation between each judge's scores and the copies' true mean Dice, over all copies and
-over the mild ones only (`MILD`: one voxel of erosion or dilation, a small blob, a small cavity). No model is involved:
+over the mild ones only (`MILD`: one voxel of erosion or dilation, a small blob, a small cavity), and over a
+separate set of plausible copies (the truth and eight smooth random boundary shifts of 0.5-2 voxels, no gross
+defect: the kind of differences a model's proposals have). No model is involved:
 this checks that the judge's features and density see real anatomical defects, not that it ranks a model's
 proposals (that is the audit's job).
 
@@ -75,6 +77,28 @@ def carve_cavity(label_map: np.ndarray, label: int) -> np.ndarray:
     return carved
 
 
+def boundary_noise(label_map: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """Each class's boundary moved by a smooth random field (sigma 2 voxels, about `amplitude` voxels): a
+    plausible mask of the kind a model's proposals differ by, with no gross defect."""
+    result = np.zeros_like(label_map)
+    field = ndimage.gaussian_filter(rng.normal(size=label_map.shape), sigma=2.0)
+    field *= amplitude / (field.std() or 1.0)
+    for label in LABELS:
+        mask = label_map == label
+        signed_distance = ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
+        result[(signed_distance + field < 0) & (result == 0)] = label
+    return result
+
+
+def plausible_copies(label_map: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The truth and eight smooth boundary perturbations of growing amplitude."""
+    copies = {"truth": label_map}
+    for amplitude in (0.5, 1.0, 1.5, 2.0):
+        for repeat in range(2):
+            copies[f"noise_{amplitude}_{repeat}"] = boundary_noise(label_map, amplitude, rng)
+    return copies
+
+
 def perturbations(label_map: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     erode = lambda mask: ndimage.binary_erosion(mask)  # noqa: E731
     swapped = np.where(label_map == 1, 2, np.where(label_map == 2, 1, 0)).astype(label_map.dtype)
@@ -127,13 +151,19 @@ def main() -> None:
         proposals = np.stack(list(copies.values()))
         case = JudgeInput(path.name, proposals, LABELS)
         true_dice = proposal_dice(proposals, truth, LABELS)
+        plausible = np.stack(list(plausible_copies(truth, rng).values()))
+        plausible_case = JudgeInput(path.name, plausible, LABELS)
+        plausible_dice = proposal_dice(plausible, truth, LABELS)
         row = {"case": path.name, "true_dice": dict(zip(copies, true_dice.round(4).tolist()))}
+        row["plausible_true_dice"] = plausible_dice.round(4).tolist()
         for name, judge in judges.items():
             scores = score_case(judge, case)
             mild = [index for index, copy_name in enumerate(copies) if copy_name in MILD]
+            plausible_scores = score_case(judge, plausible_case)
             row[name] = {
                 "spearman": float(stats.spearmanr(scores, true_dice).statistic),
                 "spearman_mild": float(stats.spearmanr(scores[mild], true_dice[mild]).statistic),
+                "spearman_plausible": float(stats.spearmanr(plausible_scores, plausible_dice).statistic),
                 "top_is_truth": bool(np.argmax(scores) == 0),
                 "scores": dict(zip(copies, np.round(scores, 3).tolist())),
             }
@@ -146,11 +176,13 @@ def main() -> None:
         "perturbations": list(copies),
         "fit_seconds": round(fit_seconds, 2),
         "score_seconds_per_case": round(score_seconds / len(test_files), 3),
+        "plausible_true_dice_mean": float(np.mean([row["plausible_true_dice"][1:] for row in rows])),
         "judges": {
             name: {
                 "mean_spearman": float(np.mean([row[name]["spearman"] for row in rows])),
                 "min_spearman": float(np.min([row[name]["spearman"] for row in rows])),
                 "mean_spearman_mild": float(np.mean([row[name]["spearman_mild"] for row in rows])),
+                "mean_spearman_plausible": float(np.mean([row[name]["spearman_plausible"] for row in rows])),
                 "truth_ranked_first": float(np.mean([row[name]["top_is_truth"] for row in rows])),
                 "mean_rank_of_each_perturbation": _mean_ranks(rows, name, list(copies)),
             }
