@@ -113,6 +113,23 @@ def test_recommend_weak_judge_with_clean_margin_pairs_gets_margin_and_a_warning(
     assert advice["mining"] == "margin" and not advice["reliable"] and "WARNING" in advice["reason"]
 
 
+def test_recommend_calls_a_judge_that_picks_typical_masks_weak_despite_its_spearman():
+    # Judge order: 0.7 first, then 0.9, 0.8, 0.6, 0.5: Spearman 1 - 6 * 6 / (5 * 24) = 0.7, but its pick is the
+    # typical (mean) proposal: top-1 lift 0 of a possible 0.2.
+    case = AuditCase(
+        "typical",
+        np.array([0.9, 0.8, 0.7, 0.6, 0.5]),
+        {"typical": np.array([0.8, 0.7, 0.9, 0.2, 0.1])},
+        distinct_proposals(5),
+    )
+    report = audit_judges([case], margin=0.05)
+    figures = report["judges"]["typical"]
+    assert figures["spearman"] == pytest.approx(0.7) and figures["top1_lift"] == pytest.approx(0.0)
+    advice = recommend(report)
+    assert not advice["reliable"] and advice["mining"] == "margin" and "WARNING" in advice["reason"]
+    assert "top-1 lift of +0.000 (< 25% of the oracle's +0.200)" in advice["reason"]
+
+
 def test_audit_accepts_a_generator_and_checks_consistency():
     report = audit_judges(case for case in hand_cases(perfect=lambda dice: dice))
     assert report["cases"] == 2
