@@ -30,8 +30,10 @@ S the second moment of the standardised references and s the Ledoit-Wolf shrinka
 at least `min_shrinkage`. The identity target is the natural one here: by construction a feature's robust
 spread is 1. With fewer cases than features S is singular and the shrinkage keeps the covariance invertible;
 with a single labeled case s = 1 (independent robust z-scores around that case). Score = log-density of the
-proposal's standardised features (higher = more plausible); it is unbounded below, which is intended:
-rankings are what matters, and the combination judge rank-normalises.
+proposal's standardised features (higher = more plausible), one joint density over all classes' features
+rather than the per-class average other judges use (class contacts and offsets belong to no single class);
+it is unbounded below, which is intended: rankings are what matters, and the combination judge
+rank-normalises.
 
 Cost: fit reads each labeled reference once; scoring computes the features of each proposal (a few
 connected-component labellings and morphological operations per class on the class's bounding box), about
