@@ -1,10 +1,12 @@
 """Judges: score the K proposals of a case, higher = better (installed as `nnunet_rndpo.judges`).
 
-Built-in judges by registry name: agreement, uncertainty, learned_qc, virtual_annotator, and the research-only
-oracle (reads the true labels). A user's own judge is a `Judge` subclass, given to `get_judge` as a dotted
-path "package.module:ClassName" or registered with `register_judge`.
+Built-in judges by registry name: agreement, uncertainty, learned_qc, virtual_annotator, anatomy (a density
+of anatomical features fitted on the labeled cases' true labels), combination (a weighted sum of other judges'
+within-case ranks), and the research-only oracle (reads the true labels). A user's own judge is a `Judge`
+subclass, given to `get_judge` as a dotted path "package.module:ClassName" or registered with `register_judge`.
 """
 from .agreement import AgreementJudge
+from .anatomy import AnatomyJudge
 from .base import (
     Judge,
     JudgeError,
@@ -14,12 +16,21 @@ from .base import (
     register_judge,
     score_case,
 )
+from .combination import CombinationJudge
 from .learned_qc import LearnedQCJudge
 from .oracle import OracleJudge
 from .uncertainty import UncertaintyJudge
 from .virtual_annotator import VirtualAnnotatorJudge
 
-for _judge_class in (AgreementJudge, UncertaintyJudge, LearnedQCJudge, VirtualAnnotatorJudge, OracleJudge):
+for _judge_class in (
+    AgreementJudge,
+    UncertaintyJudge,
+    LearnedQCJudge,
+    VirtualAnnotatorJudge,
+    AnatomyJudge,
+    CombinationJudge,
+    OracleJudge,
+):
     register_judge(_judge_class.name, _judge_class)
 del _judge_class
 
@@ -27,6 +38,8 @@ load_judge = Judge.load
 
 __all__ = [
     "AgreementJudge",
+    "AnatomyJudge",
+    "CombinationJudge",
     "Judge",
     "JudgeError",
     "JudgeInput",

@@ -93,9 +93,18 @@ class Judge(abc.ABC):
 
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
+    # False for judges whose `fit` reads only the references (e.g. anatomy): a caller may then pass labeled
+    # cases whose proposals are placeholders instead of running the model on them.
+    fit_reads_proposals: ClassVar[bool] = True
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Learn from labeled cases (proposals + reference). Most judges have nothing to learn."""
+
+    @property
+    def learns(self) -> bool:
+        """Whether `fit` learns anything, i.e. whether labeled cases must be prepared for it: by default,
+        whether the class overrides `fit` (a combination judge learns only if one of its judges does)."""
+        return type(self).fit is not Judge.fit
 
     @abc.abstractmethod
     def score(self, case: JudgeInput) -> np.ndarray:

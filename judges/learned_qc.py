@@ -4,16 +4,25 @@
 same features from the proposals, the image and the mean probabilities only — the feature code never
 receives the reference. Which optional inputs (image, probabilities) feed the features is fixed by the
 first fitted case; every later case must bring the same ones.
+
+Where its information comes from: examples of (proposal, true Dice). Fitted on the base model's proposals
+for its own training cases (what `fit` gets from the pipeline), the examples are in-sample: the model has
+memorised those cases, its masks there are better and more alike than on new cases, and the regressor learns
+the wrong relation. `fit_on_held_out_predictions` fits on honest examples instead: each fold model's
+proposals for the cases held out of its training (nnU-Net's cross-validation), and refuses in-sample ones.
+Cost: the fold models' predictions on their validation cases (which nnU-Net's cross-validation makes anyway)
+and a small tree ensemble; scoring is feature computation plus a regressor call, no GPU.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Collection, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from nnunet_rndpo.segmentation_metrics import pairwise_dice_per_class, proposal_dice, soft_dice
 
-from .base import Judge, JudgeInput
+from .base import Judge, JudgeError, JudgeInput
 from .mask_features import (
     boundary_band,
     component_sizes,
@@ -54,6 +63,7 @@ class LearnedQCJudge(Judge):
         self.uses_probabilities = False
         self.uses_image = False
         self.training_samples = 0
+        self.training_source = ""
 
     def options(self) -> dict[str, Any]:
         return {"model": self.model, "random_state": self.random_state}
@@ -67,6 +77,7 @@ class LearnedQCJudge(Judge):
             "uses_probabilities": self.uses_probabilities,
             "uses_image": self.uses_image,
             "training_samples": self.training_samples,
+            "training_source": self.training_source,
         }
 
     def load_fitted_state(self, fitted: dict[str, Any]) -> None:
@@ -77,9 +88,11 @@ class LearnedQCJudge(Judge):
         self.uses_probabilities = bool(fitted["uses_probabilities"])
         self.uses_image = bool(fitted["uses_image"])
         self.training_samples = int(fitted["training_samples"])
+        self.training_source = str(fitted.get("training_source", ""))
 
     def describe(self) -> str:
-        state = f"fitted on {self.training_samples} proposals" if self.regressor is not None else "not fitted"
+        source = f" ({self.training_source})" if self.training_source else ""
+        state = f"fitted on {self.training_samples} proposals{source}" if self.regressor is not None else "not fitted"
         return f"{super().describe()}, {state}"
 
     @property
@@ -97,24 +110,29 @@ class LearnedQCJudge(Judge):
         labeled_cases = list(labeled_cases)
         if not labeled_cases:
             raise ValueError("learned_qc.fit needs at least one labeled case")
-        first = labeled_cases[0]
-        self.labels = first.labels
-        self.uses_probabilities = first.mean_probabilities is not None
-        self.uses_image = first.image is not None
-        features, targets = [], []
+        targets = []
         for case in labeled_cases:
             if case.reference is None:
                 raise ValueError(f"learned_qc.fit needs labeled cases; case {case.case_id!r} has no reference")
-            features.append(self._features(case))
             targets.append(proposal_dice(case.proposals, case.reference, case.labels))
-        feature_matrix = np.concatenate(features)
-        target_vector = np.concatenate(targets)
+        self.fit_examples(labeled_cases, targets, source="labeled cases' proposals")
+
+    def fit_examples(self, cases: Sequence[JudgeInput], targets: Sequence[np.ndarray], source: str = "") -> None:
+        """Fit on the proposals of `cases` with the given true Dice targets ((K,) per case)."""
+        cases = list(cases)
+        first = cases[0]
+        self.labels = first.labels
+        self.uses_probabilities = first.mean_probabilities is not None
+        self.uses_image = first.image is not None
+        feature_matrix = np.concatenate([self._features(case) for case in cases])
+        target_vector = np.concatenate([np.asarray(target, dtype=np.float64) for target in targets])
         if feature_matrix.shape[0] < 2:
             raise ValueError(f"learned_qc.fit needs at least 2 proposals, got {feature_matrix.shape[0]}")
         regressor = _build_regressor(self.model, self.random_state)
         regressor.fit(feature_matrix, target_vector)
         self.regressor = regressor
         self.training_samples = int(feature_matrix.shape[0])
+        self.training_source = source
 
     def score(self, case: JudgeInput) -> np.ndarray:
         if self.regressor is None:
@@ -137,6 +155,68 @@ class LearnedQCJudge(Judge):
             mean_probabilities=case.mean_probabilities if self.uses_probabilities else None,
             image=case.image if self.uses_image else None,
         )
+
+
+@dataclass(frozen=True)
+class HeldOutPrediction:
+    """One fold model's proposals for one labeled case, with their true Dice.
+
+    case: the proposals (and image, mean probabilities) as a judge sees them; true_dice: (K,) mean Dice of
+    each proposal, or None to compute it from `case.reference`; fold: which fold model made them;
+    in_sample: True when the case was in that fold model's training set (such examples are refused)."""
+
+    case: JudgeInput
+    fold: Hashable
+    true_dice: np.ndarray | None = None
+    in_sample: bool = False
+
+
+def fit_on_held_out_predictions(
+    examples: Sequence[HeldOutPrediction],
+    *,
+    fold_training_cases: Mapping[Hashable, Collection[str]] | None = None,
+    model: str = "gradient_boosting",
+    random_state: int = 0,
+) -> LearnedQCJudge:
+    """A learned_qc judge fitted only on honest (held-out) examples of several fold models.
+
+    Refuses, with a JudgeError naming the case and the fold, any example marked `in_sample`, and, when
+    `fold_training_cases` ({fold: training case ids}) is given, any example whose case was in its fold's
+    training set or whose fold is not listed."""
+    examples = list(examples)
+    if not examples:
+        raise JudgeError("fit_on_held_out_predictions needs at least one held-out example, got none")
+    cases, targets = [], []
+    for example in examples:
+        case_id, fold = example.case.case_id, example.fold
+        where = f"case {case_id!r} of fold {fold!r}"
+        if example.in_sample:
+            raise JudgeError(f"{where} is marked in-sample (the fold model trained on it): only held-out examples")
+        if fold_training_cases is not None:
+            if fold not in fold_training_cases:
+                listed = sorted(map(str, fold_training_cases))
+                raise JudgeError(f"{where}: fold {fold!r} is not in fold_training_cases {listed}")
+            if case_id in fold_training_cases[fold]:
+                raise JudgeError(f"{where}: the case is in that fold's training cases, so the example is in-sample")
+        if example.true_dice is not None:
+            target = np.asarray(example.true_dice, dtype=np.float64)
+        elif example.case.reference is not None:
+            target = proposal_dice(example.case.proposals, example.case.reference, example.case.labels)
+        else:
+            raise JudgeError(f"{where}: neither true_dice nor the case's reference is given")
+        if target.shape != (example.case.proposal_count,) or not np.all(np.isfinite(target)):
+            raise JudgeError(
+                f"{where}: true_dice must be {example.case.proposal_count} finite numbers, got shape {target.shape}"
+            )
+        cases.append(example.case)
+        targets.append(target)
+    folds = sorted({str(example.fold) for example in examples})
+    judge = LearnedQCJudge(model=model, random_state=random_state)
+    try:
+        judge.fit_examples(cases, targets, source=f"held-out predictions of folds {', '.join(folds)}")
+    except ValueError as error:
+        raise JudgeError(f"fit_on_held_out_predictions: {error}") from error
+    return judge
 
 
 def proposal_features(

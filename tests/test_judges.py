@@ -114,7 +114,9 @@ def test_judge_input_rejects_inconsistent_shapes():
 
 
 def test_registry_lists_builtins_and_passes_options():
-    assert set(available_judges()) >= {"agreement", "uncertainty", "learned_qc", "virtual_annotator", "oracle"}
+    assert set(available_judges()) >= {
+        "agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "combination", "oracle"
+    }
     assert get_judge("agreement", to="consensus").to == "consensus"
     with pytest.raises(JudgeError) as error:
         get_judge("agreemnet")
@@ -428,7 +430,9 @@ def test_learned_qc_random_forest_also_ranks():
 # --- every built-in judge, one shared sanity check --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["agreement", "uncertainty", "learned_qc", "virtual_annotator", "oracle"])
+@pytest.mark.parametrize(
+    "name", ["agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "combination", "oracle"]
+)
 def test_each_builtin_ranks_truth_above_fragmented_and_empty(name):
     judge = get_judge(name)
     judge.fit(training_cases())
