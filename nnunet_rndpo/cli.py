@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_AUDIT_JUDGES = ("agreement", "uncertainty", "learned_qc", "virtual_annotator", "oracle")
+DEFAULT_AUDIT_JUDGES = ("agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "oracle")
 
 
 # ------------------------------------------------------------------------------------------ shared arguments
@@ -118,16 +118,21 @@ def run_judge(args) -> int:
 
 
 def run_audit(args) -> int:
-    from nnunet_rndpo.audit import format_table
+    from nnunet_rndpo.audit import AUDIT_JSON_NAME, AUDIT_PAIRS_PNG_NAME, AUDIT_PNG_NAME, AUDIT_RANKS_PNG_NAME, format_table
     from nnunet_rndpo.pipeline import run_audit as audit
 
     location, model = _load(args)
     output = args.output or location.store_folder(model.checkpoint_path).parent / "audit"
-    report = audit(model, location, args.judges, _proposal_settings(args), output, device=args.device, margin=args.margin, seed=args.seed)
+    report = audit(
+        model, location, args.judges, _proposal_settings(args), output, device=args.device, margin=args.margin, seed=args.seed,
+        reliability_curve=args.reliability_curve,
+    )
     print(format_table(report))
     recommendation = report["recommendation"]
     print(f"\nrecommendation: judge={recommendation['judge']}, mining={recommendation['mining']}\n  {recommendation['reason']}")
-    print(f"written: {output / 'judge_audit.json'}, {output / 'judge_audit.png'}")
+    names = (AUDIT_JSON_NAME, AUDIT_PNG_NAME, AUDIT_RANKS_PNG_NAME, AUDIT_PAIRS_PNG_NAME)
+    written = ", ".join(str(output / name) for name in names)
+    print(f"written: {written}")
     return 0
 
 
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--judges", nargs="+", default=list(DEFAULT_AUDIT_JUDGES), help="registered names or module:Class paths (listed below)")
     audit.add_argument("-o", "--output", type=Path, default=None, help="folder for judge_audit.json/png (default: beside the store)")
     audit.add_argument("--margin", type=float, default=0.02)
+    audit.add_argument("--reliability_curve", type=Path, default=None, help="JSON reliability-to-gain curve: each judge's expected gain (docs/judges.md)")
 
     export = add("export", "copy a fine-tuned model folder with trainer name nnUNetTrainer, for users without this package", run_export)
     export.add_argument("-d", "--dataset", required=True)

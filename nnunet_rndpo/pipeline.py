@@ -125,7 +125,7 @@ def judge_inputs(
 
 
 def judge_learns(judge: Judge) -> bool:
-    return type(judge).fit is not Judge.fit
+    return judge.learns
 
 
 def build_judge(spec: str, options: dict, store: ProposalStore) -> tuple[Judge, Optional[Path]]:
@@ -161,12 +161,18 @@ def ready_judge(
         return judge
     log(f"fitting {judge.describe()} on the labeled training cases of fold {location.fold}")
     labeled_pool = location.labeled_training_pool()
-    labeled_store, _ = generate_proposals(
-        model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", proposal_settings, device=device, progress=progress
-    )
-    reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    labels = foreground_labels(model)
     true_labels = TrueLabelLoader(model, location).for_pool(labeled_pool)
-    judge.fit(list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, foreground_labels(model), true_labels)))
+    if not judge.fit_reads_proposals:
+        # a judge of anatomy learns from the true label maps alone: no proposals of the labeled cases needed
+        inputs = [JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, reference=truth) for case_id in labeled_pool.case_ids]
+    else:
+        labeled_store, _ = generate_proposals(
+            model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", proposal_settings, device=device, progress=progress
+        )
+        reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+        inputs = list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, labels, true_labels))
+    judge.fit(inputs)
     judge.save(fitted_file)
     return judge
 
@@ -321,9 +327,11 @@ def run_audit(
     strategies: Optional[Sequence[str]] = None,
     margin: float = 0.02,
     seed: int = 0,
+    reliability_curve: Optional[Path] = None,
     progress: bool = True,
 ) -> dict:
-    """Judges against true Dice on labeled cases (default: the fold's validation cases): JSON, PNG, report."""
+    """Judges against true Dice on labeled cases (default: the fold's validation cases): JSON, PNGs, report.
+    `reliability_curve`: a JSON reliability-to-gain curve (docs/judges.md) for each judge's expected gain."""
     from nnunet_rndpo.audit import AuditCase, audit_judges, recommend, write_audit
     from nnunet_rndpo.segmentation_metrics import proposal_dice
 
@@ -339,6 +347,7 @@ def run_audit(
         for spec in judge_specs
     ]
     true_labels = TrueLabelLoader(model, location).for_pool(pool)
+    reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     labels = foreground_labels(model)
     audit_cases = []
     for case_id in pool.case_ids:
@@ -349,6 +358,7 @@ def run_audit(
                 true_dice=proposal_dice(proposals, true_labels(case_id), labels),
                 judge_scores={p.judge.display_name: np.asarray(p.scores[case_id]) for p in prepared},
                 proposals=proposals,
+                image=reader.load(case_id)[0],
             )
         )
     report = audit_judges(
@@ -357,6 +367,7 @@ def run_audit(
         margin=margin,
         seed=seed,
         label_using_judges=tuple(p.judge.display_name for p in prepared if p.judge.needs_labels),
+        reliability_curve=reliability_curve,
     )
     report["recommendation"] = recommend(report)
     report["proposal_settings"] = proposal_settings.to_dict()

@@ -65,7 +65,8 @@ def test_audit_reports_every_judge_against_true_dice(preprocessed_synthetic, tin
     printed = capsys.readouterr().out
     report = json.loads((output / "judge_audit.json").read_text())
     assert (output / "judge_audit.png").stat().st_size > 0
-    assert set(report["judges"]) == {"agreement", "uncertainty", "learned_qc", "virtual_annotator", "oracle"}
+    assert set(report["judges"]) == {"agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "oracle"}
+    assert (output / "judge_audit_pairs.png").stat().st_size > 0 and (output / "judge_audit_ranks.png").stat().st_size > 0
     # the noiseless oracle ranks by true Dice itself: perfect wherever the true Dice differ
     oracle = report["judges"]["oracle"]
     assert oracle["uses_labels"] and oracle["top1_hit_rate"] == 1.0
