@@ -136,7 +136,7 @@ def main() -> None:
     labeled = []
     for path in fit_files:
         reference = read_label_map(path)
-        labeled.append(JudgeInput(path.name, reference[None], LABELS, reference=reference))
+        labeled.append(JudgeInput(path.name, reference[None], LABELS, true_labels=reference))
     judges = {name: get_judge(name) for name in args.judges}
     for judge in judges.values():
         judge.fit(labeled)

@@ -142,13 +142,13 @@ class AnatomyJudge(Judge):
         labels = labeled_cases[0].labels
         rows = []
         for case in labeled_cases:
-            if case.reference is None:
-                raise JudgeError(f"anatomy judge: fit needs true labels; case {case.case_id!r} has no reference")
+            if case.true_labels is None:
+                raise JudgeError(f"anatomy judge: fit needs true labels; case {case.case_id!r} has no true labels")
             if case.labels != labels:
                 raise JudgeError(
                     f"anatomy judge: case {case.case_id!r} has labels {case.labels}, the first case had {labels}"
                 )
-            rows.append(anatomy_features(case.reference, labels, self.features))
+            rows.append(anatomy_features(case.true_labels, labels, self.features))
         references = np.stack(rows)
         floors = np.array([FEATURE_SCALE_FLOORS[kind] for _, kind in feature_layout(labels, self.features)])
         centre = np.median(references, axis=0)

@@ -1,7 +1,7 @@
 """The judge interface: what a judge sees (JudgeInput), what it returns (one score per proposal), the registry.
 
 A judge scores the K proposals of one case; higher = better. Label-free judges never read
-`JudgeInput.reference`; only the research oracle (`needs_labels = True`) does, and the learned judges read it
+`JudgeInput.true_labels`; only the research oracle (`needs_labels = True`) does, and the learned judges read it
 in `fit`, on labeled cases only. Multi-class judges score each foreground class and average over classes
 unless they document otherwise.
 """
@@ -34,7 +34,7 @@ class JudgeInput:
     image: (C, *spatial) preprocessed image, if available.
     mean_probabilities: (num_classes, *spatial) base-model softmax averaged over the proposals' passes;
         channel index = label value, channel 0 = background.
-    reference: (*spatial) true label map: only for the oracle, for fitting learned judges, and the audit.
+    true_labels: (*spatial) true label map: only for the oracle, for fitting learned judges, and the audit.
     """
 
     case_id: str
@@ -42,7 +42,7 @@ class JudgeInput:
     labels: tuple[int, ...]
     image: np.ndarray | None = None
     mean_probabilities: np.ndarray | None = None
-    reference: np.ndarray | None = None
+    true_labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.case_id = str(self.case_id)
@@ -70,10 +70,10 @@ class JudgeInput:
                 f"{where}: mean_probabilities has {self.mean_probabilities.shape[0]} channels, "
                 f"too few for label {max(self.labels)} (channel index = label value)"
             )
-        if self.reference is not None:
-            self.reference = np.asarray(self.reference)
-            if self.reference.shape != spatial:
-                raise ValueError(f"{where}: reference must have shape {spatial}, got {self.reference.shape}")
+        if self.true_labels is not None:
+            self.true_labels = np.asarray(self.true_labels)
+            if self.true_labels.shape != spatial:
+                raise ValueError(f"{where}: true_labels must have shape {spatial}, got {self.true_labels.shape}")
 
     @property
     def proposal_count(self) -> int:

@@ -112,9 +112,9 @@ class LearnedQCJudge(Judge):
             raise ValueError("learned_qc.fit needs at least one labeled case")
         targets = []
         for case in labeled_cases:
-            if case.reference is None:
-                raise ValueError(f"learned_qc.fit needs labeled cases; case {case.case_id!r} has no reference")
-            targets.append(proposal_dice(case.proposals, case.reference, case.labels))
+            if case.true_labels is None:
+                raise ValueError(f"learned_qc.fit needs labeled cases; case {case.case_id!r} has no true labels")
+            targets.append(proposal_dice(case.proposals, case.true_labels, case.labels))
         self.fit_examples(labeled_cases, targets, source="labeled cases' proposals")
 
     def fit_examples(self, cases: Sequence[JudgeInput], targets: Sequence[np.ndarray], source: str = "") -> None:
@@ -162,7 +162,7 @@ class HeldOutPrediction:
     """One fold model's proposals for one labeled case, with their true Dice.
 
     case: the proposals (and image, mean probabilities) as a judge sees them; true_dice: (K,) mean Dice of
-    each proposal, or None to compute it from `case.reference`; fold: which fold model made them;
+    each proposal, or None to compute it from `case.true_labels`; fold: which fold model made them;
     in_sample: True when the case was in that fold model's training set (such examples are refused)."""
 
     case: JudgeInput
@@ -200,8 +200,8 @@ def fit_on_held_out_predictions(
                 raise JudgeError(f"{where}: the case is in that fold's training cases, so the example is in-sample")
         if example.true_dice is not None:
             target = np.asarray(example.true_dice, dtype=np.float64)
-        elif example.case.reference is not None:
-            target = proposal_dice(example.case.proposals, example.case.reference, example.case.labels)
+        elif example.case.true_labels is not None:
+            target = proposal_dice(example.case.proposals, example.case.true_labels, example.case.labels)
         else:
             raise JudgeError(f"{where}: neither true_dice nor the case's reference is given")
         if target.shape != (example.case.proposal_count,) or not np.all(np.isfinite(target)):

@@ -52,12 +52,12 @@ class OracleJudge(Judge):
         return f"{super().__repr__()}  # {RESEARCH_ONLY_NOTE}"
 
     def score(self, case: JudgeInput) -> np.ndarray:
-        if case.reference is None:
+        if case.true_labels is None:
             raise ValueError(
                 f"the oracle judge ({RESEARCH_ONLY_NOTE}) needs the reference labels of case {case.case_id!r}, "
                 "which were not given"
             )
-        scores = proposal_dice(case.proposals, case.reference, case.labels)
+        scores = proposal_dice(case.proposals, case.true_labels, case.labels)
         rng = np.random.default_rng([self.seed, _stable_case_number(case.case_id)])
         if self.noise_std > 0:
             scores = scores + rng.normal(0.0, self.noise_std, size=scores.shape)

@@ -73,9 +73,9 @@ class VirtualAnnotatorJudge(Judge):
         """Learn per-class presence, log-volume, component count and roughness from the references."""
         references = []
         for case in labeled_cases:
-            if case.reference is None:
-                raise ValueError(f"virtual_annotator.fit needs labeled cases; case {case.case_id!r} has no reference")
-            references.append((case.reference, case.labels))
+            if case.true_labels is None:
+                raise ValueError(f"virtual_annotator.fit needs labeled cases; case {case.case_id!r} has no true labels")
+            references.append((case.true_labels, case.labels))
         if not references:
             raise ValueError("virtual_annotator.fit needs at least one labeled case")
         all_labels = sorted({label for _, labels in references for label in labels})

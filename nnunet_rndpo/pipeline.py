@@ -120,7 +120,7 @@ def judge_inputs(
             labels=labels,
             image=data,
             mean_probabilities=case["mean_probabilities"].astype(np.float32),
-            reference=true_labels(case_id) if true_labels is not None else None,
+            true_labels=true_labels(case_id) if true_labels is not None else None,
         )
 
 
@@ -165,7 +165,7 @@ def ready_judge(
     true_labels = TrueLabelLoader(model, location).for_pool(labeled_pool)
     if not judge.fit_reads_proposals:
         # a judge of anatomy learns from the true label maps alone: no proposals of the labeled cases needed
-        inputs = [JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, reference=truth) for case_id in labeled_pool.case_ids]
+        inputs = [JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, true_labels=truth) for case_id in labeled_pool.case_ids]
     else:
         labeled_store, _ = generate_proposals(
             model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", proposal_settings, device=device, progress=progress

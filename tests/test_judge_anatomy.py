@@ -32,7 +32,7 @@ def labeled_references(count: int = 10, seed: int = 0) -> list[JudgeInput]:
     cases = []
     for index in range(count):
         reference = split_ellipsoid(rng.uniform(-1, 1), rng.uniform(0.9, 1.1))
-        cases.append(JudgeInput(f"train_{index}", reference[None], LABELS, reference=reference))
+        cases.append(JudgeInput(f"train_{index}", reference[None], LABELS, true_labels=reference))
     return cases
 
 
@@ -151,7 +151,7 @@ def test_refit_is_deterministic_and_save_load_round_trips(tmp_path):
 def test_scores_never_read_the_proposals_reference():
     proposals, _ = defective_proposals()
     judge = fitted_judge()
-    with_reference = JudgeInput("test", proposals, LABELS, reference=proposals[0])
+    with_reference = JudgeInput("test", proposals, LABELS, true_labels=proposals[0])
     assert np.array_equal(judge.score(with_reference), judge.score(JudgeInput("test", proposals, LABELS)))
 
 
@@ -173,7 +173,7 @@ def test_clear_errors_for_no_cases_no_fit_no_reference_and_bad_options():
     proposals, _ = defective_proposals()
     with pytest.raises(JudgeError, match="not fitted"):
         score_case(AnatomyJudge(), JudgeInput("test", proposals, LABELS))
-    with pytest.raises(JudgeError, match="case 'nolabel' has no reference"):
+    with pytest.raises(JudgeError, match="case 'nolabel' has no true labels"):
         AnatomyJudge().fit([JudgeInput("nolabel", proposals, LABELS)])
     with pytest.raises(JudgeError, match="labels"):
         score_case(fitted_judge(), JudgeInput("test", proposals, (1,)))

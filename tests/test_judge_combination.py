@@ -49,7 +49,7 @@ def four_proposals(case_id="c") -> JudgeInput:
     proposals = np.zeros((4, 3, 3, 3), dtype=np.uint8)
     for index in range(4):
         proposals[index].reshape(-1)[: index + 1] = 1
-    return JudgeInput(case_id, proposals, (1,), reference=proposals[0])
+    return JudgeInput(case_id, proposals, (1,), true_labels=proposals[0])
 
 
 def test_normalised_ranks_hand_values():

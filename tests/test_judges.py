@@ -53,7 +53,7 @@ def smoothed_probabilities(truth: np.ndarray, labels=(1,)) -> np.ndarray:
     return np.stack([background, *foreground]).astype(np.float32)
 
 
-def ordered_case(case_id="case_a", centre=(7.5, 7.5, 7.5), with_reference=True) -> JudgeInput:
+def ordered_case(case_id="case_a", centre=(7.5, 7.5, 7.5), with_true_labels=True) -> JudgeInput:
     """Proposals 0..3 in true order: truth, dilated, fragmented, empty."""
     truth = ball(5, centre)
     proposals = np.stack([truth, ball(6, centre), fragmented(truth), np.zeros_like(truth)])
@@ -65,7 +65,7 @@ def ordered_case(case_id="case_a", centre=(7.5, 7.5, 7.5), with_reference=True) 
         labels=(1,),
         image=image,
         mean_probabilities=smoothed_probabilities(truth),
-        reference=truth if with_reference else None,
+        true_labels=truth if with_true_labels else None,
     )
 
 
@@ -105,8 +105,8 @@ def test_soft_dice_hand_values():
 
 def test_judge_input_rejects_inconsistent_shapes():
     proposals = np.zeros((2, 4, 4, 4), dtype=np.uint8)
-    with pytest.raises(ValueError, match="case 'c'.*reference"):
-        JudgeInput("c", proposals, (1,), reference=np.zeros((4, 4, 5)))
+    with pytest.raises(ValueError, match="case 'c'.*true_labels"):
+        JudgeInput("c", proposals, (1,), true_labels=np.zeros((4, 4, 5)))
     with pytest.raises(ValueError, match="mean_probabilities"):
         JudgeInput("c", proposals, (1, 2), mean_probabilities=np.zeros((2, 4, 4, 4)))
     with pytest.raises(ValueError, match="labels"):
@@ -227,14 +227,14 @@ def test_judges_package_imports_without_torch():
 def test_oracle_without_noise_gives_exact_dice():
     case = ordered_case()
     scores = score_case(OracleJudge(), case)
-    assert np.array_equal(scores, proposal_dice(case.proposals, case.reference, (1,)))
+    assert np.array_equal(scores, proposal_dice(case.proposals, case.true_labels, (1,)))
     assert scores[0] == 1.0 and scores[3] == 0.0
     assert_strictly_decreasing(scores)
 
 
 def test_oracle_refuses_without_reference_and_names_the_case():
     with pytest.raises(JudgeError) as error:
-        score_case(OracleJudge(), ordered_case("unlabeled_7", with_reference=False))
+        score_case(OracleJudge(), ordered_case("unlabeled_7", with_true_labels=False))
     assert "unlabeled_7" in str(error.value) and "oracle" in str(error.value)
 
 
@@ -259,7 +259,7 @@ def test_oracle_flips_change_the_ranking_but_keep_the_values():
     truth = ball(5)
     # Eight proposals with distinct true Dice: balls of growing radius.
     proposals = np.stack([ball(radius) for radius in (5, 5.5, 6, 6.5, 7, 7.5, 4, 3)])
-    case = JudgeInput("flip_case", proposals, (1,), reference=truth)
+    case = JudgeInput("flip_case", proposals, (1,), true_labels=truth)
     exact = score_case(OracleJudge(), case)
     assert np.array_equal(score_case(OracleJudge(flip_probability=0.0, seed=1), case), exact)
     flipped = score_case(OracleJudge(flip_probability=1.0, seed=1), case)
@@ -364,7 +364,7 @@ def test_virtual_annotator_fitted_on_references_prefers_the_plausible_volume(tmp
 
 def test_virtual_annotator_accepts_an_empty_mask_for_a_class_the_references_lack():
     judge = VirtualAnnotatorJudge()
-    judge.fit([JudgeInput("train", np.zeros((1, 8, 8, 8), np.uint8), (1,), reference=np.zeros((8, 8, 8), np.uint8))])
+    judge.fit([JudgeInput("train", np.zeros((1, 8, 8, 8), np.uint8), (1,), true_labels=np.zeros((8, 8, 8), np.uint8))])
     speck = np.zeros((8, 8, 8), np.uint8)
     speck[2, 2, 2] = 1
     scores = score_case(judge, JudgeInput("test", np.stack([np.zeros_like(speck), speck]), (1,)))
@@ -372,8 +372,8 @@ def test_virtual_annotator_accepts_an_empty_mask_for_a_class_the_references_lack
 
 
 def test_virtual_annotator_fit_requires_references():
-    with pytest.raises(ValueError, match="no reference"):
-        VirtualAnnotatorJudge().fit([ordered_case(with_reference=False)])
+    with pytest.raises(ValueError, match="no true labels"):
+        VirtualAnnotatorJudge().fit([ordered_case(with_true_labels=False)])
 
 
 # --- learned QC -------------------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def test_learned_qc_fit_score_save_load_round_trip(tmp_path):
     assert scores[0] > scores[2] and scores[0] > scores[3] and scores[1] > scores[3]
 
     # score never reads the reference
-    unlabeled = ordered_case("test", centre=(8.0, 7.0, 7.5), with_reference=False)
+    unlabeled = ordered_case("test", centre=(8.0, 7.0, 7.5), with_true_labels=False)
     assert np.array_equal(score_case(judge, unlabeled), scores)
 
     judge.save(tmp_path / "qc.pkl")
@@ -416,8 +416,8 @@ def test_learned_qc_is_deterministic_and_checks_inputs():
     case.mean_probabilities = None
     with pytest.raises(JudgeError, match="mean_probabilities"):
         score_case(first, case)
-    with pytest.raises(ValueError, match="no reference"):
-        LearnedQCJudge().fit([ordered_case(with_reference=False)])
+    with pytest.raises(ValueError, match="no true labels"):
+        LearnedQCJudge().fit([ordered_case(with_true_labels=False)])
 
 
 def test_learned_qc_random_forest_also_ranks():

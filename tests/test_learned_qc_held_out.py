@@ -24,7 +24,7 @@ def test_fits_on_held_out_examples_and_ranks(tmp_path):
     judge = fit_on_held_out_predictions(held_out_examples(), fold_training_cases=FOLD_TRAINING)
     assert isinstance(judge, LearnedQCJudge) and judge.training_samples == 16
     assert "held-out predictions of folds 0, 1" in judge.describe()
-    test_case = ordered_case("test", with_reference=False)
+    test_case = ordered_case("test", with_true_labels=False)
     scores = score_case(judge, test_case)
     assert scores[0] > scores[2] > scores[3]
     judge.save(tmp_path / "qc.pkl")
@@ -37,7 +37,7 @@ def test_given_true_dice_are_the_targets():
     # Reversed targets: the regressor must learn that the empty mask is the best one.
     examples = []
     for example in held_out_examples():
-        true_dice = proposal_dice(example.case.proposals, example.case.reference, (1,))
+        true_dice = proposal_dice(example.case.proposals, example.case.true_labels, (1,))
         examples.append(HeldOutPrediction(example.case, example.fold, true_dice=1.0 - true_dice))
     scores = score_case(fit_on_held_out_predictions(examples), ordered_case("test"))
     assert scores[3] > scores[0]
@@ -66,7 +66,7 @@ def test_in_sample_examples_are_refused_naming_case_and_fold():
 def test_bad_examples_are_refused_clearly():
     with pytest.raises(JudgeError, match="at least one held-out example"):
         fit_on_held_out_predictions([])
-    unlabeled = HeldOutPrediction(ordered_case("u", with_reference=False), fold=0)
+    unlabeled = HeldOutPrediction(ordered_case("u", with_true_labels=False), fold=0)
     with pytest.raises(JudgeError, match="case 'u' of fold 0: neither true_dice nor"):
         fit_on_held_out_predictions([unlabeled])
     wrong = HeldOutPrediction(ordered_case("w"), fold=2, true_dice=np.ones(3))
