@@ -37,7 +37,8 @@ def _add_proposal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout_p", type=float, default=0.2)
     parser.add_argument("--dropout_location", default="bottleneck", choices=DROPOUT_LOCATIONS)
     parser.add_argument("--dropout_mode", default="element", choices=DROPOUT_MODES)
-    parser.add_argument("--extra_checkpoints", nargs="*", default=[], help="further checkpoints for source 'checkpoint'")
+    parser.add_argument("--extra_checkpoints", nargs="*", default=[], help="further checkpoints for sources 'checkpoint' and 'checkpoint_tta'")
+    parser.add_argument("--other_folds", action="store_true", help="add the base's other trained folds to the extra checkpoints")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -59,7 +60,8 @@ def _proposal_settings(args):
 
     return ProposalSettings(
         num_proposals=args.num_proposals, sources=tuple(args.sources), dropout_p=args.dropout_p, dropout_location=args.dropout_location,
-        dropout_mode=args.dropout_mode, extra_checkpoints=tuple(args.extra_checkpoints), seed=args.seed,
+        dropout_mode=args.dropout_mode, extra_checkpoints=tuple(args.extra_checkpoints), other_folds=args.other_folds,
+        seed=args.seed,
     )
 
 

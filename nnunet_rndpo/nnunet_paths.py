@@ -77,6 +77,20 @@ class RunLocation:
         )
 
 
+def sibling_fold_checkpoints(checkpoint_path: Path) -> list[Path]:
+    """The same checkpoint name in the other `fold_*` folders of a model's trainer folder (nnU-Net's layout
+    `<Trainer>__<Plans>__<config>/fold_F/<checkpoint>`), sorted; [] when the checkpoint is not in such a folder."""
+    checkpoint_path = Path(checkpoint_path)
+    own_fold = checkpoint_path.parent
+    if not own_fold.name.startswith("fold_"):
+        return []
+    return sorted(
+        folder / checkpoint_path.name
+        for folder in own_fold.parent.glob("fold_*")
+        if folder != own_fold and (folder / checkpoint_path.name).is_file()
+    )
+
+
 def find_dataset_name(dataset: int | str) -> str:
     """`DatasetXXX_Name` for an id (searched in nnUNet_raw/preprocessed/results) or a name passed through."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

@@ -582,3 +582,45 @@ def test_cleanup_spares_a_live_writers_temporary_and_removes_a_dead_ones(tmp_pat
     dead.write_bytes(b"left by a killed writer")
     assert remove_stale_temporaries(tmp_path) == 1
     assert live.exists() and not dead.exists()
+
+
+# ================================================================================================ cross-model sources
+def test_other_folds_are_found_beside_the_base_and_added_once(tmp_path):
+    from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
+    from nnunet_rndpo.proposals.run import with_other_folds
+
+    trainer_folder = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    for fold in (0, 1, 3):
+        (trainer_folder / f"fold_{fold}").mkdir(parents=True)
+        (trainer_folder / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"")
+    (trainer_folder / "fold_2").mkdir()  # a fold not trained yet: no checkpoint, not a source
+    base = trainer_folder / "fold_0" / "checkpoint_final.pth"
+    assert sibling_fold_checkpoints(base) == [trainer_folder / "fold_1" / "checkpoint_final.pth", trainer_folder / "fold_3" / "checkpoint_final.pth"]
+    settings = ProposalSettings(num_proposals=3, sources=("checkpoint",), other_folds=True)
+    resolved = with_other_folds(settings, base)
+    assert resolved.extra_checkpoints == tuple(str(p) for p in sibling_fold_checkpoints(base))
+    assert with_other_folds(resolved, base) == resolved  # the store's manifest settings resolve to themselves
+    assert [m.network_index for m in plan_members(resolved, ALL_AXES)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="other_folds: no other fold"):
+        with_other_folds(settings, tmp_path / "elsewhere" / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(ValueError, match="need extra_checkpoints"):
+        ProposalSettings(num_proposals=3, sources=("checkpoint_tta",))
+
+
+def test_checkpoint_tta_and_ensemble_members_are_planned_per_network():
+    settings = ProposalSettings(num_proposals=5, sources=("ensemble", "checkpoint_tta"), extra_checkpoints=("a.pth",))
+    members = plan_members(settings, (1, 2))
+    assert [m.source for m in members] == ["plain", "ensemble", "checkpoint_tta", "checkpoint_tta", "checkpoint_tta"]
+    assert [(m.network_index, m.flip_axes) for m in members[2:]] == [(1, (1,)), (1, (2,)), (1, (1, 2))]
+    assert [m.needs_forward for m in members] == [True, False, True, True, True]
+
+
+@pytest.mark.slow
+def test_ensemble_member_is_the_argmax_of_the_mean_over_every_pass(base_model, single_tile):
+    engine = make_engine(base_model, num_proposals=5, sources=("tta", "ensemble"))
+    result = engine.generate(single_tile, case_seed=3)
+    sources = [m.source for m in engine.members]
+    assert "ensemble" in sources
+    ensemble = result.proposals[sources.index("ensemble")]
+    # the stored mean is float16: the argmax of its rounded values may differ only at exact near-ties
+    assert np.mean(ensemble == result.mean_probabilities.astype(np.float32).argmax(0)) > 0.999

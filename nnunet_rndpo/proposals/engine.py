@@ -142,7 +142,7 @@ class ProposalEngine:
                 forward_index += 1
             else:
                 derive = SOURCES[member.source].derive
-                labels.append(derive(member, plain_logits, self.settings, np.random.default_rng([case_seed, member_index])))
+                labels.append(derive(member, plain_logits, mean_probabilities, self.settings, np.random.default_rng([case_seed, member_index])))
         proposals = torch.stack(labels).to(torch.uint8).cpu().numpy()
         reference_log_probabilities = torch.log_softmax(plain_logits, dim=0).clamp(min=-60.0)  # float16-safe
         return CaseProposals(

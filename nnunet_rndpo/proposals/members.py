@@ -47,6 +47,9 @@ class ProposalSettings:
     temperature: float = 2.0
     temperature_smoothing_voxels: float = 2.0
     extra_checkpoints: tuple[str, ...] = ()
+    # add the base's sibling fold models (same trainer folder and checkpoint name) to extra_checkpoints: models
+    # trained on other data, whose disagreement carries information that one model's mirror members lack
+    other_folds: bool = False
     seed: int = 0
     tile_step_size: float = 0.5
     members_per_batch: int = 8
@@ -72,10 +75,17 @@ class ProposalSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.tile_step_size <= 1.0:
             raise ValueError(f"tile_step_size must lie in (0, 1], got {self.tile_step_size}")
-        if "checkpoint" in self.sources and not self.extra_checkpoints:
-            raise ValueError("source 'checkpoint' needs extra_checkpoints (paths of further checkpoint files)")
+        needing = [name for name in self.sources if SOURCES[name].uses_extra_networks]
+        if needing and not self.extra_checkpoints and not self.other_folds:
+            raise ValueError(f"source(s) {needing} need extra_checkpoints (paths of further checkpoint files) or other_folds")
         if self.members_per_batch < 1:
             raise ValueError("members_per_batch must be >= 1")
+
+    @property
+    def uses_extra_networks(self) -> bool:
+        from nnunet_rndpo.proposals.sources import SOURCES
+
+        return any(SOURCES[name].uses_extra_networks for name in self.sources)
 
     def to_dict(self) -> dict:
         data = asdict(self)

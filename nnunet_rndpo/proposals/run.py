@@ -3,7 +3,7 @@ optional NIfTI export once per case. Used by `nnunet_rndpo propose` and by the t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,7 +38,24 @@ class GenerationSummary:
         )
 
 
+def with_other_folds(settings: ProposalSettings, checkpoint_path: Path) -> ProposalSettings:
+    """`other_folds`: the base's sibling fold checkpoints appended to extra_checkpoints (idempotent)."""
+    if not settings.other_folds:
+        return settings
+    from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
+
+    siblings = [str(path) for path in sibling_fold_checkpoints(checkpoint_path)]
+    if not siblings:
+        raise ValueError(
+            f"other_folds: no other fold's {Path(checkpoint_path).name} beside {checkpoint_path}; train the other folds "
+            "(nnUNetv2_train D C 1 ... 4) or drop other_folds"
+        )
+    missing = [path for path in siblings if path not in settings.extra_checkpoints]
+    return replace(settings, extra_checkpoints=tuple(settings.extra_checkpoints) + tuple(missing))
+
+
 def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePool, extra_sha256: Sequence[str]) -> dict:
+    settings = with_other_folds(settings, model.checkpoint_path)
     members = plan_members(settings, model.mirror_axes if model.mirror_axes is not None else tuple(range(len(model.configuration_manager.patch_size))))
     return {
         "dataset": model.plans["dataset_name"],
@@ -57,7 +74,7 @@ def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePoo
 
 def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) -> tuple[list[torch.nn.Module], list[str]]:
     networks, hashes = [], []
-    if "checkpoint" in settings.sources:
+    if settings.uses_extra_networks:
         for path in settings.extra_checkpoints:
             extra = load_model(
                 path, device, expected_plans=model.plans, expected_configuration=model.configuration, expected_dataset_json=model.dataset_json
@@ -82,6 +99,7 @@ def generate_proposals(
     case_ids: Optional[Sequence[str]] = None,
 ) -> tuple[ProposalStore, GenerationSummary]:
     """Fill `store_folder` with K proposals for this part of the pool; finished cases are reused."""
+    settings = with_other_folds(settings, model.checkpoint_path)
     extra_networks, extra_hashes = load_extra_networks(model, settings, device)
     my_cases = list(case_ids) if case_ids is not None else pool.shard(part_id, num_parts)
     # only this part's stale temporaries are removed: other parts may be writing theirs right now

@@ -26,9 +26,11 @@ class ProposalSource:
     # (settings, mirror axes) -> this source's members, in the order they are taken (may be endless)
     members: Callable[["ProposalSettings", Sequence[int]], Iterator[ProposalMember]]
     needs_forward: bool
-    # for a source without a pass: (member, plain logits (C, *spatial), settings, rng) -> label map (*spatial)
-    derive: Optional[Callable[[ProposalMember, "torch.Tensor", "ProposalSettings", "np.random.Generator"], "torch.Tensor"]] = None
+    # for a source without a pass: (member, plain logits (C, *spatial), mean softmax over every pass (C, *spatial),
+    # settings, rng) -> label map (*spatial)
+    derive: Optional[Callable[..., "torch.Tensor"]] = None
     selectable: bool = True  # "plain" is always the first member, never asked for
+    uses_extra_networks: bool = False  # needs extra_checkpoints (or other_folds)
 
 
 def flip_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -62,7 +64,23 @@ def _checkpoint_members(settings, mirror_axes):
         yield ProposalMember("checkpoint", network_index=index)
 
 
-def threshold_labels(member: ProposalMember, plain_logits, settings, rng):
+def _checkpoint_tta_members(settings, mirror_axes):
+    for index in range(1, len(settings.extra_checkpoints) + 1):
+        for axes in flip_combinations(mirror_axes):
+            yield ProposalMember("checkpoint_tta", flip_axes=axes, network_index=index)
+
+
+def _ensemble_members(settings, mirror_axes):
+    yield ProposalMember("ensemble")
+
+
+def ensemble_labels(member: ProposalMember, plain_logits, mean_probabilities, settings, rng):
+    """The argmax of the softmax averaged over every network pass: nnU-Net's ensemble of its folds (and of
+    mirror TTA) when those passes are among the members."""
+    return mean_probabilities.argmax(0)
+
+
+def threshold_labels(member: ProposalMember, plain_logits, mean_probabilities, settings, rng):
     """Foreground where 1 - p(background) exceeds the threshold, as the most likely foreground class."""
     import torch
 
@@ -71,7 +89,7 @@ def threshold_labels(member: ProposalMember, plain_logits, settings, rng):
     return torch.where(foreground, probabilities[1:].argmax(0) + 1, torch.zeros_like(foreground, dtype=torch.long))
 
 
-def tempered_sample(member: ProposalMember, plain_logits, settings, rng):
+def tempered_sample(member: ProposalMember, plain_logits, mean_probabilities, settings, rng):
     """A draw from the tempered softmax with spatially smooth Gumbel noise (plausible blobs, not speckle)."""
     import numpy as np
     import torch
@@ -95,7 +113,12 @@ SOURCES: dict[str, ProposalSource] = {
         ProposalSource("dropout", "MC dropout draws (dropout_p at dropout_location, dropout_mode)", _dropout_members, True),
         ProposalSource("threshold", "the plain softmax thresholded at each of `thresholds` (no pass)", _threshold_members, False, threshold_labels),
         ProposalSource("temperature", "tempered softmax samples with smooth Gumbel noise (no pass)", _temperature_members, False, tempered_sample),
-        ProposalSource("checkpoint", "one pass of each of extra_checkpoints (e.g. other folds)", _checkpoint_members, True),
+        ProposalSource(
+            "checkpoint", "one pass of each extra checkpoint (extra_checkpoints; other_folds adds the base's sibling folds)",
+            _checkpoint_members, True, uses_extra_networks=True,
+        ),
+        ProposalSource("checkpoint_tta", "the mirror-TTA members of each extra checkpoint", _checkpoint_tta_members, True, uses_extra_networks=True),
+        ProposalSource("ensemble", "argmax of the softmax averaged over every pass: nnU-Net's ensemble (no pass)", _ensemble_members, False, ensemble_labels),
     )
 }
 PROPOSAL_SOURCES = tuple(name for name, source in SOURCES.items() if source.selectable)
