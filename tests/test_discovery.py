@@ -32,11 +32,13 @@ def environment_without_ext_trainer() -> dict[str, str]:
 
 
 def test_help_lists_every_subcommand():
-    from nnunet_rndpo.cli import subcommand_names
+    import argparse
+
+    from nnunet_rndpo.cli import build_parser
 
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    names = subcommand_names()
+    names = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert {"env", "propose", "judge", "audit", "export", "demo"} <= set(names)
     for name in names:
         assert name in result.stdout, f"subcommand {name!r} missing from --help"
