@@ -107,3 +107,31 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(low_label, tmp_path):
     (tmp_path / "arm_s0.claim").write_text(dead)
     with low_label.claim(tmp_path, "arm_s0") as claimed:
         assert claimed
+
+
+def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_training(low_label):
+    arms = low_label.build_arms_v2("anatomy", ("agreement", "anatomy"))
+    names = [arm.name for arm in arms]
+    assert tuple(names[:4]) == low_label.GATE_ARMS
+    assert len(names) == len(set(names))
+    for arm in arms:
+        if arm.kind == "rn_dpo":
+            assert f"self_train_{arm.judge}_s{arm.seed}" in names, arm.name
+        if arm.judge is not None:
+            assert arm.judge in low_label.JUDGES
+    assert {"base_s1", "base_s2", "rn_dpo_anatomy_top_bottom_s2"} <= set(names)
+    assert sum(name.startswith("rn_dpo_oracle_noise_") for name in names) == 4  # the reliability sweep
+    schedule = low_label.PROTOCOLS["v2"].schedule
+    assert schedule.tune_epochs * schedule.tune_iterations >= 2000
+
+
+def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training(low_label):
+    def arm(final):
+        return {"validation_curve": [0.5, final]}
+
+    results = {"base_s0": arm(0.80), "upper_s0": arm(0.83), "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.81), "self_train_oracle_reliable_s0": arm(0.805)}
+    assert low_label.gate_verdict(results)[0]
+    assert not low_label.gate_verdict({**results, "self_train_oracle_reliable_s0": arm(0.82)})[0]
+    assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.803)})[0]
+    passed, verdict = low_label.gate_verdict({"base_s0": arm(0.8)})
+    assert not passed and "not finished" in verdict
