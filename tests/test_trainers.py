@@ -2,6 +2,7 @@
 real nnUNetv2_train / nnUNetv2_predict entry points, resume with --c, and failures at start."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -263,7 +264,8 @@ def _started(trainer_class, dataset, configuration):
 
 
 @pytest.mark.slow
-def test_margin_is_zero_at_the_first_step_at_every_scale(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+@pytest.mark.parametrize("deep_supervision", ("all_scales", "full_resolution"))
+def test_margin_is_zero_at_the_first_step_at_every_scale(deep_supervision, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
     """The reference is exact: on the first (augmented) batch, policy == reference at every output scale, so
     every pair's margin is 0, and so are the logged margins of that step."""
     from nnunet_rndpo.objectives import pair_log_ratios
@@ -271,16 +273,20 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(preprocessed_synthetic,
     class FirstStepRNDPO(named.nnUNetTrainerRNDPO_tiny):
         pass
 
-    settings_file(validate_base=False)
+    settings_file(validate_base=False, deep_supervision=deep_supervision)
     trainer = _started(FirstStepRNDPO, preprocessed_synthetic, tiny_configuration)
     try:
         batch = next(trainer.dataloader_train)
         data, targets = batch["data"], batch["target"]
         assert isinstance(targets, list) and len(targets) > 1
         policy = trainer.network(data)
+        reference_network = copy.deepcopy(trainer.reference_network)
+        reference_network.decoder.deep_supervision = True  # every scale, also those the loss leaves out
         with torch.inference_mode():
-            reference = trainer.reference_network(data)
+            reference = reference_network(data)
         assert len(policy) == len(reference) == len(targets)
+        # the reference runs its lower-resolution heads only when the loss uses them
+        assert trainer.reference_network.decoder.deep_supervision == (deep_supervision == "all_scales")
         for scale, (p, r, masks) in enumerate(zip(policy, reference, targets)):
             ratios = pair_log_ratios(p, r, masks[:, :1], masks[:, 1:2])
             assert ratios.disagreement_voxels.sum() > 0 or scale > 0
@@ -288,6 +294,7 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(preprocessed_synthetic,
             assert torch.allclose(ratios.chosen, torch.zeros_like(ratios.chosen), atol=1e-4), scale
         # the reference's terms, as the step computes them, at every scale the loss weights
         terms = trainer._reference_terms(data, targets)
+        assert [t is not None for t in terms] == [w != 0 for w in trainer._scale_weights(len(targets))]
         for scale, (term, p, masks) in enumerate(zip(terms, policy, targets)):
             if term is not None:
                 ratios = pair_log_ratios(p, None, masks[:, :1], masks[:, 1:2], reference_voxel_ll=term, normalized=scale == 0)

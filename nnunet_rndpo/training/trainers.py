@@ -19,6 +19,7 @@ import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
+from torch.profiler import record_function
 
 from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.objectives import STATISTIC_NAMES, reference_log_likelihoods
@@ -150,7 +151,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         forward pass under inference_mode (and autocast on a GPU, as the policy): the one place the reference runs."""
         targets = target if isinstance(target, (list, tuple)) else [target]
         weights = self._scale_weights(len(targets))
-        with torch.inference_mode():
+        with torch.inference_mode(), record_function("rndpo/reference"):
             output = self.reference_network(data)
             outputs = output if isinstance(output, (list, tuple)) else [output]
             return [
@@ -304,15 +305,17 @@ class nnUNetTrainerPreference(nnUNetTrainer):
 
         reference_terms: per scale, the reference's term from `_reference_terms` (None where the weight is 0)."""
         settings = self.settings
-        total, statistics = preference_loss_over_scales(
-            output, None, target, self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
-            loss_type=settings.objective, beta=settings.beta, label_smoothing=settings.label_smoothing,
-            normalization=settings.normalization, ignore_label=self.label_manager.ignore_label,
-            target_margin=settings.target_margin, reference_voxel_ll=reference_terms, keep_every_head=self.is_ddp,
-        )
+        with record_function("rndpo/preference_loss"):
+            total, statistics = preference_loss_over_scales(
+                output, None, target, self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
+                loss_type=settings.objective, beta=settings.beta, label_smoothing=settings.label_smoothing,
+                normalization=settings.normalization, ignore_label=self.label_manager.ignore_label,
+                target_margin=settings.target_margin, reference_voxel_ll=reference_terms, keep_every_head=self.is_ddp,
+            )
         if settings.sft_weight > 0:
             chosen = [t[:, :1] for t in target] if isinstance(target, (list, tuple)) else target[:, :1]
-            total = total + settings.sft_weight * self.loss(output, chosen)
+            with record_function("rndpo/sft_loss"):
+                total = total + settings.sft_weight * self.loss(output, chosen)
         return total, statistics
 
     def _warm_up_learning_rate(self) -> None:
@@ -338,7 +341,8 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             if self.uses_reference:
                 reference_terms = self._reference_terms(data, target)
-                output = self.network(data)
+                with record_function("rndpo/policy_forward"):
+                    output = self.network(data)
                 loss, statistics = self.compute_preference_loss(output, target, reference_terms)
             else:
                 loss = self.loss(self.network(data), target)
@@ -356,10 +360,12 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
+            with record_function("rndpo/backward"):
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        self._accumulate_statistics(statistics)
+        with record_function("rndpo/statistics"):
+            self._accumulate_statistics(statistics)
         # a device tensor: read once per epoch in on_train_epoch_end, not once per step
         return {"loss": loss.detach()}
 
