@@ -2,8 +2,9 @@
 
 One class holds all the logic (nnUNetTrainerPreference); nnUNetTrainerRNDPO, nnUNetTrainerDPO and
 nnUNetTrainerSelfTrain differ only by `settings_overrides`, the way nnU-Net's own variants differ by an
-attribute. The reference model is handled in one place (`_build_reference`), the objective by name in
-nnunet_rndpo.objectives, proposals/judging/mining in nnunet_rndpo.pipeline.
+attribute. The reference model is built in `_build_reference` and run in `_reference_terms` only, the objective
+by name in nnunet_rndpo.objectives, proposals/judging/mining in nnunet_rndpo.pipeline. A step reads nothing back
+from the device: the loss and the statistics stay device tensors until on_train_epoch_end.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
                 {"settings": self.effective_settings().to_dict(), "sources": self.settings_sources, "trainer": self.__class__.__name__},
                 Path(self.output_folder) / SETTINGS_FILE_NAME,
             )
-        if self.settings.validate_base and not self._resumed:
+        if self.settings.validate_base and not self._resumed and self.num_val_iterations_per_epoch > 0:
             self._validate_base()
 
     def _build_reference(self, base_model) -> torch.nn.Module:
