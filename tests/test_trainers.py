@@ -340,6 +340,7 @@ def test_final_checkpoint_best_never_ends_below_the_validated_base(preprocessed_
     best = torch.load(output / "checkpoint_best.pth", map_location="cpu", weights_only=False)
     final = torch.load(output / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     assert best["_best_ema"] == pytest.approx(trainer.base_pseudo_dice)
+    assert best["current_epoch"] == 0  # --c from the base's checkpoint starts at epoch 0
     logged = trainer.logger.local_logger.my_fantastic_logging
     assert len(logged["mean_fg_dice"]) == 2  # the base's validation is not an epoch of the log
     assert all(not (dice > trainer.base_pseudo_dice) for dice in logged["ema_fg_dice"])

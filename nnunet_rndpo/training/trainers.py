@@ -56,6 +56,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.num_iterations_per_epoch = self.settings.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.settings.val_iterations_per_epoch
         self.initial_lr = self.settings.initial_lr
+        # checkpoint_latest after every epoch (nnU-Net: every 50): with validate_base, checkpoint_best may be the
+        # base, and --c must resume from the last epoch, not from there
+        self.save_every = 1
         self.reference_network: Optional[torch.nn.Module] = None
         self.dataloader_labeled = None
         self.training_items: list = []
@@ -177,7 +180,10 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.base_pseudo_dice = base_dice
         self._best_ema = base_dice
         self.print_to_log_file(f"base pseudo Dice: {np.round(base_dice, 4)} (the best until fine-tuning beats it)")
+        # nnU-Net stores current_epoch + 1 (the epoch to resume at); the base comes before epoch 0
+        self.current_epoch -= 1
         self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        self.current_epoch += 1
 
     def _prepare_training_items(self, base_model) -> list:
         from nnunet_rndpo import pipeline
