@@ -2,10 +2,17 @@
 and device, in one run (data loading and augmentation included, as in real training).
 
     python benchmarks/bench_iteration.py --setup-synthetic --work /tmp/bench_iter --output bench_iteration.json
+    python benchmarks/bench_iteration.py --setup-synthetic --network tiny --profile --work /tmp/bench_iter --output proxy.json
+    python benchmarks/bench_iteration.py --setup-hippocampus ../shared/data/Dataset004_Hippocampus --work /tmp/bench_hippo --output hippo.json
     python benchmarks/bench_iteration.py -d 4 -c 3d_fullres --iterations 30 --output hippocampus_iter.json
 
 Proposal generation, judging and mining happen in on_train_start and are not timed here (see
 bench_proposals.py). Writes a JSON with the per-trainer seconds per iteration and the ratios to nnUNetTrainer.
+
+`--network tiny` (features 4-32 on a 32^3 patch) is the CPU proxy for a GPU step: with so small a network the
+per-operation overhead dominates, as it does on a GPU. `--profile` adds, per trainer, one step under
+torch.profiler: operator calls and self time, the top operators by self time. On a GPU the JSON also holds each
+trainer's peak memory. Each trainer's first-step `rewards/margins` is recorded: with an exact reference it is 0.
 """
 from __future__ import annotations
 
@@ -20,25 +27,105 @@ from pathlib import Path
 from nnunet_rndpo import nnunet_paths
 
 
-def _setup_synthetic(work: Path, threads: int) -> tuple[int, str]:
+NETWORKS = {  # name -> (configuration, features per stage)
+    "small": ("3d_bench", (8, 16, 32, 64)),
+    "tiny": ("3d_proxy", (4, 8, 16, 32)),
+}
+
+
+def _setup_synthetic(work: Path, threads: int, network: str = "small") -> tuple[int, str]:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (work / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(work / name)
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
 
-    dataset_id, configuration = 960, "3d_bench"
+    dataset_id = 960
+    configuration, features = NETWORKS[network]
     if not (work / "nnUNet_preprocessed" / "Dataset960_RNDPOBench" / "nnUNetPlans.json").is_file():
         make_synthetic_dataset(work / "nnUNet_raw", dataset_id, "RNDPOBench", num_labeled=8, num_unlabeled=8, num_test=0)
         nnunet_steps.plan_and_preprocess(dataset_id)
-    nnunet_steps.add_configuration(dataset_id, configuration, patch_size=(32, 32, 32), batch_size=2, features_per_stage=(8, 16, 32, 64))
+    nnunet_steps.add_configuration(dataset_id, configuration, patch_size=(32, 32, 32), batch_size=2, features_per_stage=features)
     os.environ["nnUNet_n_proc_DA"] = "0"
     if not (nnunet_paths.trainer_output_folder(dataset_id, configuration, 0) / "checkpoint_final.pth").is_file():
         nnunet_steps.train_supervised(dataset_id, configuration, 0, num_epochs=2, iterations_per_epoch=20, val_iterations=2, seed=0, num_threads=threads)
     return dataset_id, configuration
 
 
-def time_trainer(trainer_class, plans: dict, configuration: str, dataset_json: dict, device, iterations: int, warmup: int) -> list[float]:
+def _first_step_margin(trainer, output: dict):
+    """rewards/margins of the first step (policy == reference: 0 with an exact reference), or None."""
+    if "stat::rewards/margins" in output:  # older trainers returned the statistics per step
+        return float(output["stat::rewards/margins"])
+    read = getattr(trainer, "read_preference_statistics", None)
+    if read is None:
+        return None
+    return read().get("rewards/margins")
+
+
+def _profile_step(trainer, batch, top: int = 12) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        trainer.train_step(batch)
+    averages = profiler.key_averages()
+    # the trainer's labelled parts (record_function "rndpo/..."): wall time and the aten calls inside each
+    parts: dict = {}
+    events = list(profiler.events())
+    for part in (e for e in events if e.name.startswith("rndpo/")):
+        inside = [e for e in events if e.name.startswith("aten::") and e.thread == part.thread
+                  and part.time_range.start <= e.time_range.start and e.time_range.end <= part.time_range.end]
+        entry = parts.setdefault(part.name, {"ms": 0.0, "aten_calls": 0})
+        entry["ms"] += part.cpu_time_total / 1000.0
+        entry["aten_calls"] += len(inside)
+    events = [e for e in averages if e.key.startswith("aten::")]
+    self_time = lambda e: getattr(e, "self_device_time_total", 0) if trainer.device.type == "cuda" else e.self_cpu_time_total  # noqa: E731
+    events.sort(key=self_time, reverse=True)
+    return {
+        "aten_calls": int(sum(e.count for e in events)),
+        "aten_self_ms": sum(self_time(e) for e in events) / 1000.0,
+        "top": [{"op": e.key, "calls": int(e.count), "self_ms": self_time(e) / 1000.0} for e in events[:top]],
+        "parts": parts,
+    }
+
+
+def _setup_hippocampus(work: Path, data: Path, threads: int, labeled: int = 10, unlabeled: int = 10) -> tuple[int, str]:
+    """A small Hippocampus split (the first `labeled` cases labeled, the next `unlabeled` as the pool), its
+    3d_fullres plan with features 16-128 (the configuration of the low-label benchmark) and a briefly trained
+    base: the step cost does not depend on how good the base is."""
+    import shutil
+
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(work / name)
+    from nnunet_rndpo.demo import nnunet_steps
+    from nnunet_rndpo.atomic import save_json
+
+    dataset_id, configuration = 961, "3d_bench"
+    raw = work / "nnUNet_raw" / "Dataset961_HippoBench"
+    dataset_json = json.loads((data / "dataset.json").read_text())
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))[: labeled + unlabeled]
+    if not (work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json").is_file():
+        for folder in ("imagesTr", "labelsTr", "imagesUnlabeled"):
+            (raw / folder).mkdir(parents=True, exist_ok=True)
+        for index, case in enumerate(cases):
+            image_folder = "imagesTr" if index < labeled else "imagesUnlabeled"
+            shutil.copyfile(data / "imagesTr" / f"{case}_0000.nii.gz", raw / image_folder / f"{case}_0000.nii.gz")
+            if index < labeled:
+                shutil.copyfile(data / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr" / f"{case}.nii.gz")
+        save_json({**dataset_json, "name": "HippoBench", "numTraining": labeled}, raw / "dataset.json")
+        os.environ.pop("nnUNet_n_proc_DA", None)
+        nnunet_steps.plan_and_preprocess(dataset_id, configurations=("3d_fullres",), num_processes=1)
+    plans = json.loads(nnunet_paths.plans_path(dataset_id).read_text())
+    patch = plans["configurations"]["3d_fullres"]["patch_size"]
+    nnunet_steps.add_configuration(dataset_id, configuration, patch_size=patch, batch_size=2, features_per_stage=(16, 32, 64, 128))
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    if not (nnunet_paths.trainer_output_folder(dataset_id, configuration, 0) / "checkpoint_final.pth").is_file():
+        nnunet_steps.train_supervised(dataset_id, configuration, 0, num_epochs=1, iterations_per_epoch=20, val_iterations=2, seed=0, num_threads=threads)
+    return dataset_id, configuration
+
+
+def time_trainer(trainer_class, plans: dict, configuration: str, dataset_json: dict, device, iterations: int, warmup: int, profile_step: bool = False) -> dict:
     import torch
 
     plans = dict(plans, continue_training=False)
@@ -46,21 +133,34 @@ def time_trainer(trainer_class, plans: dict, configuration: str, dataset_json: d
     trainer.on_train_start()
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
-    seconds = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, loading = [], []
+    first_margin = None
     for index in range(warmup + iterations):
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        trainer.train_step(next(trainer.dataloader_train))
+        batch = next(trainer.dataloader_train)
+        loaded = time.perf_counter()
+        output = trainer.train_step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if index == 0:
+            first_margin = _first_step_margin(trainer, output)
         if index >= warmup:
             seconds.append(time.perf_counter() - started)
+            loading.append(loaded - started)
+    result = {"seconds": seconds, "first_step_margin": first_margin, "loading_seconds": loading}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile_step:
+        result["profile"] = _profile_step(trainer, next(trainer.dataloader_train))
     for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, "dataloader_labeled", None)):
         finish = getattr(loader, "_finish", None)
         if finish:
             finish()
-    return seconds
+    return result
 
 
 def main(argv=None) -> int:
@@ -68,6 +168,11 @@ def main(argv=None) -> int:
     parser.add_argument("-d", "--dataset", default=None)
     parser.add_argument("-c", "--configuration", default=None)
     parser.add_argument("--setup-synthetic", action="store_true", help="build a synthetic dataset and a tiny base in --work")
+    parser.add_argument("--setup-hippocampus", type=Path, default=None, metavar="DATASET004_FOLDER",
+                        help="build a 10 + 10 case Hippocampus split, its features 16-128 configuration and a base in --work")
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="small", help="with --setup-synthetic: tiny = the CPU proxy for a GPU step")
+    parser.add_argument("--profile", action="store_true", help="profile one step per trainer (torch.profiler)")
+    parser.add_argument("--trainers", default=None, help="comma-separated subset of the trainers")
     parser.add_argument("--work", type=Path, default=Path("bench_output/iteration"))
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
@@ -82,8 +187,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     os.environ.setdefault("nnUNet_compile", "false")
-    if args.setup_synthetic:
-        dataset, configuration = _setup_synthetic(args.work.resolve(), args.threads)
+    if args.setup_hippocampus:
+        dataset, configuration = _setup_hippocampus(args.work.resolve(), args.setup_hippocampus.resolve(), args.threads)
+    elif args.setup_synthetic:
+        dataset, configuration = _setup_synthetic(args.work.resolve(), args.threads, args.network)
     else:
         if args.dataset is None or args.configuration is None:
             parser.error("give -d and -c, or --setup-synthetic")
@@ -92,21 +199,29 @@ def main(argv=None) -> int:
 
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.nnunet_paths import locate
-    from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerRNDPO_PrecomputedRef, nnUNetTrainerSelfTrain
+    from nnunet_rndpo.training import trainers as preference_trainers
 
     location = locate(dataset, configuration, 0)
     device = torch.device(args.device)
-    trainers = {
-        "nnUNetTrainer": nnUNetTrainer,
-        "nnUNetTrainerRNDPO": nnUNetTrainerRNDPO,
-        "nnUNetTrainerRNDPO_PrecomputedRef": nnUNetTrainerRNDPO_PrecomputedRef,
-        "nnUNetTrainerDPO": nnUNetTrainerDPO,
-        "nnUNetTrainerSelfTrain": nnUNetTrainerSelfTrain,
-    }
+    names = ["nnUNetTrainer", "nnUNetTrainerRNDPO", "nnUNetTrainerRNDPO_PrecomputedRef", "nnUNetTrainerDPO", "nnUNetTrainerSelfTrain"]
+    if args.trainers:
+        names = ["nnUNetTrainer"] + [n for n in args.trainers.split(",") if n != "nnUNetTrainer"]
+    trainers = {"nnUNetTrainer": nnUNetTrainer}
+    trainers.update({n: getattr(preference_trainers, n) for n in names[1:] if hasattr(preference_trainers, n)})
     samples = {name: [] for name in trainers}
+    details: dict = {name: {} for name in trainers}
+    loading_samples: dict = {}
     for round_index in range(args.rounds):
         for name, trainer_class in trainers.items():
-            samples[name].extend(time_trainer(trainer_class, location.plans, configuration, location.dataset_json, device, args.iterations, args.warmup))
+            timed = time_trainer(trainer_class, location.plans, configuration, location.dataset_json, device, args.iterations, args.warmup,
+                                 profile_step=args.profile and round_index == 0)
+            samples[name].extend(timed.pop("seconds"))
+            loading_samples.setdefault(name, []).extend(timed.pop("loading_seconds"))
+            for key, value in timed.items():
+                if key == "peak_memory_gib":
+                    details[name][key] = max(value, details[name].get(key, 0.0))
+                elif value is not None and key not in details[name]:
+                    details[name][key] = value
             print(f"round {round_index}: {name} median {statistics.median(samples[name]):.4f} s/iteration", flush=True)
     medians = {name: statistics.median(values) for name, values in samples.items()}
     result = {
@@ -121,6 +236,9 @@ def main(argv=None) -> int:
         "iterations_timed_per_trainer": args.iterations * args.rounds,
         "seconds_per_iteration_median": medians,
         "ratio_to_nnUNetTrainer": {name: medians[name] / medians["nnUNetTrainer"] for name in medians},
+        "loading_seconds_median": {name: statistics.median(values) for name, values in loading_samples.items()},
+        "load_average": os.getloadavg(),
+        "per_trainer": details,
     }
     save_json(result, args.output)
     print(json.dumps(result, indent=2))

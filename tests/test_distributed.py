@@ -183,7 +183,7 @@ def _train_two_steps(rank: int, world: int, weights: list[float], disagreement_o
         "last_gradient_norm": gradient_norm,
         "policy_changed": bool(not torch.equal(policy_after, policy_before)),
         "zero_weight_heads": sorted(set(zero_heads)),
-        "skipped_fraction": statistics["pairs/skipped_fraction"],
+        "skipped_fraction": float(statistics["pairs/skipped_fraction"]),
     }
 
 

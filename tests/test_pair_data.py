@@ -108,50 +108,15 @@ def test_masks_stay_aligned_with_the_image_through_nnunets_augmentation():
             assert ((target[:, 0] > 0) <= (target[:, 1] > 0)).all()
 
 
-class FakeStoreWithReference(FakeStore):
-    """Reference log-probabilities: -0.5 for the label each voxel of the chosen mask has, -3 for the others."""
-
-    def load_case(self, case_id, with_reference=False):
-        chosen = self.proposals[0]
-        reference = np.where(np.stack([chosen == 0, chosen == 1]), -0.5, -3.0).astype(np.float16)
-        return {"proposals": self.proposals, "reference_log_probabilities": reference}
-
-
-def test_precomputed_reference_rides_spatial_but_not_intensity_augmentation():
-    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
-    from nnunet_rndpo.training.pair_data import ReferenceAsRegressionTarget
-
-    np.random.seed(3)
-    torch.manual_seed(3)
-    store = FakeStoreWithReference()
-    dataset = PairDataset([TrainingItem("case", 0, 1)], store, FakeReader(store), reference_channels=True)
-    data, seg, _, _ = dataset.load_case("case::0>1")
-    assert data.shape == (3, *SHAPE)
-    # the chosen mask's own labels have reference log-likelihood -0.5; the rejected mask differs on its extra slab
-    assert (data[1] == -0.5).all()
-    extra = (store.proposals[1] == 1) & (store.proposals[0] == 0)
-    assert (data[2][extra] == -3.0).all() and (data[2][~extra] == -0.5).all()
-
-    transforms = nnUNetTrainer.get_training_transforms(
-        (32, 32, 32), (-0.5, 0.5), None, (0, 1, 2), False, use_mask_for_norm=[False], is_cascaded=False, foreground_labels=[1], regions=None, ignore_label=None
-    )
-    labels = LabelManager({"background": 0, "thing": 1}, regions_class_order=None)
-    loader = nnUNetDataLoader(dataset, 2, (44, 44, 44), (32, 32, 32), labels, oversample_foreground_percent=1.0, transforms=ReferenceAsRegressionTarget(transforms))
-    for _ in range(8):
-        batch = loader.generate_train_batch()
-        image, reference, masks = batch["data"][:, :1], batch["data"][:, 1:], batch["target"]
-        assert reference.shape[1] == 2
-        # intensity augmentation never touches the reference: values stay within [-3, 0] (interpolation only
-        # mixes -0.5, -3 and the 0 of padding) although the image gets noise, contrast and gamma changes
-        assert reference.min() >= -3.0 - 1e-4 and reference.max() <= 1e-4
-        # spatial augmentation moves reference and masks together: where the rejected mask adds voxels
-        # (away from interpolation edges), the rejected reference is low, the chosen one high
-        added = (masks[:, 1] > 0) & (masks[:, 0] == 0)
-        if added.sum() > 20:
-            assert reference[:, 1][added].mean() < -1.5 and reference[:, 0][added].mean() > -1.0
+def test_single_mask_gives_nnunets_one_channel_layout():
+    """Self-training: the chosen mask alone, as nnU-Net's supervised loader gives a label map."""
+    store = FakeStore()
+    dataset = PairDataset([TrainingItem("case", 0, 0)], store, FakeReader(store), single_mask=True)
+    data, seg, _, properties = dataset.load_case("case::0>0")
+    assert seg.shape == (1, *SHAPE) and (seg[0] == store.proposals[0]).all()
+    # patches centre on the chosen mask's foreground
+    coordinates = properties["class_locations"][LOCATIONS_KEY][:, 1:]
+    assert len(coordinates) and all(store.proposals[0][tuple(c)] == 1 for c in coordinates)
 
 
 def test_disagreement_sampling_means_the_fraction_of_patches_it_names():

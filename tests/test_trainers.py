@@ -2,6 +2,7 @@
 real nnUNetv2_train / nnUNetv2_predict entry points, resume with --c, and failures at start."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -34,10 +35,6 @@ class InProcessSelfTrain(named.nnUNetTrainerSelfTrain_tiny):
     pass
 
 
-class InProcessPrecomputed(named.nnUNetTrainerRNDPO_PrecomputedRef_tiny):
-    pass
-
-
 def make_trainer(trainer_class, dataset, configuration: str):
     plans = json.loads(dataset.plans_file.read_text())
     plans["continue_training"] = False
@@ -66,7 +63,7 @@ def settings_file(tmp_path, monkeypatch, base_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "trainer_class, objective",
-    [(InProcessRNDPO, "rn_dpo"), (InProcessDPO, "dpo"), (InProcessSelfTrain, "self_train"), (InProcessPrecomputed, "rn_dpo")],
+    [(InProcessRNDPO, "rn_dpo"), (InProcessDPO, "dpo"), (InProcessSelfTrain, "self_train")],
 )
 def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
     settings_file()
@@ -84,11 +81,9 @@ def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_syn
     assert len(logged["mean_fg_dice"]) == 2
     # nnU-Net's progress.png plots as many epochs as its shortest logged list: nothing of ours may lag
     assert min(len(values) for values in logged.values()) == 2
-    if trainer_class is InProcessPrecomputed:
-        assert written["settings"]["reference"] == "precomputed"
-        assert trainer.reference_network is None  # no reference pass: the store's log-probabilities serve
-        assert len(logged["rewards/margins"]) == 2 and all(np.isfinite(logged["rewards/margins"]))
-    elif objective == "self_train":
+    # validate_base (default): the base was validated before epoch 0 and saved as the first best checkpoint
+    assert isinstance(trainer.base_pseudo_dice, float) and (output / "checkpoint_best.pth").is_file()
+    if objective == "self_train":
         assert trainer.reference_network is None
         assert all(item["chosen"] == item["rejected"] for item in pairs["items"])
         assert "rewards/margins" not in logged
@@ -107,7 +102,7 @@ def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_syn
 
 
 def test_named_trainers_differ_only_by_settings():
-    for trainer_class in (named.nnUNetTrainerRNDPO, named.nnUNetTrainerDPO, named.nnUNetTrainerSelfTrain, named.nnUNetTrainerRNDPO_PrecomputedRef):
+    for trainer_class in (named.nnUNetTrainerRNDPO, named.nnUNetTrainerDPO, named.nnUNetTrainerSelfTrain):
         assert trainer_class.__mro__[1] is named.nnUNetTrainerPreference
         assert set(vars(trainer_class)) <= {"settings_overrides", "__doc__", "__module__", "__qualname__", "__firstlineno__", "__static_attributes__", "__annotations__"}
     assert named.nnUNetTrainerRNDPO.settings_overrides["objective"] == "rn_dpo"
@@ -175,7 +170,7 @@ def test_loss_finite_when_every_pair_has_empty_disagreement():
         loss, statistics = preference_loss_over_scales(outputs, references, targets, [0.67, 0.33], loss_type=loss_type, beta=1.0)
         loss.backward()
         assert torch.isfinite(loss) and loss.item() == 0.0
-        assert statistics["pairs/skipped_fraction"] == 1.0
+        assert float(statistics["pairs/skipped_fraction"]) == 1.0
         assert all(torch.isfinite(o.grad).all() and (o.grad == 0).all() for o in outputs)
 
 
@@ -240,3 +235,113 @@ def test_export_predicts_without_our_package_on_nnunets_path(preprocessed_synthe
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert len(list(prediction.glob("*.nii.gz"))) == 3
+
+
+def test_removed_precomputed_reference_says_what_to_use():
+    from nnunet_rndpo.training.settings import resolve_settings
+
+    with pytest.raises(SettingsError, match=r"reference='precomputed' was removed.*'online'"):
+        resolve_settings({"reference": "precomputed"}, environ={})
+    with pytest.raises(SettingsError, match="final_checkpoint='first'.*last, best"):
+        resolve_settings({"final_checkpoint": "first"}, environ={})
+    with pytest.raises(SettingsError, match="warmup_iterations"):
+        resolve_settings({"warmup_iterations": -1}, environ={})
+    with pytest.raises(SettingsError, match="target_margin"):
+        resolve_settings({"target_margin": -0.5}, environ={})
+
+
+def test_warmup_learning_rate_is_linear_then_the_schedules():
+    assert [named.warmup_learning_rate(1.0, i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert named.warmup_learning_rate(0.3, 0, 0) == 0.3
+
+
+def _started(trainer_class, dataset, configuration):
+    trainer = make_trainer(trainer_class, dataset, configuration)
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deep_supervision", ("all_scales", "full_resolution"))
+def test_margin_is_zero_at_the_first_step_at_every_scale(deep_supervision, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+    """The reference is exact: on the first (augmented) batch, policy == reference at every output scale, so
+    every pair's margin is 0, and so are the logged margins of that step."""
+    from nnunet_rndpo.objectives import pair_log_ratios
+
+    class FirstStepRNDPO(named.nnUNetTrainerRNDPO_tiny):
+        pass
+
+    settings_file(validate_base=False, deep_supervision=deep_supervision)
+    trainer = _started(FirstStepRNDPO, preprocessed_synthetic, tiny_configuration)
+    try:
+        batch = next(trainer.dataloader_train)
+        data, targets = batch["data"], batch["target"]
+        assert isinstance(targets, list) and len(targets) > 1
+        policy = trainer.network(data)
+        reference_network = copy.deepcopy(trainer.reference_network)
+        reference_network.decoder.deep_supervision = True  # every scale, also those the loss leaves out
+        with torch.inference_mode():
+            reference = reference_network(data)
+        assert len(policy) == len(reference) == len(targets)
+        # the reference runs its lower-resolution heads only when the loss uses them
+        assert trainer.reference_network.decoder.deep_supervision == (deep_supervision == "all_scales")
+        for scale, (p, r, masks) in enumerate(zip(policy, reference, targets)):
+            ratios = pair_log_ratios(p, r, masks[:, :1], masks[:, 1:2])
+            assert ratios.disagreement_voxels.sum() > 0 or scale > 0
+            assert torch.allclose(ratios.margin, torch.zeros_like(ratios.margin), atol=1e-4), scale
+            assert torch.allclose(ratios.chosen, torch.zeros_like(ratios.chosen), atol=1e-4), scale
+        # the reference's terms, as the step computes them, at every scale the loss weights
+        terms = trainer._reference_terms(data, targets)
+        assert [t is not None for t in terms] == [w != 0 for w in trainer._scale_weights(len(targets))]
+        for scale, (term, p, masks) in enumerate(zip(terms, policy, targets)):
+            if term is not None:
+                ratios = pair_log_ratios(p, None, masks[:, :1], masks[:, 1:2], reference_voxel_ll=term, normalized=scale == 0)
+                assert torch.allclose(ratios.margin, torch.zeros_like(ratios.margin), atol=1e-4), scale
+        trainer.train_step(batch)
+        statistics = trainer.read_preference_statistics()
+        assert statistics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+        assert statistics["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    finally:
+        trainer.on_train_end()
+
+
+@pytest.mark.slow
+def test_warmup_raises_the_learning_rate_linearly(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+    class WarmupRNDPO(named.nnUNetTrainerRNDPO_tiny):
+        pass
+
+    settings_file(validate_base=False, warmup_iterations=3, initial_lr=0.01)
+    trainer = _started(WarmupRNDPO, preprocessed_synthetic, tiny_configuration)
+    try:
+        seen = []
+        for _ in range(4):
+            trainer.train_step(next(trainer.dataloader_train))
+            seen.append(trainer.optimizer.param_groups[0]["lr"])
+        assert seen == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01])
+    finally:
+        trainer.on_train_end()
+
+
+@pytest.mark.slow
+def test_final_checkpoint_best_never_ends_below_the_validated_base(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+    """An absurd learning rate ruins fine-tuning: the base, validated before epoch 0, stays the best, and
+    final_checkpoint "best" makes it the final checkpoint."""
+
+    class RuinedRNDPO(named.nnUNetTrainerRNDPO_tiny):
+        pass
+
+    settings_file(final_checkpoint="best", initial_lr=50.0)
+    trainer = make_trainer(RuinedRNDPO, preprocessed_synthetic, tiny_configuration)
+    trainer.run_training()
+    output = Path(trainer.output_folder)
+    base = torch.load(base_checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    best = torch.load(output / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    final = torch.load(output / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert best["_best_ema"] == pytest.approx(trainer.base_pseudo_dice)
+    assert best["current_epoch"] == 0  # --c from the base's checkpoint starts at epoch 0
+    logged = trainer.logger.local_logger.my_fantastic_logging
+    assert len(logged["mean_fg_dice"]) == 2  # the base's validation is not an epoch of the log
+    assert all(not (dice > trainer.base_pseudo_dice) for dice in logged["ema_fg_dice"])
+    assert all(torch.equal(final[name], base[name]) for name in base)

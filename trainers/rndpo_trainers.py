@@ -7,8 +7,6 @@ from nnunet_rndpo.training.trainers import (  # noqa: F401
     nnUNetTrainerPreference,
     nnUNetTrainerRNDPO,
     nnUNetTrainerRNDPO_5epochs,
-    nnUNetTrainerRNDPO_PrecomputedRef,
-    nnUNetTrainerRNDPO_PrecomputedRef_tiny,
     nnUNetTrainerRNDPO_tiny,
     nnUNetTrainerSelfTrain,
     nnUNetTrainerSelfTrain_5epochs,

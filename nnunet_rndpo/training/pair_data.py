@@ -2,6 +2,7 @@
 
 Each item is one (image, chosen, rejected) triple. The two masks ride as two segmentation channels through
 nnU-Net's spatial transforms and deep-supervision downsampling, which keeps them aligned with the image.
+Self-training items (chosen == rejected) can ride as one channel (`single_mask`), exactly nnU-Net's layout.
 Unlabeled cases have no `class_locations`; we give the loader the voxels where the two masks disagree
 instead, so its foreground oversampling becomes disagreement oversampling.
 """
@@ -20,7 +21,6 @@ from nnunet_rndpo.proposals.store import ProposalStore
 # nnU-Net samples at most this many locations per class for oversampling; we do the same per pair.
 MAX_LOCATIONS = 10_000
 LOCATIONS_KEY = "disagreement"
-REFERENCE_CHANNELS = 2  # precomputed reference log-likelihoods of the chosen and the rejected mask
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,13 @@ class PairDataset:
         store: ProposalStore,
         reader: PoolReader,
         cache_cases: int = 16,
-        reference_channels: bool = False,
+        single_mask: bool = False,
         annotated_key: Optional[tuple] = None,
     ):
-        """annotated_key: for datasets with an ignore label, nnU-Net's loader centres unforced patches on the
-        voxels listed under this key (its `annotated_classes_key`); a proposal labels every voxel, so every voxel
-        inside the image is listed. reference_channels: append the base model's per-voxel log-likelihoods of chosen and rejected (from
-        the store) as two extra image channels; `ReferenceAsRegressionTarget` keeps them out of intensity
-        augmentation."""
+        """single_mask: the segmentation holds only the chosen mask (self-training: nnU-Net's one channel, so
+        that its transforms and loss do exactly what they do in supervised training). annotated_key: for datasets
+        with an ignore label, nnU-Net's loader centres unforced patches on the voxels listed under this key (its
+        `annotated_classes_key`); a proposal labels every voxel, so every voxel inside the image is listed."""
         if not items:
             raise ValueError("no training items: every case of the pool yielded no preference pair")
         self.items = {item.key: item for item in items}
@@ -71,7 +70,7 @@ class PairDataset:
         self.store = store
         self.reader = reader
         self.cache_cases = cache_cases
-        self.reference_channels = reference_channels
+        self.single_mask = single_mask
         self.annotated_key = annotated_key
         self._cache: OrderedDict[str, tuple] = OrderedDict()
         self._locations: dict[str, dict] = {}  # per item: small (at most MAX_LOCATIONS coordinates)
@@ -88,17 +87,10 @@ class PairDataset:
             self._cache.move_to_end(case_id)
             return self._cache[case_id]
         data, outside, _ = self.reader.load(case_id)
-        stored = self.store.load_case(case_id, with_reference=self.reference_channels)
-        proposals = stored["proposals"]
+        proposals = self.store.load_case(case_id)["proposals"]
         if proposals.shape[1:] != data.shape[1:]:
             raise ValueError(f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape")
-        reference = stored.get("reference_log_probabilities")
-        if self.reference_channels and reference is None:
-            raise ValueError(
-                f"case {case_id}: the proposal store {self.store.folder} holds no reference log-probabilities "
-                "(made by an older version); regenerate it (setting \"overwrite_proposals\": true) or use \"reference\": \"online\""
-            )
-        entry = (data, outside, proposals, reference)
+        entry = (data, outside, proposals)
         self._cache[case_id] = entry
         while len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
@@ -106,12 +98,9 @@ class PairDataset:
 
     def load_case(self, key: str):
         item = self.items[key]
-        data, outside, proposals, reference = self._case(item.case_id)
+        data, outside, proposals = self._case(item.case_id)
         chosen = proposals[item.chosen].astype(np.int16)
-        rejected = proposals[item.rejected].astype(np.int16)
-        if self.reference_channels:
-            reference_ll = np.take_along_axis(reference, np.stack([chosen, rejected]).astype(np.int64), axis=0)
-            data = np.concatenate([data, reference_ll.astype(np.float32)])
+        rejected = chosen if self.single_mask else proposals[item.rejected].astype(np.int16)
         if key not in self._locations:
             # an argwhere over the whole volume: once per item, not once per patch
             region = chosen != rejected if item.chosen != item.rejected else chosen > 0
@@ -124,7 +113,7 @@ class PairDataset:
         outside_mask = outside[0] < 0
         chosen[outside_mask] = -1
         rejected[outside_mask] = -1
-        seg = np.stack([chosen, rejected])
+        seg = chosen[None] if self.single_mask else np.stack([chosen, rejected])
         return data, seg, None, {"class_locations": locations}
 
     def __getitem__(self, key: str):
@@ -147,22 +136,3 @@ def pair_loader(dataset: PairDataset, batch_size: int, initial_patch_size, patch
 def annotated_key(label_manager) -> Optional[tuple]:
     """nnU-Net's `annotated_classes_key` when the dataset has an ignore label (see PairDataset), else None."""
     return tuple([-1] + label_manager.all_labels) if label_manager.has_ignore_label else None
-
-
-class ReferenceAsRegressionTarget:
-    """Runs nnU-Net's transforms with the last image channels carried as batchgeneratorsv2's
-    `regression_target`: spatial transforms (rotation, scaling, mirroring) move them exactly as the image,
-    intensity transforms (noise, blur, contrast, gamma, ...) leave them untouched. Then they are appended to
-    the image again, where the trainer splits them off."""
-
-    def __init__(self, transforms, extra_channels: int = REFERENCE_CHANNELS):
-        self.transforms = transforms
-        self.extra_channels = extra_channels
-
-    def __call__(self, **data_dict):
-        import torch
-
-        image = data_dict["image"]
-        split = image.shape[0] - self.extra_channels
-        result = self.transforms(image=image[:split], segmentation=data_dict["segmentation"], regression_target=image[split:].clone())
-        return {"image": torch.cat([result["image"], result["regression_target"].to(result["image"].dtype)]), "segmentation": result["segmentation"]}

@@ -22,10 +22,17 @@ SETTINGS_ENV_VARIABLE = "RNDPO_SETTINGS"
 SETTINGS_FILE_NAME = "rndpo_settings.json"
 OBJECTIVES = (*LOSS_TYPES, "self_train")  # self_train: Dice+CE on the judge's top proposal (pseudo-labels)
 DEEP_SUPERVISION_MODES = ("all_scales", "full_resolution")
-# online: the frozen reference runs on each augmented patch (exact). precomputed: the base model's
-# log-probabilities from proposal generation ride through nnU-Net's spatial transforms with the patch (no
-# reference pass, as TRL precomputes; the reference then sees the image before intensity augmentation).
-REFERENCE_MODES = ("online", "precomputed")
+# online: the frozen reference runs on each augmented patch (exact: the margin is 0 at the first step).
+REFERENCE_MODES = ("online",)
+# Values that existed once, and what to say to a settings file that still names them.
+REMOVED_VALUES = {
+    ("reference", "precomputed"): (
+        "was removed: the stored log-probabilities come from a sliding-window pass over the unaugmented image, "
+        "so they differ from the reference on an augmented, zero-padded patch (the margin was not 0 at the "
+        "first step; BENCHMARKS.md, 'Step cost'). Use reference 'online' (the default; exact), or drop the key"
+    ),
+}
+FINAL_CHECKPOINTS = ("last", "best")
 
 
 class SettingsError(ValueError):
@@ -46,6 +53,9 @@ class PreferenceSettings:
     # the prediction drifts: on the demo data RN-DPO alone fell from 0.80 to 0.50 test Dice in 500 steps.
     sft_weight: float = 1.0
     reference: str = "online"  # see REFERENCE_MODES
+    # IPO's target (ipo: regress the normalised margin onto it instead of 1 / (2 beta)); for the sigmoid types a
+    # shift, -log sigmoid(beta (h - target_margin)). In nats per disagreement voxel for rn_dpo. None: off.
+    target_margin: Optional[float] = None
     # judge and mining
     judge: str = "agreement"
     judge_options: dict = field(default_factory=dict)
@@ -65,6 +75,10 @@ class PreferenceSettings:
     iterations_per_epoch: int = 250
     val_iterations_per_epoch: int = 50
     initial_lr: float = 1e-3
+    warmup_iterations: int = 0  # linear lr warm-up over the run's first iterations, on nnU-Net's poly schedule
+    # validation and the final checkpoint
+    validate_base: bool = True  # validate the base before epoch 0: it is checkpoint_best until an epoch beats it
+    final_checkpoint: str = "last"  # "best": checkpoint_final.pth gets checkpoint_best's weights (never below the base)
     seed: int = 0
 
     def proposal_settings(self) -> ProposalSettings:
@@ -96,11 +110,22 @@ def validate(settings: PreferenceSettings) -> PreferenceSettings:
         if value not in valid:
             raise SettingsError(f"setting {name}={value!r} is not valid; valid: {', '.join(map(str, valid))}")
 
+    for (name, value), reason in REMOVED_VALUES.items():
+        if getattr(settings, name) == value:
+            raise SettingsError(f"setting {name}={value!r} {reason}")
     choose("objective", settings.objective, OBJECTIVES)
     if settings.normalization is not None:
         choose("normalization", settings.normalization, NORMALIZATIONS)
     choose("deep_supervision", settings.deep_supervision, DEEP_SUPERVISION_MODES)
     choose("reference", settings.reference, REFERENCE_MODES)
+    choose("final_checkpoint", settings.final_checkpoint, FINAL_CHECKPOINTS)
+    choose("validate_base", settings.validate_base, (True, False))
+    if settings.target_margin is not None and not (
+        isinstance(settings.target_margin, (int, float)) and not isinstance(settings.target_margin, bool) and 0 <= settings.target_margin < float("inf")
+    ):
+        raise SettingsError(f"setting target_margin must be a number >= 0 or null, got {settings.target_margin!r}")
+    if not isinstance(settings.warmup_iterations, int) or isinstance(settings.warmup_iterations, bool) or settings.warmup_iterations < 0:
+        raise SettingsError(f"setting warmup_iterations must be an integer >= 0, got {settings.warmup_iterations!r}")
     choose("mining", settings.mining, MINING_STRATEGIES)
     if ":" not in settings.judge:  # dotted paths are checked when the judge is built
         choose("judge", settings.judge, available_judges())

@@ -2,8 +2,9 @@
 
 One class holds all the logic (nnUNetTrainerPreference); nnUNetTrainerRNDPO, nnUNetTrainerDPO and
 nnUNetTrainerSelfTrain differ only by `settings_overrides`, the way nnU-Net's own variants differ by an
-attribute. The reference model is handled in one place (`_build_reference`), the objective by name in
-nnunet_rndpo.objectives, proposals/judging/mining in nnunet_rndpo.pipeline.
+attribute. The reference model is built in `_build_reference` and run in `_reference_terms` only, the objective
+by name in nnunet_rndpo.objectives, proposals/judging/mining in nnunet_rndpo.pipeline. A step reads nothing back
+from the device: the loss and the statistics stay device tensors until on_train_epoch_end.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
+from torch.profiler import record_function
 
 from nnunet_rndpo.atomic import save_json
-from nnunet_rndpo.objectives import STATISTIC_NAMES
+from nnunet_rndpo.objectives import STATISTIC_NAMES, reference_log_likelihoods
 from nnunet_rndpo.training.losses import preference_loss_over_scales
 from nnunet_rndpo.training.settings import SETTINGS_FILE_NAME, PreferenceSettings, resolve_settings
 
@@ -53,19 +55,23 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.num_iterations_per_epoch = self.settings.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.settings.val_iterations_per_epoch
         self.initial_lr = self.settings.initial_lr
+        # checkpoint_latest after every epoch (nnU-Net: every 50): with validate_base, checkpoint_best may be the
+        # base, and --c must resume from the last epoch, not from there
+        self.save_every = 1
         self.reference_network: Optional[torch.nn.Module] = None
         self.dataloader_labeled = None
         self.training_items: list = []
         self._resumed = False
+        self.base_pseudo_dice: Optional[float] = None  # set by validate_base
+        self._statistic_sums: Optional[torch.Tensor] = None  # this epoch's statistics, summed on the device
+        self._statistic_steps = 0
+        self._iteration = 0  # steps of this run so far (for the warm-up)
+        self._epoch_learning_rate = self.initial_lr
 
     # ------------------------------------------------------------------ settings
     @property
     def uses_reference(self) -> bool:
         return self.settings.objective != "self_train"
-
-    @property
-    def precomputed_reference(self) -> bool:
-        return self.uses_reference and self.settings.reference == "precomputed"
 
     def effective_settings(self) -> PreferenceSettings:
         """The settings as run: nnU-Net-style subclasses may have changed the schedule attributes."""
@@ -111,8 +117,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         if not self._resumed:
             _unwrap(self.network).load_state_dict(base_model.network.state_dict())
             self.print_to_log_file(f"policy initialised from the base checkpoint {base_path}")
-        online = self.uses_reference and not self.precomputed_reference
-        self.reference_network = self._build_reference(base_model) if online else None
+        self.reference_network = self._build_reference(base_model) if self.uses_reference else None
         self.training_items = self._prepare_training_items(base_model)
         del base_model
         self.dataloader_labeled = self.dataloader_train if self.settings.anchor_weight > 0 else None
@@ -124,16 +129,57 @@ class nnUNetTrainerPreference(nnUNetTrainer):
                 {"settings": self.effective_settings().to_dict(), "sources": self.settings_sources, "trainer": self.__class__.__name__},
                 Path(self.output_folder) / SETTINGS_FILE_NAME,
             )
+        if self.settings.validate_base and not self._resumed and self.num_val_iterations_per_epoch > 0:
+            self._validate_base()
 
     def _build_reference(self, base_model) -> torch.nn.Module:
-        """The frozen reference: the base weights, eval mode, no gradients, never wrapped in DDP."""
+        """The frozen reference: the base weights, eval mode, no gradients, never wrapped in DDP; compiled when
+        nnU-Net compiles the policy. Its lower-resolution heads run only where the preference loss uses them."""
         reference = copy.deepcopy(_unwrap(self.network))
         reference.load_state_dict(base_model.network.state_dict())
-        reference.decoder.deep_supervision = self.enable_deep_supervision
+        reference.decoder.deep_supervision = self.enable_deep_supervision and self.settings.deep_supervision == "all_scales"
         reference.eval()
         for parameter in reference.parameters():
             parameter.requires_grad_(False)
-        return reference.to(self.device)
+        reference = reference.to(self.device)
+        if self._do_i_compile():
+            reference = torch.compile(reference)
+        return reference
+
+    def _reference_terms(self, data: torch.Tensor, target) -> list:
+        """The reference's per-voxel term of both masks at each scale the loss uses (None elsewhere), from one
+        forward pass under inference_mode (and autocast on a GPU, as the policy): the one place the reference runs."""
+        targets = target if isinstance(target, (list, tuple)) else [target]
+        weights = self._scale_weights(len(targets))
+        with torch.inference_mode(), record_function("rndpo/reference"):
+            output = self.reference_network(data)
+            outputs = output if isinstance(output, (list, tuple)) else [output]
+            return [
+                reference_log_likelihoods(outputs[scale], masks[:, :1], masks[:, 1:2], ignore_label=self.label_manager.ignore_label, normalized=scale == 0)
+                if weight != 0 else None
+                for scale, (weight, masks) in enumerate(zip(weights, targets))
+            ]
+
+    def _validate_base(self) -> None:
+        """nnU-Net's validation loop once on the base weights, before the first fine-tuning epoch: its pseudo
+        Dice is the best so far and checkpoint_best.pth holds the base, so fine-tuning must beat the base to
+        replace it. The values are not kept in the per-epoch log (epoch 0 is the first fine-tuning epoch)."""
+        self.print_to_log_file(f"validating the base weights ({self.num_val_iterations_per_epoch} iterations)")
+        with torch.no_grad():
+            self.on_validation_epoch_start()
+            outputs = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+            self.on_validation_epoch_end(outputs)
+        logging = self.logger.local_logger.my_fantastic_logging
+        base_dice = float(logging["mean_fg_dice"][-1])
+        for key in ("mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region", "val_losses"):
+            logging[key].pop()
+        self.base_pseudo_dice = base_dice
+        self._best_ema = base_dice
+        self.print_to_log_file(f"base pseudo Dice: {np.round(base_dice, 4)} (the best until fine-tuning beats it)")
+        # nnU-Net stores current_epoch + 1 (the epoch to resume at); the base comes before epoch 0
+        self.current_epoch -= 1
+        self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        self.current_epoch += 1
 
     def _prepare_training_items(self, base_model) -> list:
         """Proposals, judge and pairs by nnunet_rndpo.pipeline.prepare_pairs; here only the DDP rank and barrier,
@@ -160,10 +206,11 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         from nnunet_rndpo.proposals.pool import PoolReader
-        from nnunet_rndpo.training.pair_data import PairDataset, ReferenceAsRegressionTarget, annotated_key, pair_loader
+        from nnunet_rndpo.training.pair_data import PairDataset, annotated_key, pair_loader
 
         reader = PoolReader(self._pool, self.plans_manager, self.configuration_manager, self.dataset_json)
-        dataset = PairDataset(items, self._store, reader, reference_channels=self.precomputed_reference, annotated_key=annotated_key(self.label_manager))
+        # self-training needs only the chosen mask: one segmentation channel, as nnU-Net's own loader gives
+        dataset = PairDataset(items, self._store, reader, single_mask=not self.uses_reference, annotated_key=annotated_key(self.label_manager))
         patch_size = self.configuration_manager.patch_size
         rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -171,8 +218,6 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=self.label_manager.ignore_label,
         )
-        if self.precomputed_reference:
-            transforms = ReferenceAsRegressionTarget(transforms)
         loader = pair_loader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager, self.settings.disagreement_sampling, transforms)
         processes = get_allowed_n_proc_DA()
         if processes == 0:
@@ -196,45 +241,58 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             return [1.0] + [0.0] * (number_of_outputs - 1)
         return list(getattr(self.loss, "weight_factors", [1.0] + [0.0] * (number_of_outputs - 1)))
 
-    def compute_preference_loss(self, output, reference_output, target, reference_ll=None) -> tuple[torch.Tensor, dict]:
-        """The configured objective over every output scale; statistics from the full resolution.
+    def compute_preference_loss(self, output, target, reference_terms) -> tuple[torch.Tensor, dict]:
+        """The configured objective over every output scale (+ the SFT term); statistics from the full resolution.
 
-        reference_ll: (B, 2, *spatial) precomputed reference log-likelihoods of chosen and rejected, used
-        instead of `reference_output` (resampled to each output scale as nnU-Net resamples the masks)."""
-        chosen = [t[:, :1] for t in target] if isinstance(target, (list, tuple)) else target[:, :1]
-        if self.settings.objective == "self_train":
-            return self.loss(output, chosen), {}
-        total, statistics = preference_loss_over_scales(
-            output, reference_output, target, self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
-            loss_type=self.settings.objective, beta=self.settings.beta, label_smoothing=self.settings.label_smoothing,
-            normalization=self.settings.normalization, ignore_label=self.label_manager.ignore_label,
-            reference_voxel_ll=None if reference_ll is None else _per_scale(reference_ll, target),
-        )
-        if self.settings.sft_weight > 0:
-            total = total + self.settings.sft_weight * self.loss(output, chosen)
+        reference_terms: per scale, the reference's term from `_reference_terms` (None where the weight is 0)."""
+        settings = self.settings
+        with record_function("rndpo/preference_loss"):
+            total, statistics = preference_loss_over_scales(
+                output, None, target, self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
+                loss_type=settings.objective, beta=settings.beta, label_smoothing=settings.label_smoothing,
+                normalization=settings.normalization, ignore_label=self.label_manager.ignore_label,
+                target_margin=settings.target_margin, reference_voxel_ll=reference_terms, keep_every_head=self.is_ddp,
+            )
+        if settings.sft_weight > 0:
+            chosen = [t[:, :1] for t in target] if isinstance(target, (list, tuple)) else target[:, :1]
+            with record_function("rndpo/sft_loss"):
+                total = total + settings.sft_weight * self.loss(output, chosen)
         return total, statistics
 
+    def _warm_up_learning_rate(self) -> None:
+        """Linear warm-up over the first `warmup_iterations` steps of the run, on top of nnU-Net's per-epoch
+        poly schedule (which on_train_epoch_start sets)."""
+        warmup = self.settings.warmup_iterations
+        if warmup <= 0 or self._iteration >= warmup:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmup_learning_rate(self._epoch_learning_rate, self._iteration, warmup)
+
     def train_step(self, batch: dict) -> dict:
+        self._warm_up_learning_rate()
+        self._iteration += 1
+        if not self.uses_reference and self.dataloader_labeled is None:
+            # self-training is nnU-Net's own step on the chosen mask
+            return super().train_step(batch)
         data = batch["data"].to(self.device, non_blocking=True)
-        reference_ll = None
-        if self.precomputed_reference:
-            data, reference_ll = data[:, :-2], data[:, -2:]
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        statistics = {}
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
-            reference_output = None
-            if self.reference_network is not None:
-                with torch.no_grad():
-                    reference_output = self.reference_network(data)
-            loss, statistics = self.compute_preference_loss(output, reference_output, target, reference_ll)
+            if self.uses_reference:
+                reference_terms = self._reference_terms(data, target)
+                with record_function("rndpo/policy_forward"):
+                    output = self.network(data)
+                loss, statistics = self.compute_preference_loss(output, target, reference_terms)
+            else:
+                loss = self.loss(self.network(data), target)
             if self.dataloader_labeled is not None:
                 labeled = next(self.dataloader_labeled)
                 labeled_target = labeled["target"]
                 labeled_target = [t.to(self.device, non_blocking=True) for t in labeled_target] if isinstance(labeled_target, list) else labeled_target.to(self.device)
                 anchor = self.loss(self.network(labeled["data"].to(self.device, non_blocking=True)), labeled_target)
-                statistics["anchor_loss"] = float(anchor.detach())
+                statistics["anchor_loss"] = anchor.detach()
                 loss = loss + self.settings.anchor_weight * anchor
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -243,10 +301,14 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
+            with record_function("rndpo/backward"):
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy(), **{f"stat::{k}": v for k, v in statistics.items()}}
+        with record_function("rndpo/statistics"):
+            self._accumulate_statistics(statistics)
+        # a device tensor: read once per epoch in on_train_epoch_end, not once per step
+        return {"loss": loss.detach()}
 
     # ------------------------------------------------------------------ logging
     def _logged_keys(self) -> tuple[str, ...]:
@@ -259,16 +321,40 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         for key in self._logged_keys():
             logging.setdefault(key, [])
 
+    def _accumulate_statistics(self, statistics: dict) -> None:
+        """Sums the step's statistics on the device (one stack and one add; no host synchronisation)."""
+        keys = self._logged_keys()
+        if not keys:
+            return
+        values = torch.stack([statistics[k].float() for k in keys])
+        self._statistic_sums = values if self._statistic_sums is None else self._statistic_sums + values
+        self._statistic_steps += 1
+
+    def read_preference_statistics(self) -> dict[str, float]:
+        """Means over this epoch's steps so far (over all ranks under DDP): one read from the device."""
+        keys = self._logged_keys()
+        if self._statistic_sums is None:
+            return {}
+        totals = torch.cat([self._statistic_sums, torch.tensor([float(self._statistic_steps)], device=self._statistic_sums.device)])
+        if self.is_ddp:
+            dist.all_reduce(totals)
+        totals = totals.cpu().tolist()
+        return {key: value / max(totals[-1], 1.0) for key, value in zip(keys, totals[:-1])}
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._epoch_learning_rate = self.optimizer.param_groups[0]["lr"]
+        self._iteration = self.current_epoch * self.num_iterations_per_epoch
+        self._statistic_sums, self._statistic_steps = None, 0
+
     def on_train_epoch_end(self, train_outputs: List[dict]):
         # nnU-Net's progress.png takes the shortest logged list as the epoch count: every key we add is
         # logged every epoch, or never
-        super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
-        keys = sorted({k for o in train_outputs for k in o if k.startswith("stat::")})
-        means = {k[6:]: float(np.mean([o[k] for o in train_outputs if k in o])) for k in keys}
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, means)
-            means = {k: float(np.mean([g[k] for g in gathered if k in g])) for k in means}
+        losses = [o["loss"] for o in train_outputs]
+        if losses and isinstance(losses[0], torch.Tensor):
+            losses = torch.stack(losses).float().cpu().numpy()  # one device read per epoch
+        super().on_train_epoch_end([{"loss": np.asarray(loss)} for loss in losses])
+        means = self.read_preference_statistics()
         for key in self._logged_keys():
             self.logger.log(key, means.get(key, float("nan")), self.current_epoch)
 
@@ -286,31 +372,38 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             plot_preference_progress(self.logger.local_logger.my_fantastic_logging, Path(self.output_folder) / PREFERENCE_PNG)
 
     def on_train_end(self):
+        if self.settings.final_checkpoint == "best":
+            self._load_best_weights()
         super().on_train_end()
         if self.dataloader_labeled is not None:
             self._shutdown(self.dataloader_labeled)
 
+    def _load_best_weights(self) -> None:
+        """final_checkpoint "best": checkpoint_final.pth (and nnU-Net's final validation) get the weights of
+        checkpoint_best.pth, the base's when validate_base is on and no epoch beat it."""
+        best = Path(self.output_folder) / "checkpoint_best.pth"
+        if not best.is_file():
+            self.print_to_log_file(f"final_checkpoint 'best': no {best.name} yet; the last weights stay final")
+            return
+        if self.is_ddp:
+            dist.barrier()  # rank 0 wrote it
+        checkpoint = torch.load(best, map_location=self.device, weights_only=False)
+        _unwrap(self.network).load_state_dict(checkpoint["network_weights"])
+        self.print_to_log_file(f"final_checkpoint 'best': the final weights are those of {best.name} (epoch {checkpoint['current_epoch']})")
 
-def _per_scale(reference_ll: torch.Tensor, target) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Precomputed reference log-likelihoods at each target scale (nearest-exact, as nnU-Net downsamples masks)."""
-    targets = target if isinstance(target, (list, tuple)) else [target]
-    scaled = []
-    for masks in targets:
-        maps = reference_ll if masks.shape[2:] == reference_ll.shape[2:] else torch.nn.functional.interpolate(reference_ll.float(), size=masks.shape[2:], mode="nearest-exact")
-        scaled.append((maps[:, 0], maps[:, 1]))
-    return scaled
+
+def warmup_learning_rate(learning_rate: float, iteration: int, warmup_iterations: int) -> float:
+    """Linear warm-up: learning_rate * (iteration + 1) / warmup_iterations for the first warmup_iterations
+    iterations (0-based), then learning_rate."""
+    if iteration >= warmup_iterations:
+        return learning_rate
+    return learning_rate * (iteration + 1) / warmup_iterations
 
 
 class nnUNetTrainerRNDPO(nnUNetTrainerPreference):
     """Region-Normalized DPO: the margin averaged over the voxels where chosen and rejected disagree."""
 
     settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 0.1}
-
-
-class nnUNetTrainerRNDPO_PrecomputedRef(nnUNetTrainerPreference):
-    """RN-DPO without a reference pass per step: the base model's stored log-probabilities ride with the patch."""
-
-    settings_overrides: ClassVar[dict] = {"objective": "rn_dpo", "beta": 0.1, "reference": "precomputed"}
 
 
 class nnUNetTrainerDPO(nnUNetTrainerPreference):
@@ -335,6 +428,5 @@ nnUNetTrainerRNDPO_5epochs = _short(nnUNetTrainerRNDPO, "nnUNetTrainerRNDPO_5epo
 nnUNetTrainerDPO_5epochs = _short(nnUNetTrainerDPO, "nnUNetTrainerDPO_5epochs", 5, 250, 50)
 nnUNetTrainerSelfTrain_5epochs = _short(nnUNetTrainerSelfTrain, "nnUNetTrainerSelfTrain_5epochs", 5, 250, 50)
 nnUNetTrainerRNDPO_tiny = _short(nnUNetTrainerRNDPO, "nnUNetTrainerRNDPO_tiny", 2, 4, 2)
-nnUNetTrainerRNDPO_PrecomputedRef_tiny = _short(nnUNetTrainerRNDPO_PrecomputedRef, "nnUNetTrainerRNDPO_PrecomputedRef_tiny", 2, 4, 2)
 nnUNetTrainerDPO_tiny = _short(nnUNetTrainerDPO, "nnUNetTrainerDPO_tiny", 2, 4, 2)
 nnUNetTrainerSelfTrain_tiny = _short(nnUNetTrainerSelfTrain, "nnUNetTrainerSelfTrain_tiny", 2, 4, 2)
