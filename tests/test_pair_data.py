@@ -21,7 +21,7 @@ class FakeStore:
         rejected[16:32, 16:32, 32:34] = 1
         self.proposals = np.stack([chosen, rejected])
 
-    def load_case(self, case_id, with_reference=False):
+    def load_case(self, case_id):
         return {"proposals": self.proposals}
 
 

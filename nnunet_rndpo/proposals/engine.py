@@ -25,9 +25,6 @@ class CaseProposals:
     proposals: np.ndarray  # (K, *spatial) uint8 label maps
     mean_probabilities: np.ndarray  # (C, *spatial) float16: softmax averaged over the network passes
     case_seed: int
-    # (C, *spatial) float16 log-softmax of the plain pass: the reference model's log-probabilities, which the
-    # trainers' precomputed-reference mode reads instead of running the reference network
-    reference_log_probabilities: Optional[np.ndarray] = None
 
 
 class ProposalEngine:
@@ -144,13 +141,7 @@ class ProposalEngine:
                 derive = SOURCES[member.source].derive
                 labels.append(derive(member, plain_logits, mean_probabilities, self.settings, np.random.default_rng([case_seed, member_index])))
         proposals = torch.stack(labels).to(torch.uint8).cpu().numpy()
-        reference_log_probabilities = torch.log_softmax(plain_logits, dim=0).clamp(min=-60.0)  # float16-safe
-        return CaseProposals(
-            proposals,
-            mean_probabilities.to(torch.float16).cpu().numpy(),
-            case_seed,
-            reference_log_probabilities.to(torch.float16).cpu().numpy(),
-        )
+        return CaseProposals(proposals, mean_probabilities.to(torch.float16).cpu().numpy(), case_seed)
 
 
 def _flip(tensor: torch.Tensor, spatial_axes: tuple[int, ...]) -> torch.Tensor:

@@ -127,7 +127,7 @@ def generate_proposals(
             proposals = store.load_case(case_id)["proposals"]
         else:
             result = engine.generate(data, case_seed(settings.seed, case_id))
-            store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed, result.reference_log_probabilities)
+            store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
             proposals = result.proposals
             generated += 1
         if export_nifti is not None:

@@ -2,8 +2,7 @@
 
 Layout:
     manifest.json          what made the proposals: checkpoint hash, settings, members with provenance
-    cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed,
-                           reference_log_probabilities (C, *spatial) float16 (the base's plain pass)
+    cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed
     judges/, pairs/        judge scores and mined pairs (written by later steps)
 Every file is written under a temporary name and renamed, so a killed run never leaves a case that reads as
 whole; a rerun skips finished cases. A store made by another checkpoint or other settings is refused with a
@@ -106,7 +105,6 @@ class ProposalStore:
         proposals: np.ndarray,
         mean_probabilities: np.ndarray,
         case_seed: int,
-        reference_log_probabilities: Optional[np.ndarray] = None,
     ) -> None:
         if proposals.dtype != np.uint8 or proposals.ndim < 2:
             raise StoreError(f"case {case_id}: proposals must be (K, *spatial) uint8, got {proposals.dtype} {proposals.shape}")
@@ -117,20 +115,16 @@ class ProposalStore:
             proposals=proposals,
             mean_probabilities=mean_probabilities.astype(np.float16),
             case_seed=np.int64(case_seed),
-            **({} if reference_log_probabilities is None else {"reference_log_probabilities": reference_log_probabilities.astype(np.float16)}),
         )
 
-    def load_case(self, case_id: str, with_reference: bool = False) -> dict:
-        """proposals, mean_probabilities, case_seed; with_reference adds reference_log_probabilities when the
-        store has them (read only on request: an npz member is decompressed only when accessed)."""
+    def load_case(self, case_id: str) -> dict:
+        """proposals, mean_probabilities, case_seed (stores of older versions may hold more; it is not read)."""
         path = self.case_path(case_id)
         if not path.is_file():
             raise StoreError(f"case {case_id!r} is not in the proposal store {self.folder}")
         try:
             with np.load(path) as archive:
                 case = {name: archive[name] for name in ("proposals", "mean_probabilities", "case_seed")}
-                if with_reference and "reference_log_probabilities" in archive.files:
-                    case["reference_log_probabilities"] = archive["reference_log_probabilities"]
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
             raise StoreError(f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun") from error
         expected = len(self.manifest()["members"])

@@ -418,15 +418,42 @@ class nnUNetTrainerSelfTrain(nnUNetTrainerPreference):
     settings_overrides: ClassVar[dict] = {"objective": "self_train"}
 
 
-# Short schedules in nnU-Net's style, for tests, demos and benchmarks.
-def _short(base: type, name: str, epochs: int, iterations: int, val_iterations: int) -> type:
-    overrides = {**base.settings_overrides, "num_epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations}
-    return type(name, (base,), {"settings_overrides": overrides, "__doc__": f"{base.__name__} for {epochs} epochs of {iterations} iterations.", "__module__": __name__})
+# Short schedules in nnU-Net's style (as its nnUNetTrainer_5epochs): a subclass whose overrides add a schedule.
+_FIVE_EPOCHS = {"num_epochs": 5, "iterations_per_epoch": 250, "val_iterations_per_epoch": 50}
+_TINY = {"num_epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 2}  # tests and smoke runs
 
 
-nnUNetTrainerRNDPO_5epochs = _short(nnUNetTrainerRNDPO, "nnUNetTrainerRNDPO_5epochs", 5, 250, 50)
-nnUNetTrainerDPO_5epochs = _short(nnUNetTrainerDPO, "nnUNetTrainerDPO_5epochs", 5, 250, 50)
-nnUNetTrainerSelfTrain_5epochs = _short(nnUNetTrainerSelfTrain, "nnUNetTrainerSelfTrain_5epochs", 5, 250, 50)
-nnUNetTrainerRNDPO_tiny = _short(nnUNetTrainerRNDPO, "nnUNetTrainerRNDPO_tiny", 2, 4, 2)
-nnUNetTrainerDPO_tiny = _short(nnUNetTrainerDPO, "nnUNetTrainerDPO_tiny", 2, 4, 2)
-nnUNetTrainerSelfTrain_tiny = _short(nnUNetTrainerSelfTrain, "nnUNetTrainerSelfTrain_tiny", 2, 4, 2)
+class nnUNetTrainerRNDPO_5epochs(nnUNetTrainerRNDPO):
+    """nnUNetTrainerRNDPO for 5 epochs of 250 iterations."""
+
+    settings_overrides: ClassVar[dict] = {**nnUNetTrainerRNDPO.settings_overrides, **_FIVE_EPOCHS}
+
+
+class nnUNetTrainerDPO_5epochs(nnUNetTrainerDPO):
+    """nnUNetTrainerDPO for 5 epochs of 250 iterations."""
+
+    settings_overrides: ClassVar[dict] = {**nnUNetTrainerDPO.settings_overrides, **_FIVE_EPOCHS}
+
+
+class nnUNetTrainerSelfTrain_5epochs(nnUNetTrainerSelfTrain):
+    """nnUNetTrainerSelfTrain for 5 epochs of 250 iterations."""
+
+    settings_overrides: ClassVar[dict] = {**nnUNetTrainerSelfTrain.settings_overrides, **_FIVE_EPOCHS}
+
+
+class nnUNetTrainerRNDPO_tiny(nnUNetTrainerRNDPO):
+    """nnUNetTrainerRNDPO for 2 epochs of 4 iterations (tests, smoke runs)."""
+
+    settings_overrides: ClassVar[dict] = {**nnUNetTrainerRNDPO.settings_overrides, **_TINY}
+
+
+class nnUNetTrainerDPO_tiny(nnUNetTrainerDPO):
+    """nnUNetTrainerDPO for 2 epochs of 4 iterations (tests, smoke runs)."""
+
+    settings_overrides: ClassVar[dict] = {**nnUNetTrainerDPO.settings_overrides, **_TINY}
+
+
+class nnUNetTrainerSelfTrain_tiny(nnUNetTrainerSelfTrain):
+    """nnUNetTrainerSelfTrain for 2 epochs of 4 iterations (tests, smoke runs)."""
+
+    settings_overrides: ClassVar[dict] = {**nnUNetTrainerSelfTrain.settings_overrides, **_TINY}
