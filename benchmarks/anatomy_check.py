@@ -15,6 +15,7 @@ cases, so voxel features are comparable, as they are in nnU-Net's preprocessed s
 
     python benchmarks/anatomy_check.py --data /work/shared/data/Dataset004_Hippocampus --fit-cases 10 --test-cases 20
 """
+
 from __future__ import annotations
 
 import argparse

@@ -2,8 +2,10 @@
 and device, in one run (data loading and augmentation included, as in real training).
 
     python benchmarks/bench_iteration.py --setup-synthetic --work /tmp/bench_iter --output bench_iteration.json
-    python benchmarks/bench_iteration.py --setup-synthetic --network tiny --profile --work /tmp/bench_iter --output proxy.json
-    python benchmarks/bench_iteration.py --setup-hippocampus ../shared/data/Dataset004_Hippocampus --work /tmp/bench_hippo --output hippo.json
+    python benchmarks/bench_iteration.py --setup-synthetic --network tiny --profile --work /tmp/bench_iter \
+        --output proxy.json
+    python benchmarks/bench_iteration.py --setup-hippocampus ../shared/data/Dataset004_Hippocampus \
+        --work /tmp/bench_hippo --output hippo.json
     python benchmarks/bench_iteration.py -d 4 -c 3d_fullres --iterations 30 --output hippocampus_iter.json
 
 Proposal generation, judging and mining happen in on_train_start and are not timed here (see
@@ -14,6 +16,7 @@ per-operation overhead dominates, as it does on a GPU. `--profile` adds, per tra
 torch.profiler: operator calls and self time, the top operators by self time. On a GPU the JSON also holds each
 trainer's peak memory. Each trainer's first-step `rewards/margins` is recorded: with an exact reference it is 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +27,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from nnunet_rndpo import nnunet_paths
 
+from nnunet_rndpo import nnunet_paths
 
 NETWORKS = {  # name -> (configuration, features per stage)
     "small": ("3d_bench", (8, 16, 32, 64)),
@@ -43,12 +46,25 @@ def _setup_synthetic(work: Path, threads: int, network: str = "small") -> tuple[
     dataset_id = 960
     configuration, features = NETWORKS[network]
     if not (work / "nnUNet_preprocessed" / "Dataset960_RNDPOBench" / "nnUNetPlans.json").is_file():
-        make_synthetic_dataset(work / "nnUNet_raw", dataset_id, "RNDPOBench", num_labeled=8, num_unlabeled=8, num_test=0)
+        make_synthetic_dataset(
+            work / "nnUNet_raw", dataset_id, "RNDPOBench", num_labeled=8, num_unlabeled=8, num_test=0
+        )
         nnunet_steps.plan_and_preprocess(dataset_id)
-    nnunet_steps.add_configuration(dataset_id, configuration, patch_size=(32, 32, 32), batch_size=2, features_per_stage=features)
+    nnunet_steps.add_configuration(
+        dataset_id, configuration, patch_size=(32, 32, 32), batch_size=2, features_per_stage=features
+    )
     os.environ["nnUNet_n_proc_DA"] = "0"
     if not (nnunet_paths.trainer_output_folder(dataset_id, configuration, 0) / "checkpoint_final.pth").is_file():
-        nnunet_steps.train_supervised(dataset_id, configuration, 0, num_epochs=2, iterations_per_epoch=20, val_iterations=2, seed=0, num_threads=threads)
+        nnunet_steps.train_supervised(
+            dataset_id,
+            configuration,
+            0,
+            num_epochs=2,
+            iterations_per_epoch=20,
+            val_iterations=2,
+            seed=0,
+            num_threads=threads,
+        )
     return dataset_id, configuration
 
 
@@ -73,13 +89,24 @@ def _profile_step(trainer, batch, top: int = 12) -> dict:
     parts: dict = {}
     events = list(profiler.events())
     for part in (e for e in events if e.name.startswith("rndpo/")):
-        inside = [e for e in events if e.name.startswith("aten::") and e.thread == part.thread
-                  and part.time_range.start <= e.time_range.start and e.time_range.end <= part.time_range.end]
+        inside = [
+            e
+            for e in events
+            if e.name.startswith("aten::")
+            and e.thread == part.thread
+            and part.time_range.start <= e.time_range.start
+            and e.time_range.end <= part.time_range.end
+        ]
         entry = parts.setdefault(part.name, {"ms": 0.0, "aten_calls": 0})
         entry["ms"] += part.cpu_time_total / 1000.0
         entry["aten_calls"] += len(inside)
     events = [e for e in averages if e.key.startswith("aten::")]
-    self_time = lambda e: getattr(e, "self_device_time_total", 0) if trainer.device.type == "cuda" else e.self_cpu_time_total  # noqa: E731
+
+    def self_time(event):
+        return (
+            getattr(event, "self_device_time_total", 0) if trainer.device.type == "cuda" else event.self_cpu_time_total
+        )
+
     events.sort(key=self_time, reverse=True)
     return {
         "aten_calls": int(sum(e.count for e in events)),
@@ -98,13 +125,15 @@ def _setup_hippocampus(work: Path, data: Path, threads: int, labeled: int = 10, 
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (work / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(work / name)
-    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.demo import nnunet_steps
 
     dataset_id, configuration = 961, "3d_bench"
     raw = work / "nnUNet_raw" / "Dataset961_HippoBench"
     dataset_json = json.loads((data / "dataset.json").read_text())
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))[: labeled + unlabeled]
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))[
+        : labeled + unlabeled
+    ]
     if not (work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json").is_file():
         for folder in ("imagesTr", "labelsTr", "imagesUnlabeled"):
             (raw / folder).mkdir(parents=True, exist_ok=True)
@@ -118,14 +147,34 @@ def _setup_hippocampus(work: Path, data: Path, threads: int, labeled: int = 10, 
         nnunet_steps.plan_and_preprocess(dataset_id, configurations=("3d_fullres",), num_processes=1)
     plans = json.loads(nnunet_paths.plans_path(dataset_id).read_text())
     patch = plans["configurations"]["3d_fullres"]["patch_size"]
-    nnunet_steps.add_configuration(dataset_id, configuration, patch_size=patch, batch_size=2, features_per_stage=(16, 32, 64, 128))
+    nnunet_steps.add_configuration(
+        dataset_id, configuration, patch_size=patch, batch_size=2, features_per_stage=(16, 32, 64, 128)
+    )
     os.environ["nnUNet_n_proc_DA"] = "0"
     if not (nnunet_paths.trainer_output_folder(dataset_id, configuration, 0) / "checkpoint_final.pth").is_file():
-        nnunet_steps.train_supervised(dataset_id, configuration, 0, num_epochs=1, iterations_per_epoch=20, val_iterations=2, seed=0, num_threads=threads)
+        nnunet_steps.train_supervised(
+            dataset_id,
+            configuration,
+            0,
+            num_epochs=1,
+            iterations_per_epoch=20,
+            val_iterations=2,
+            seed=0,
+            num_threads=threads,
+        )
     return dataset_id, configuration
 
 
-def time_trainer(trainer_class, plans: dict, configuration: str, dataset_json: dict, device, iterations: int, warmup: int, profile_step: bool = False) -> dict:
+def time_trainer(
+    trainer_class,
+    plans: dict,
+    configuration: str,
+    dataset_json: dict,
+    device,
+    iterations: int,
+    warmup: int,
+    profile_step: bool = False,
+) -> dict:
     import torch
 
     plans = dict(plans, continue_training=False)
@@ -167,16 +216,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default=None)
     parser.add_argument("-c", "--configuration", default=None)
-    parser.add_argument("--setup-synthetic", action="store_true", help="build a synthetic dataset and a tiny base in --work")
-    parser.add_argument("--setup-hippocampus", type=Path, default=None, metavar="DATASET004_FOLDER",
-                        help="build a 10 + 10 case Hippocampus split, its features 16-128 configuration and a base in --work")
-    parser.add_argument("--network", choices=sorted(NETWORKS), default="small", help="with --setup-synthetic: tiny = the CPU proxy for a GPU step")
+    parser.add_argument(
+        "--setup-synthetic", action="store_true", help="build a synthetic dataset and a tiny base in --work"
+    )
+    parser.add_argument(
+        "--setup-hippocampus",
+        type=Path,
+        default=None,
+        metavar="DATASET004_FOLDER",
+        help="build a 10 + 10 case Hippocampus split, its features 16-128 configuration and a base in --work",
+    )
+    parser.add_argument(
+        "--network",
+        choices=sorted(NETWORKS),
+        default="small",
+        help="with --setup-synthetic: tiny = the CPU proxy for a GPU step",
+    )
     parser.add_argument("--profile", action="store_true", help="profile one step per trainer (torch.profiler)")
     parser.add_argument("--trainers", default=None, help="comma-separated subset of the trainers")
     parser.add_argument("--work", type=Path, default=Path("bench_output/iteration"))
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the trainers this many times (drift on a shared CPU)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate the trainers this many times (drift on a shared CPU)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared 2-core CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, required=True)
@@ -203,7 +266,13 @@ def main(argv=None) -> int:
 
     location = locate(dataset, configuration, 0)
     device = torch.device(args.device)
-    names = ["nnUNetTrainer", "nnUNetTrainerRNDPO", "nnUNetTrainerRNDPO_PrecomputedRef", "nnUNetTrainerDPO", "nnUNetTrainerSelfTrain"]
+    names = [
+        "nnUNetTrainer",
+        "nnUNetTrainerRNDPO",
+        "nnUNetTrainerRNDPO_PrecomputedRef",
+        "nnUNetTrainerDPO",
+        "nnUNetTrainerSelfTrain",
+    ]
     if args.trainers:
         names = ["nnUNetTrainer"] + [n for n in args.trainers.split(",") if n != "nnUNetTrainer"]
     trainers = {"nnUNetTrainer": nnUNetTrainer}
@@ -213,8 +282,16 @@ def main(argv=None) -> int:
     loading_samples: dict = {}
     for round_index in range(args.rounds):
         for name, trainer_class in trainers.items():
-            timed = time_trainer(trainer_class, location.plans, configuration, location.dataset_json, device, args.iterations, args.warmup,
-                                 profile_step=args.profile and round_index == 0)
+            timed = time_trainer(
+                trainer_class,
+                location.plans,
+                configuration,
+                location.dataset_json,
+                device,
+                args.iterations,
+                args.warmup,
+                profile_step=args.profile and round_index == 0,
+            )
             samples[name].extend(timed.pop("seconds"))
             loading_samples.setdefault(name, []).extend(timed.pop("loading_seconds"))
             for key, value in timed.items():
@@ -227,10 +304,16 @@ def main(argv=None) -> int:
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "device": str(device),
-                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(),
+        },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "dataset": location.dataset_name, "configuration": configuration,
+        "dataset": location.dataset_name,
+        "configuration": configuration,
         "patch_size": location.plans["configurations"][configuration].get("patch_size"),
         "batch_size": location.plans["configurations"][configuration].get("batch_size"),
         "iterations_timed_per_trainer": args.iterations * args.rounds,

@@ -22,6 +22,7 @@ Anywhere (builds a synthetic dataset and a tiny base model in a temporary nnU-Ne
 Prints a summary and writes a JSON (atomically) with seconds per case for both, their ratio, cases per minute
 and the environment (torch threads, device, versions, processor, CPU count).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,34 +41,65 @@ NUM_PROPOSALS = 8  # plain + 7 mirror flips of a 3D network
 SYNTHETIC_ID = 981
 SYNTHETIC_NAME = "RNDPOBench"
 SYNTHETIC_CONFIGURATION = "3d_tiny"
-NNUNET_CALLS = {"files": "predict_from_files", "sequential": "predict_from_files_sequential", "npy": "predict_single_npy_array"}
+NNUNET_CALLS = {
+    "files": "predict_from_files",
+    "sequential": "predict_from_files_sequential",
+    "npy": "predict_single_npy_array",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-d", "--dataset", help="dataset id or name (required unless --setup-synthetic)")
-    parser.add_argument("-c", "--configuration", default=None, help="configuration (default 3d_fullres; 3d_tiny with --setup-synthetic)")
+    parser.add_argument(
+        "-c", "--configuration", default=None, help="configuration (default 3d_fullres; 3d_tiny with --setup-synthetic)"
+    )
     parser.add_argument("-f", "--fold", default="0", help="fold of the trained model (default 0)")
-    parser.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer of the model folder (default nnUNetTrainer)")
+    parser.add_argument(
+        "-tr", "--trainer", default="nnUNetTrainer", help="trainer of the model folder (default nnUNetTrainer)"
+    )
     parser.add_argument("-p", "--plans", default="nnUNetPlans")
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    parser.add_argument("--cases", type=int, default=5, help="number of cases (the first N preprocessed cases; default 5)")
+    parser.add_argument(
+        "--cases", type=int, default=5, help="number of cases (the first N preprocessed cases; default 5)"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for both (default: os.cpu_count() on cpu, as nnUNetv2_predict; 1 on cuda)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for both (default: os.cpu_count() on cpu, as nnUNetv2_predict; 1 on cuda)",
+    )
     parser.add_argument("--nnunet-mode", default="files", choices=("files", "sequential", "npy"))
-    parser.add_argument("--nnunet-processes", type=int, default=1,
-                        help="preprocessing and export worker processes per predict_from_files call (default 1)")
-    parser.add_argument("--warmup", type=int, default=1, choices=(0, 1), help="one untimed pass of each first (default 1)")
+    parser.add_argument(
+        "--nnunet-processes",
+        type=int,
+        default=1,
+        help="preprocessing and export worker processes per predict_from_files call (default 1)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, choices=(0, 1), help="one untimed pass of each first (default 1)"
+    )
     parser.add_argument("-o", "--output", type=Path, default=Path("bench_proposals.json"))
     synthetic = parser.add_argument_group("synthetic set-up")
-    synthetic.add_argument("--setup-synthetic", action="store_true",
-                           help="build a synthetic dataset and a tiny base model in a temporary nnU-Net folder first")
-    synthetic.add_argument("--work-dir", type=Path, default=None,
-                           help="nnU-Net folder for --setup-synthetic (default: a temporary one, removed at the end); "
-                           "kept and reused when given")
+    synthetic.add_argument(
+        "--setup-synthetic",
+        action="store_true",
+        help="build a synthetic dataset and a tiny base model in a temporary nnU-Net folder first",
+    )
+    synthetic.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="nnU-Net folder for --setup-synthetic (default: a temporary one, removed at the end); "
+        "kept and reused when given",
+    )
     synthetic.add_argument("--synthetic-cases", type=int, default=6, help="labeled synthetic cases (default 6)")
-    synthetic.add_argument("--synthetic-size", type=int, default=48, help="edge of the synthetic cubes in voxels (default 48)")
+    synthetic.add_argument(
+        "--synthetic-size", type=int, default=48, help="edge of the synthetic cubes in voxels (default 48)"
+    )
     args = parser.parse_args(argv)
     if not args.setup_synthetic and args.dataset is None:
         parser.error("-d/--dataset is required unless --setup-synthetic is given")
@@ -96,21 +128,47 @@ def build_synthetic(args) -> None:
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
 
-    fold_folder = Path(os.environ["nnUNet_results"]) / f"Dataset{SYNTHETIC_ID:03d}_{SYNTHETIC_NAME}" / (
-        f"nnUNetTrainer__nnUNetPlans__{SYNTHETIC_CONFIGURATION}") / "fold_0"
+    fold_folder = (
+        Path(os.environ["nnUNet_results"])
+        / f"Dataset{SYNTHETIC_ID:03d}_{SYNTHETIC_NAME}"
+        / (f"nnUNetTrainer__nnUNetPlans__{SYNTHETIC_CONFIGURATION}")
+        / "fold_0"
+    )
     if (fold_folder / "checkpoint_final.pth").is_file():
         print(f"synthetic set-up: reusing {fold_folder}")
         return
     started = time.perf_counter()
     size = args.synthetic_size
-    make_synthetic_dataset(os.environ["nnUNet_raw"], dataset_id=SYNTHETIC_ID, name=SYNTHETIC_NAME, num_labeled=args.synthetic_cases,
-                           num_unlabeled=0, num_test=0, shape=(size, size, size), seed=0)
+    make_synthetic_dataset(
+        os.environ["nnUNet_raw"],
+        dataset_id=SYNTHETIC_ID,
+        name=SYNTHETIC_NAME,
+        num_labeled=args.synthetic_cases,
+        num_unlabeled=0,
+        num_test=0,
+        shape=(size, size, size),
+        seed=0,
+    )
     nnunet_steps.plan_and_preprocess(SYNTHETIC_ID, configurations=("3d_fullres",), num_processes=1)
-    nnunet_steps.add_configuration(SYNTHETIC_ID, SYNTHETIC_CONFIGURATION, patch_size=(32, 32, 32), batch_size=2, features_per_stage=(8, 16, 32))
-    nnunet_steps.train_supervised(SYNTHETIC_ID, SYNTHETIC_CONFIGURATION, 0, num_epochs=2, iterations_per_epoch=10, val_iterations=2,
-                                  device=args.device, seed=0, num_augmentation_workers=0, num_threads=1)
-    print(f"synthetic set-up: dataset {SYNTHETIC_ID}, {args.synthetic_cases} cases of {size}^3, tiny model trained "
-          f"({time.perf_counter() - started:.0f} s)")
+    nnunet_steps.add_configuration(
+        SYNTHETIC_ID, SYNTHETIC_CONFIGURATION, patch_size=(32, 32, 32), batch_size=2, features_per_stage=(8, 16, 32)
+    )
+    nnunet_steps.train_supervised(
+        SYNTHETIC_ID,
+        SYNTHETIC_CONFIGURATION,
+        0,
+        num_epochs=2,
+        iterations_per_epoch=10,
+        val_iterations=2,
+        device=args.device,
+        seed=0,
+        num_augmentation_workers=0,
+        num_threads=1,
+    )
+    print(
+        f"synthetic set-up: dataset {SYNTHETIC_ID}, {args.synthetic_cases} cases of {size}^3, tiny model trained "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -120,7 +178,9 @@ def raw_files(raw_dataset_folder: Path, case_id: str, dataset_json: dict) -> lis
     files = [raw_dataset_folder / "imagesTr" / f"{case_id}_{channel:04d}{ending}" for channel in range(channels)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise SystemExit(f"raw image(s) of case {case_id} not found: {', '.join(missing)} (nnU-Net needs the raw images)")
+        raise SystemExit(
+            f"raw image(s) of case {case_id} not found: {', '.join(missing)} (nnU-Net needs the raw images)"
+        )
     return [str(f) for f in files]
 
 
@@ -141,17 +201,17 @@ def summary(seconds: list[float]) -> dict:
 
 
 def run_benchmark(args) -> dict:
+    import nnunetv2
     import numpy as np
     import torch
-    import nnunetv2
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_rndpo.nnunet_env import ensure_ext_trainer
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.proposals.engine import ProposalEngine
     from nnunet_rndpo.proposals.members import ProposalSettings, case_seed
-    from nnunet_rndpo.proposals.pool import PoolReader, CasePool
     from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.pool import CasePool, PoolReader
     from nnunet_rndpo.proposals.store import ProposalStore
 
     ensure_ext_trainer()  # nnUNetPredictor looks the trainer up by the name in the checkpoint
@@ -161,45 +221,92 @@ def run_benchmark(args) -> dict:
 
     location = locate(args.dataset, args.configuration, args.fold, args.plans)
     checkpoint = location.checkpoint(args.trainer, args.checkpoint)
-    load_seconds_ours, model = timed(load_model, checkpoint, device, expected_plans=location.plans,
-                                     expected_configuration=args.configuration, expected_dataset_json=location.dataset_json)
+    load_seconds_ours, model = timed(
+        load_model,
+        checkpoint,
+        device,
+        expected_plans=location.plans,
+        expected_configuration=args.configuration,
+        expected_dataset_json=location.dataset_json,
+    )
     cases = sorted(p.name[: -len(".pkl")] for p in location.preprocessed_data_folder.glob("*.pkl"))[: args.cases]
     if not cases:
-        raise SystemExit(f"no preprocessed cases in {location.preprocessed_data_folder}: run nnUNetv2_plan_and_preprocess")
+        raise SystemExit(
+            f"no preprocessed cases in {location.preprocessed_data_folder}: run nnUNetv2_plan_and_preprocess"
+        )
     if location.raw_dataset_folder is None:
         raise SystemExit("nnUNet_raw is not set: nnU-Net's predictor needs the raw images")
     inputs = {case: raw_files(location.raw_dataset_folder, case, location.dataset_json) for case in cases}
 
     settings = ProposalSettings(num_proposals=NUM_PROPOSALS, sources=("tta",))
-    engine = ProposalEngine([model.network], model.plans_manager, model.configuration_manager, model.label_manager,
-                            model.dataset_json, settings, model.mirror_axes, device)
+    engine = ProposalEngine(
+        [model.network],
+        model.plans_manager,
+        model.configuration_manager,
+        model.label_manager,
+        model.dataset_json,
+        settings,
+        model.mirror_axes,
+        device,
+    )
     if engine.num_proposals != NUM_PROPOSALS or any(m.source not in ("plain", "tta") for m in engine.members):
-        raise SystemExit(f"the model allows mirroring on {model.mirror_axes}: fewer than 7 flips, K=8 TTA members impossible")
-    pool = CasePool(location.dataset_name, "benchmark (preprocessed training cases)", cases,
-                         preprocessed_folder=location.preprocessed_data_folder)
+        raise SystemExit(
+            f"the model allows mirroring on {model.mirror_axes}: fewer than 7 flips, K=8 TTA members impossible"
+        )
+    pool = CasePool(
+        location.dataset_name,
+        "benchmark (preprocessed training cases)",
+        cases,
+        preprocessed_folder=location.preprocessed_data_folder,
+    )
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
 
-    predictor = nnUNetPredictor(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor = nnUNetPredictor(
+        tile_step_size=settings.tile_step_size,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
     nnunet_loading = "initialize_from_trained_model_folder"
     try:
-        load_seconds_nnunet, _ = timed(predictor.initialize_from_trained_model_folder, str(location.model_folder(args.trainer)),
-                                       use_folds=(location.fold,), checkpoint_name=Path(checkpoint).name)
+        load_seconds_nnunet, _ = timed(
+            predictor.initialize_from_trained_model_folder,
+            str(location.model_folder(args.trainer)),
+            use_folds=(location.fold,),
+            checkpoint_name=Path(checkpoint).name,
+        )
     except RuntimeError as error:
         if "Could not find requested nnunet trainer" not in str(error):
             raise
         # a model trained by a class nnU-Net cannot import (e.g. a benchmark's per-arm subclass): give the
         # predictor the same network by hand. Only loading differs; it is timed apart from the ratio.
         nnunet_loading = "manual_initialization (trainer class not importable)"
-        load_seconds_nnunet, _ = timed(predictor.manual_initialization, model.network, model.plans_manager, model.configuration_manager,
-                                       [model.network.state_dict()], model.dataset_json, "nnUNetTrainer", model.mirror_axes)
+        load_seconds_nnunet, _ = timed(
+            predictor.manual_initialization,
+            model.network,
+            model.plans_manager,
+            model.configuration_manager,
+            [model.network.state_dict()],
+            model.dataset_json,
+            "nnUNetTrainer",
+            model.mirror_axes,
+        )
     reader_writer = model.plans_manager.image_reader_writer_class()
 
     scratch = Path(tempfile.mkdtemp(prefix="rndpo_bench_out_"))
-    store = ProposalStore(scratch / "store").open({"dataset": location.dataset_name, "benchmark": True,
-                                                   "settings": settings.to_dict(), "members": [m.to_dict() for m in engine.members]})
+    store = ProposalStore(scratch / "store").open(
+        {
+            "dataset": location.dataset_name,
+            "benchmark": True,
+            "settings": settings.to_dict(),
+            "members": [m.to_dict() for m in engine.members],
+        }
+    )
 
     def ours(case_id: str) -> None:
         data, _, _ = reader.load(case_id)
@@ -207,7 +314,9 @@ def run_benchmark(args) -> dict:
         store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
 
     def ours_preprocessing(case_id: str) -> None:
-        preprocessor.run_case(inputs[case_id], None, model.plans_manager, model.configuration_manager, model.dataset_json)
+        preprocessor.run_case(
+            inputs[case_id], None, model.plans_manager, model.configuration_manager, model.dataset_json
+        )
 
     def nnunet_eight(case_id: str) -> None:
         out = scratch / "nnunet" / case_id
@@ -218,11 +327,18 @@ def run_benchmark(args) -> dict:
             for member in range(NUM_PROPOSALS):
                 target = str(out / f"{case_id}_prediction{member:02d}")
                 if args.nnunet_mode == "files":
-                    predictor.predict_from_files([inputs[case_id]], [target], save_probabilities=False, overwrite=True,
-                                                 num_processes_preprocessing=args.nnunet_processes,
-                                                 num_processes_segmentation_export=args.nnunet_processes)
+                    predictor.predict_from_files(
+                        [inputs[case_id]],
+                        [target],
+                        save_probabilities=False,
+                        overwrite=True,
+                        num_processes_preprocessing=args.nnunet_processes,
+                        num_processes_segmentation_export=args.nnunet_processes,
+                    )
                 elif args.nnunet_mode == "sequential":
-                    predictor.predict_from_files_sequential([inputs[case_id]], [target], save_probabilities=False, overwrite=True)
+                    predictor.predict_from_files_sequential(
+                        [inputs[case_id]], [target], save_probabilities=False, overwrite=True
+                    )
                 else:
                     predictor.predict_single_npy_array(image, properties, None, target, False)
         written = list(out.glob(f"*{location.dataset_json['file_ending']}"))
@@ -234,16 +350,20 @@ def run_benchmark(args) -> dict:
             print(f"warm-up on {cases[0]} ...")
             engine.generate(reader.load(cases[0])[0], 0)
             with contextlib.redirect_stdout(io.StringIO()):
-                predictor.predict_from_files_sequential([inputs[cases[0]]], [str(scratch / "warmup")], save_probabilities=False, overwrite=True)
+                predictor.predict_from_files_sequential(
+                    [inputs[cases[0]]], [str(scratch / "warmup")], save_probabilities=False, overwrite=True
+                )
         times = {"ours": [], "ours_preprocessing": [], "nnunet": []}
         for index, case_id in enumerate(cases):
             # alternate the two on every case, so a change in machine load affects both alike
             times["ours"].append(timed(ours, case_id)[0])
             times["ours_preprocessing"].append(timed(ours_preprocessing, case_id)[0])
             times["nnunet"].append(timed(nnunet_eight, case_id)[0])
-            print(f"[{index + 1}/{len(cases)}] {case_id}: ours {times['ours'][-1]:.2f} s "
-                  f"(+ {times['ours_preprocessing'][-1]:.2f} s preprocessing from raw), "
-                  f"nnU-Net 8 calls {times['nnunet'][-1]:.2f} s")
+            print(
+                f"[{index + 1}/{len(cases)}] {case_id}: ours {times['ours'][-1]:.2f} s "
+                f"(+ {times['ours_preprocessing'][-1]:.2f} s preprocessing from raw), "
+                f"nnU-Net 8 calls {times['nnunet'][-1]:.2f} s"
+            )
         problems = store.verify()
         if problems:
             raise RuntimeError(f"the benchmark's proposal store is not clean: {problems}")
@@ -279,8 +399,13 @@ def run_benchmark(args) -> dict:
             "worker_processes": args.nnunet_processes if args.nnunet_mode == "files" else 0,
         },
         "speedup": nnunet_summary["seconds_per_case"] / ours_summary["seconds_per_case"],
-        "speedup_including_our_preprocessing": nnunet_summary["seconds_per_case"] / statistics.fmean(with_preprocessing),
-        "model_load_seconds": {"ours": load_seconds_ours, "nnunet": load_seconds_nnunet, "nnunet_loading": nnunet_loading},
+        "speedup_including_our_preprocessing": nnunet_summary["seconds_per_case"]
+        / statistics.fmean(with_preprocessing),
+        "model_load_seconds": {
+            "ours": load_seconds_ours,
+            "nnunet": load_seconds_nnunet,
+            "nnunet_loading": nnunet_loading,
+        },
         "environment": {
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -328,12 +453,20 @@ def main(argv=None) -> int:
 
     save_json(result, args.output)
     ours, nnunet = result["ours"], result["nnunet"]
-    print(f"\n{result['dataset']} {result['configuration']} fold {result['fold']}, {len(result['cases'])} case(s), "
-          f"{result['environment']['device']}, {result['environment']['torch_threads']} torch thread(s)")
-    print(f"  ours (K=8, one sweep):      {ours['seconds_per_case']:.2f} s/case  ({ours['cases_per_minute']:.1f} cases/min)")
+    print(
+        f"\n{result['dataset']} {result['configuration']} fold {result['fold']}, {len(result['cases'])} case(s), "
+        f"{result['environment']['device']}, {result['environment']['torch_threads']} torch thread(s)"
+    )
+    print(
+        f"  ours (K=8, one sweep):      {ours['seconds_per_case']:.2f} s/case  ({ours['cases_per_minute']:.1f} cases/min)"  # noqa: E501
+    )
     print(f"  + preprocessing from raw:   {result['ours_preprocessing']['seconds_per_case']:.2f} s/case")
-    print(f"  nnU-Net, 8 calls ({nnunet['mode']}): {nnunet['seconds_per_case']:.2f} s/case  ({nnunet['cases_per_minute']:.1f} cases/min)")
-    print(f"  speedup: {result['speedup']:.1f}x ({result['speedup_including_our_preprocessing']:.1f}x counting our preprocessing)")
+    print(
+        f"  nnU-Net, 8 calls ({nnunet['mode']}): {nnunet['seconds_per_case']:.2f} s/case  ({nnunet['cases_per_minute']:.1f} cases/min)"  # noqa: E501
+    )
+    print(
+        f"  speedup: {result['speedup']:.1f}x ({result['speedup_including_our_preprocessing']:.1f}x counting our preprocessing)"  # noqa: E501
+    )
     print(f"written: {args.output}")
     return 0
 

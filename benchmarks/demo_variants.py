@@ -4,11 +4,13 @@ Uses the working folder of `nnunet_rndpo demo --output DIR` (its synthetic data,
 store), the demo's schedule (10 epochs of 50 iterations) and seed 0; only the given settings change.
 
     nnunet_rndpo demo --output /work/bench/demo          # once: data, base model, proposals
-    python benchmarks/demo_variants.py --demo /work/bench/demo --name sft1_beta01 --settings '{"sft_weight": 1.0, "beta": 0.1}'
+    python benchmarks/demo_variants.py --demo /work/bench/demo --name sft1_beta01 \
+        --settings '{"sft_weight": 1.0, "beta": 0.1}'
     python benchmarks/demo_variants.py --demo /work/bench/demo --name selftrain --settings '{"objective": "self_train"}'
 
 Prints one RESULT line and writes <demo>/variants/<name>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+
 from nnunet_rndpo import nnunet_paths
 
 
@@ -38,15 +41,20 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.run import DEMO_CONFIGURATION, DEMO_DATASET_ID, FULL
     from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
     from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO
 
-    settings = {"num_epochs": FULL.tune_epochs, "iterations_per_epoch": FULL.tune_iterations,
-                "val_iterations_per_epoch": FULL.val_iterations, "seed": 0, **args.settings}
+    settings = {
+        "num_epochs": FULL.tune_epochs,
+        "iterations_per_epoch": FULL.tune_iterations,
+        "val_iterations_per_epoch": FULL.val_iterations,
+        "seed": 0,
+        **args.settings,
+    }
     (work / "variants").mkdir(exist_ok=True)
     settings_file = work / "variants" / f"{args.name}.settings.json"
     settings_file.write_text(json.dumps(settings))
@@ -55,20 +63,42 @@ def main(argv=None) -> int:
     trainer_class = type("Variant_" + args.name, (nnUNetTrainerRNDPO,), {"__module__": __name__})
     started = time.perf_counter()
     folder = nnunet_steps.train_supervised(
-        DEMO_DATASET_ID, DEMO_CONFIGURATION, 0, num_epochs=settings["num_epochs"], iterations_per_epoch=settings["iterations_per_epoch"],
-        val_iterations=settings["val_iterations_per_epoch"], trainer_class=trainer_class, initial_lr=settings.get("initial_lr", 1e-3),
-        seed=0, num_threads=args.threads,
+        DEMO_DATASET_ID,
+        DEMO_CONFIGURATION,
+        0,
+        num_epochs=settings["num_epochs"],
+        iterations_per_epoch=settings["iterations_per_epoch"],
+        val_iterations=settings["val_iterations_per_epoch"],
+        trainer_class=trainer_class,
+        initial_lr=settings.get("initial_lr", 1e-3),
+        seed=0,
+        num_threads=args.threads,
     )
     model = load_model(folder / "checkpoint_final.pth")
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.manual_initialization(model.network, model.plans_manager, model.configuration_manager, [model.network.state_dict()],
-                                    model.dataset_json, "nnUNetTrainer", model.mirror_axes)
+    predictor.manual_initialization(
+        model.network,
+        model.plans_manager,
+        model.configuration_manager,
+        [model.network.state_dict()],
+        model.dataset_json,
+        "nnUNetTrainer",
+        model.mirror_axes,
+    )
     raw = Path(os.environ["nnUNet_raw"]) / nnunet_paths.find_dataset_name(DEMO_DATASET_ID)
     predictions = work / "variants" / f"predictions_{args.name}"
     predictions.mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files_sequential(str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True)
+    predictor.predict_from_files_sequential(
+        str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True
+    )
     result = nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", model.dataset_json["labels"])
-    record = {"name": args.name, "settings": settings, "test": result, "seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d")}
+    record = {
+        "name": args.name,
+        "settings": settings,
+        "test": result,
+        "seconds": time.perf_counter() - started,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     save_json(record, work / "variants" / f"{args.name}.json")
     print("RESULT", args.name, json.dumps(settings), result["mean"], result["foreground_mean"], flush=True)
     return 0

@@ -21,6 +21,7 @@ labelsUnlabeled, read only by the oracle judge and the upper bound), T test case
 any choice). Every arm of a seed continues from the same base model. Each finished arm writes
 <work>/arms/<arm>.json and is skipped on a rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,9 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
 from nnunet_rndpo import nnunet_paths
 
 DATASET_ID = 940
@@ -81,7 +83,8 @@ class Protocol:
 PROTOCOLS = {
     "v1": Protocol("v1", (8, 16, 32, 64), Schedule(), LABEL_FREE),
     "v2": Protocol(
-        "v2", (16, 32, 64, 128),
+        "v2",
+        (16, 32, 64, 128),
         Schedule(base_epochs=100, base_iterations=50, tune_epochs=40, tune_iterations=50, val_iterations=20),
         ("agreement", "anatomy", "agreement_anatomy", "virtual_annotator", "uncertainty"),
     ),
@@ -129,7 +132,10 @@ def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1
     judge, then more seeds of the best one. RN-DPO and self-training always side by side."""
 
     def pair(judge, seed):
-        return [Arm(f"rn_dpo_{judge}_top_bottom_s{seed}", "rn_dpo", seed, judge), Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge)]
+        return [
+            Arm(f"rn_dpo_{judge}_top_bottom_s{seed}", "rn_dpo", seed, judge),
+            Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge),
+        ]
 
     arms = [Arm("base_s0", "base", 0), Arm("upper_s0", "upper", 0), *pair("oracle_reliable", 0)]
     for noise in (0.01, 0.03, 0.1, 0.3):
@@ -150,11 +156,15 @@ def gate_verdict(results: dict) -> tuple[bool, str]:
     missing = [name for name in GATE_ARMS if name not in final]
     if missing:
         return False, f"gate arms not finished: {missing}"
-    rn_dpo, base, self_train = final["rn_dpo_oracle_reliable_top_bottom_s0"], final["base_s0"], final["self_train_oracle_reliable_s0"]
+    rn_dpo, base, self_train = (
+        final["rn_dpo_oracle_reliable_top_bottom_s0"],
+        final["base_s0"],
+        final["self_train_oracle_reliable_s0"],
+    )
     passed = rn_dpo >= base + GATE_MARGIN and rn_dpo > self_train
     return passed, (
-        f"validation pseudo Dice: base {base:.4f}, upper {final['upper_s0']:.4f}, RN-DPO (reliable oracle) {rn_dpo:.4f}, "
-        f"self-training (reliable oracle) {self_train:.4f}: gate {'passed' if passed else 'FAILED'} (RN-DPO must beat the base by "
+        f"validation pseudo Dice: base {base:.4f}, upper {final['upper_s0']:.4f}, RN-DPO (reliable oracle) {rn_dpo:.4f}, "  # noqa: E501
+        f"self-training (reliable oracle) {self_train:.4f}: gate {'passed' if passed else 'FAILED'} (RN-DPO must beat the base by "  # noqa: E501
         f"{GATE_MARGIN * 100:.1f} points and self-training)"
     )
 
@@ -174,15 +184,25 @@ def write_raw(data: Path, raw_root: Path, split: dict) -> None:
     dataset_json = json.loads((data / "dataset.json").read_text())
     low = raw_root / f"Dataset{DATASET_ID}_HippoLowLabel"
     link_parts(data, low, {part: split[part] for part in ("labeled", "validation", "unlabeled", "test")})
-    save_json({**dataset_json, "name": "HippoLowLabel", "numTraining": len(split["labeled"]) + len(split["validation"])}, low / "dataset.json")
+    save_json(
+        {**dataset_json, "name": "HippoLowLabel", "numTraining": len(split["labeled"]) + len(split["validation"])},
+        low / "dataset.json",
+    )
     upper = raw_root / f"Dataset{UPPER_ID}_HippoUpperBound"
     link_parts(data, upper, {"labeled": split["labeled"] + split["validation"] + split["unlabeled"]})
-    save_json({**dataset_json, "name": "HippoUpperBound", "numTraining": len(split["labeled"]) + len(split["validation"]) + len(split["unlabeled"])}, upper / "dataset.json")
+    save_json(
+        {
+            **dataset_json,
+            "name": "HippoUpperBound",
+            "numTraining": len(split["labeled"]) + len(split["validation"]) + len(split["unlabeled"]),
+        },
+        upper / "dataset.json",
+    )
 
 
 def prepare(work: Path, data: Path, seed: int, features: tuple[int, ...]) -> dict:
-    from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.demo import nnunet_steps
 
     split_file = work / "split.json"
     if split_file.is_file():
@@ -199,7 +219,9 @@ def prepare(work: Path, data: Path, seed: int, features: tuple[int, ...]) -> dic
             nnunet_steps.plan_and_preprocess(dataset_id, num_processes=2)
         plans = json.loads((base / "nnUNetPlans.json").read_text())
         patch = plans["configurations"]["3d_fullres"]["patch_size"]
-        nnunet_steps.add_configuration(dataset_id, CONFIGURATION, patch_size=patch, batch_size=2, features_per_stage=features)
+        nnunet_steps.add_configuration(
+            dataset_id, CONFIGURATION, patch_size=patch, batch_size=2, features_per_stage=features
+        )
         # one fold: train on the training cases, validate on the validation cases (never on test)
         save_json([{"train": sorted(train), "val": sorted(split["validation"])}], base / "splits_final.json")
     os.environ["nnUNet_n_proc_DA"] = "0"
@@ -214,7 +236,6 @@ def unique_trainer(base_class, arm_name: str):
 
 
 def base_folder(seed: int) -> Path:
-    from nnunet_rndpo.demo import nnunet_steps
 
     return nnunet_paths.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
 
@@ -233,28 +254,52 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str 
         dataset_id = DATASET_ID if arm.kind == "base" else UPPER_ID
         epochs = schedule.base_epochs
         folder = nnunet_steps.train_supervised(
-            dataset_id, CONFIGURATION, 0, num_epochs=epochs, iterations_per_epoch=schedule.base_iterations,
-            val_iterations=schedule.val_iterations, trainer_class=unique_trainer(nnUNetTrainer, arm.name),
-            initial_lr=schedule.base_lr, seed=arm.seed, num_threads=threads, device=device,
+            dataset_id,
+            CONFIGURATION,
+            0,
+            num_epochs=epochs,
+            iterations_per_epoch=schedule.base_iterations,
+            val_iterations=schedule.val_iterations,
+            trainer_class=unique_trainer(nnUNetTrainer, arm.name),
+            initial_lr=schedule.base_lr,
+            seed=arm.seed,
+            num_threads=threads,
+            device=device,
         )
         phases = {"training_s": time.perf_counter() - started}
     else:
-        trainer_class = {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}[arm.kind]
+        trainer_class = {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}[
+            arm.kind
+        ]
         judge, options = JUDGES[arm.judge]
         settings = {
             "base_checkpoint": str(base_folder(arm.seed) / "checkpoint_final.pth"),
-            "judge": judge, "judge_options": options, "mining": arm.mining, "seed": arm.seed,
-            "num_epochs": schedule.tune_epochs, "iterations_per_epoch": schedule.tune_iterations,
-            "val_iterations_per_epoch": schedule.val_iterations, "initial_lr": schedule.tune_lr, **arm.settings,
+            "judge": judge,
+            "judge_options": options,
+            "mining": arm.mining,
+            "seed": arm.seed,
+            "num_epochs": schedule.tune_epochs,
+            "iterations_per_epoch": schedule.tune_iterations,
+            "val_iterations_per_epoch": schedule.val_iterations,
+            "initial_lr": schedule.tune_lr,
+            **arm.settings,
         }
         settings_file = work / "settings" / f"{arm.name}.json"
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings, indent=2))
         os.environ[SETTINGS_ENV_VARIABLE] = str(settings_file)
         folder = nnunet_steps.train_supervised(
-            DATASET_ID, CONFIGURATION, 0, num_epochs=schedule.tune_epochs, iterations_per_epoch=schedule.tune_iterations,
-            val_iterations=schedule.val_iterations, trainer_class=unique_trainer(trainer_class, arm.name),
-            initial_lr=schedule.tune_lr, seed=arm.seed, num_threads=threads, device=device,
+            DATASET_ID,
+            CONFIGURATION,
+            0,
+            num_epochs=schedule.tune_epochs,
+            iterations_per_epoch=schedule.tune_iterations,
+            val_iterations=schedule.val_iterations,
+            trainer_class=unique_trainer(trainer_class, arm.name),
+            initial_lr=schedule.tune_lr,
+            seed=arm.seed,
+            num_threads=threads,
+            device=device,
         )
         os.environ.pop(SETTINGS_ENV_VARIABLE, None)
         phases = {"total_s": time.perf_counter() - started}
@@ -325,16 +370,35 @@ def evaluate_checkpoint(checkpoint: Path, predictions: Path, device: str = "cpu"
 
     raw = Path(os.environ["nnUNet_raw"]) / nnunet_paths.find_dataset_name(DATASET_ID)
     model = load_model(checkpoint, device)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=__import__("torch").device(device), verbose=False, allow_tqdm=False)
-    predictor.manual_initialization(model.network, model.plans_manager, model.configuration_manager, [model.network.state_dict()], model.dataset_json, "nnUNetTrainer", model.mirror_axes)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        device=__import__("torch").device(device),
+        verbose=False,
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        model.network,
+        model.plans_manager,
+        model.configuration_manager,
+        [model.network.state_dict()],
+        model.dataset_json,
+        "nnUNetTrainer",
+        model.mirror_axes,
+    )
     if predictions.exists():
         shutil.rmtree(predictions)
     predictions.mkdir(parents=True)
-    predictor.predict_from_files_sequential(str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True)
+    predictor.predict_from_files_sequential(
+        str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True
+    )
     return nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", model.dataset_json["labels"])
 
 
-def audit_on_validation(work: Path, seed: int, threads: int, device: str = "cpu", label_free: tuple[str, ...] = LABEL_FREE) -> dict:
+def audit_on_validation(
+    work: Path, seed: int, threads: int, device: str = "cpu", label_free: tuple[str, ...] = LABEL_FREE
+) -> dict:
     """The judge audit on the validation split: picks the best label-free judge (never the test set)."""
     import torch
 
@@ -348,8 +412,16 @@ def audit_on_validation(work: Path, seed: int, threads: int, device: str = "cpu"
     if (output / "judge_audit.json").is_file():
         return json.loads((output / "judge_audit.json").read_text())
     location = locate(DATASET_ID, CONFIGURATION, 0)
-    model = load_model(base_folder(seed) / "checkpoint_final.pth", device, expected_plans=location.plans, expected_configuration=CONFIGURATION, expected_dataset_json=location.dataset_json)
-    specs = [JUDGES[name][0] for name in label_free if not JUDGES[name][1]] + ["oracle"]  # judges with options: scored by their arms
+    model = load_model(
+        base_folder(seed) / "checkpoint_final.pth",
+        device,
+        expected_plans=location.plans,
+        expected_configuration=CONFIGURATION,
+        expected_dataset_json=location.dataset_json,
+    )
+    specs = [JUDGES[name][0] for name in label_free if not JUDGES[name][1]] + [
+        "oracle"
+    ]  # judges with options: scored by their arms
     return run_audit(model, location, specs, ProposalSettings(), output, device=device, margin=0.02, seed=seed)
 
 
@@ -417,10 +489,10 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
     gap = float(np.mean(gaps)) if gaps else None
     base_seconds = float(np.mean([r["seconds"].get("training_s", 0) for r in base_runs])) if base_runs else None
     lines = [
-        f"Split (seed {split['seed']}): {len(split['labeled'])} labeled training, {len(split['validation'])} labeled validation, "
+        f"Split (seed {split['seed']}): {len(split['labeled'])} labeled training, {len(split['validation'])} labeled validation, "  # noqa: E501
         f"{len(split['unlabeled'])} unlabeled (pool), {len(split['test'])} test cases; lists in `split.json`.",
         "",
-        "| arm | seeds | test mean Dice, final (sustained) | test mean Dice, best-val checkpoint (peak) | class 1 / class 2 (final) | vs base (final, paired by seed) | gap to upper bound closed | pairs | wall time (s) |",
+        "| arm | seeds | test mean Dice, final (sustained) | test mean Dice, best-val checkpoint (peak) | class 1 / class 2 (final) | vs base (final, paired by seed) | gap to upper bound closed | pairs | wall time (s) |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = lambda item: ({"base": 0, "upper": 1}.get(item[0], 2), item[0])  # noqa: E731
@@ -429,7 +501,11 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
         peaks = np.array([dice(r, "checkpoint_best") for r in runs])
         classes = [np.mean([dice(r, "checkpoint_final", c) for r in runs]) for c in (1, 2)]
         spread = lambda values: f" ± {values.std():.4f}" if len(values) > 1 else ""  # noqa: E731
-        paired = [dice(r, "checkpoint_final") - base_by_seed[r["arm"]["seed"]] for r in runs if r["arm"]["seed"] in base_by_seed]
+        paired = [
+            dice(r, "checkpoint_final") - base_by_seed[r["arm"]["seed"]]
+            for r in runs
+            if r["arm"]["seed"] in base_by_seed
+        ]
         versus = f"{np.mean(paired) * 100:+.2f} pts" if paired and name != "base" else ""
         closed = ""
         if gap is not None and paired and name not in ("base", "upper"):
@@ -457,7 +533,11 @@ def _arm_phases(result: dict) -> dict:
         return result["log_timings"]
     phases = phase_seconds(Path(result["folder"]))
     total = result["seconds"].get("total_s")
-    if phases and total and abs(phases["fine_tuning_s"] + phases["judging_s"] + (phases["proposals_s"] or 0) - total) <= 0.1 * total:
+    if (
+        phases
+        and total
+        and abs(phases["fine_tuning_s"] + phases["judging_s"] + (phases["proposals_s"] or 0) - total) <= 0.1 * total
+    ):
         return phases
     return {}
 
@@ -476,24 +556,33 @@ def _wall_time_table(results: dict, base_seconds: float) -> list[str]:
             judge = results[name]["arm"]["judge"]
             judging[judge] = max(judging.get(judge, 0.0), phase["judging_s"])
     lines = [
-        "| arm | proposals generated in this run (s) | judging + mining in this run (s) | fine-tuning (s) | on its own: proposals + judging + fine-tuning (s) | on its own / base training |",
+        "| arm | proposals generated in this run (s) | judging + mining in this run (s) | fine-tuning (s) | on its own: proposals + judging + fine-tuning (s) | on its own / base training |",  # noqa: E501
         "|---|---|---|---|---|---|",
     ]
     for name, phase in sorted(phases.items()):
         if not phase:
-            lines.append(f"| {name} | | | | (log overwritten by a later arm in the same folder; total {results[name]['seconds'].get('total_s', 0):.0f} s) | |")
+            lines.append(
+                f"| {name} | | | | (log overwritten by a later arm in the same folder; total {results[name]['seconds'].get('total_s', 0):.0f} s) | |"  # noqa: E501
+            )
             continue
         arm = results[name]["arm"]
-        generated = f"{phase['proposals_s']:.0f} ({phase['proposals_generated']} cases)" if phase.get("proposals_generated") else "0 (store reused)"
+        generated = (
+            f"{phase['proposals_s']:.0f} ({phase['proposals_generated']} cases)"
+            if phase.get("proposals_generated")
+            else "0 (store reused)"
+        )
         own = " | "
         if generation is not None:
             total = generation + judging[arm["judge"]] + phase["fine_tuning_s"]
             own = f"{total:.0f} | {total / base_seconds:.2f}"
         lines.append(f"| {name} | {generated} | {phase['judging_s']:.1f} | {phase['fine_tuning_s']:.0f} | {own} |")
-    lines += ["", "Arms of one seed share one proposal store and a judge's scores are cached in it, so only the first "
-              "arm of a seed pays for the proposals and the first arm with a judge pays for scoring; 'on its own' adds "
-              "those costs back: the mean generation time measured over seeds (same pool, network and K) and the "
-              "largest scoring time measured for the arm's judge."]
+    lines += [
+        "",
+        "Arms of one seed share one proposal store and a judge's scores are cached in it, so only the first "
+        "arm of a seed pays for the proposals and the first arm with a judge pays for scoring; 'on its own' adds "
+        "those costs back: the mean generation time measured over seeds (same pool, network and K) and the "
+        "largest scoring time measured for the arm's judge.",
+    ]
     return lines
 
 
@@ -518,7 +607,9 @@ def _plot_curves(grouped: dict, figures: Path) -> None:
         for kind, runs in arms.items():
             for run in runs or []:
                 if run["arm"]["seed"] == 0:
-                    axis.plot(range(1, len(run["validation_curve"]) + 1), run["validation_curve"], marker="o", label=kind)
+                    axis.plot(
+                        range(1, len(run["validation_curve"]) + 1), run["validation_curve"], marker="o", label=kind
+                    )
         axis.set_xlabel("fine-tuning epoch")
         axis.set_ylabel("validation pseudo Dice")
         axis.set_title(f"judge: {judge} (mining top_bottom, seed 0)")
@@ -532,18 +623,33 @@ def _plot_curves(grouped: dict, figures: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("bench_output/low_label"))
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset004_Hippocampus")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset004_Hippocampus"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed")
     parser.add_argument("--only", nargs="*", default=None, help="run only these arms")
-    parser.add_argument("--core", action="store_true", help="seed 0 only: RN-DPO and DPO with the best label-free judge and the weak and reliable oracles, self-training, upper bound")
+    parser.add_argument(
+        "--core",
+        action="store_true",
+        help="seed 0 only: RN-DPO and DPO with the best label-free judge and the weak and reliable oracles, self-training, upper bound",  # noqa: E501
+    )
     parser.add_argument("--part_id", type=int, default=0)
     parser.add_argument("--num_parts", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for training, proposals and evaluation")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="device for training, proposals and evaluation"
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny schedule to check the runner")
     parser.add_argument("--report", type=Path, default=None, help="write the summary table of finished arms here")
-    parser.add_argument("--protocol", default="v2", choices=sorted(PROTOCOLS), help="v2 (default): built to see a gain; v1: the first protocol")
-    parser.add_argument("--ignore_gate", action="store_true", help="v2: run the judge arms even when the sanity gate fails")
+    parser.add_argument(
+        "--protocol",
+        default="v2",
+        choices=sorted(PROTOCOLS),
+        help="v2 (default): built to see a gain; v1: the first protocol",
+    )
+    parser.add_argument(
+        "--ignore_gate", action="store_true", help="v2: run the judge arms even when the sanity gate fails"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.part_id < args.num_parts:
         parser.error(f"--part_id {args.part_id} must be between 0 and --num_parts - 1 ({args.num_parts - 1})")
@@ -580,10 +686,18 @@ def main(argv=None) -> int:
                 return
             print(f"=== {arm.name}", flush=True)
             result = run_arm(arm, schedule, work, args.threads, args.device)
-            result["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": args.threads, "device": args.device}
+            result["machine"] = {
+                "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": args.threads,
+                "device": args.device,
+            }
             result["date"] = time.strftime("%Y-%m-%d")
             save_json(result, target)
-        print(f"    test Dice final {result['test']['checkpoint_final']['foreground_mean']:.4f}, best {result['test']['checkpoint_best']['foreground_mean']:.4f}", flush=True)
+        print(
+            f"    test Dice final {result['test']['checkpoint_final']['foreground_mean']:.4f}, best {result['test']['checkpoint_best']['foreground_mean']:.4f}",  # noqa: E501
+            flush=True,
+        )
 
     # Bases first: part 0 trains the seed-0 base and runs the judge audit on the validation split (which picks
     # the best label-free judge for the other arms); the other parts train the other seeds' bases meanwhile.
@@ -600,10 +714,16 @@ def main(argv=None) -> int:
     audited = [judge for judge in protocol.label_free if judge in audit["judges"]]
     if protocol.name == "v1":
         best = max(audited, key=lambda j: audit["judges"][j]["spearman"] or -1)
-        print(f"best label-free judge on validation: {best} (Spearman {audit['judges'][best]['spearman']:.3f})", flush=True)
+        print(
+            f"best label-free judge on validation: {best} (Spearman {audit['judges'][best]['spearman']:.3f})",
+            flush=True,
+        )
     else:  # what decides the gain is whether the judge's pick beats a typical proposal (its top-1 lift)
         best = max(audited, key=lambda j: audit["judges"][j].get("top1_lift") or -1)
-        print(f"best label-free judge on validation: {best} (top-1 lift {audit['judges'][best].get('top1_lift')})", flush=True)
+        print(
+            f"best label-free judge on validation: {best} (top-1 lift {audit['judges'][best].get('top1_lift')})",
+            flush=True,
+        )
     if protocol.name == "v2":
         arms = build_arms_v2(best, protocol.label_free, seeds)
         gate = [a for a in arms if a.name in GATE_ARMS]
@@ -616,14 +736,21 @@ def main(argv=None) -> int:
         passed, verdict = gate_verdict(results)
         print(verdict, flush=True)
         if not passed and not args.ignore_gate:
-            print("fix the benchmark (or find the bug) before judging judges; --ignore_gate runs the rest anyway", flush=True)
+            print(
+                "fix the benchmark (or find the bug) before judging judges; --ignore_gate runs the rest anyway",
+                flush=True,
+            )
             return 2
         arms = rest
     else:
         arms = [a for a in build_arms(best, seeds) if a.kind != "base"]
     if args.core:
         core = [f"{kind}_{judge}_top_bottom_s0" for judge in (best, "oracle_weak") for kind in ("rn_dpo", "dpo")]
-        core += ["self_train_agreement_s0"] + [f"{kind}_oracle_reliable_top_bottom_s0" for kind in ("rn_dpo", "dpo")] + ["upper_s0"]
+        core += (
+            ["self_train_agreement_s0"]
+            + [f"{kind}_oracle_reliable_top_bottom_s0" for kind in ("rn_dpo", "dpo")]
+            + ["upper_s0"]
+        )
         arms = sorted((a for a in arms if a.name in core), key=lambda a: core.index(a.name))
     if args.only:
         arms = [a for a in arms if a.name in set(args.only)]

@@ -5,6 +5,7 @@ of anatomical features fitted on the labeled cases' true labels), combination (a
 within-case ranks), and the research-only oracle (reads the true labels). A user's own judge is a `Judge`
 subclass, given to `get_judge` as a dotted path "package.module:ClassName" or registered with `register_judge`.
 """
+
 from .agreement import AgreementJudge
 from .anatomy import AnatomyJudge
 from .base import (

@@ -3,6 +3,7 @@
 Measured on Hippocampus (shared/notes/proposals-measured.md): Spearman 0.80 with true Dice, but its top pick
 is a typical mask rather than the best one.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,9 +40,7 @@ class AgreementJudge(Judge):
             return np.ones(1)
         if self.to == "consensus":
             consensus = majority_vote(case.proposals, case.labels)
-            return np.array(
-                [dice_per_class(proposal, consensus, case.labels).mean() for proposal in case.proposals]
-            )
+            return np.array([dice_per_class(proposal, consensus, case.labels).mean() for proposal in case.proposals])
         class_mean_dice = pairwise_dice_per_class(case.proposals, case.labels).mean(axis=2)
         # The diagonal (self-Dice = 1) is excluded: only the other K-1 proposals vote.
         return (class_mean_dice.sum(axis=1) - np.diag(class_mean_dice)) / (count - 1)

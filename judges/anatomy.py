@@ -39,6 +39,7 @@ Cost: fit reads each labeled reference once; scoring computes the features of ea
 connected-component labellings and morphological operations per class on the class's bounding box), about
 the cost of the virtual annotator; no model, no GPU.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -291,9 +292,7 @@ def surface_contact_fractions(mask: np.ndarray, label_map: np.ndarray) -> dict[i
     return fractions
 
 
-def _crop_around(
-    mask: np.ndarray, label_map: np.ndarray, margin: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _crop_around(mask: np.ndarray, label_map: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The mask's bounding box grown by `margin` (clipped to the array), the label map on it, and its origin.
 
     Cropping keeps every feature identical to the full-array one (the border still counts as outside) while

@@ -5,6 +5,7 @@ A judge scores the K proposals of one case; higher = better. Label-free judges n
 in `fit`, on labeled cases only. Multi-class judges score each foreground class and average over classes
 unless they document otherwise.
 """
+
 from __future__ import annotations
 
 import abc
@@ -61,9 +62,7 @@ class JudgeInput:
             if value is not None:
                 value = np.asarray(value)
                 if value.shape[1:] != spatial:
-                    raise ValueError(
-                        f"{where}: {field_name} must be (channels, *{spatial}), got shape {value.shape}"
-                    )
+                    raise ValueError(f"{where}: {field_name} must be (channels, *{spatial}), got shape {value.shape}")
                 setattr(self, field_name, value)
         if self.mean_probabilities is not None and self.mean_probabilities.shape[0] <= max(self.labels):
             raise ValueError(

@@ -9,6 +9,7 @@ a single proposal gets 0.5), then score = sum_j weight_j * normalised_rank_j.
 
 Cost: the sum of the sub-judges' costs. `fit` fits the sub-judges that learn, on the same labeled cases.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -13,6 +13,7 @@ proposals for the cases held out of its training (nnU-Net's cross-validation), a
 Cost: the fold models' predictions on their validation cases (which nnU-Net's cross-validation makes anyway)
 and a small tree ensemble; scoring is feature computation plus a regressor call, no GPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 Connected components use full connectivity (voxels touching at a corner belong together), so a mask is
 called fragmented only when its pieces really are apart.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 It answers "what would a judge of known reliability do?": noise_std and flip_probability degrade it on
 purpose, from exact (both 0) to a random ranking (flip_probability 1). Never a judge for unlabeled data.
 """
+
 from __future__ import annotations
 
 import hashlib

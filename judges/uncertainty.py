@@ -16,6 +16,7 @@ probability that the reference is empty too, prod(1 - p) ~ exp(-sum p), consiste
 `entropy_weight` (default 0) subtracts w * mean normalised entropy inside the mask, for users who want to
 favour masks that stay out of uncertain regions; it pulls towards under-segmentation, hence off by default.
 """
+
 from __future__ import annotations
 
 from typing import Any

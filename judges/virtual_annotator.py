@@ -17,6 +17,7 @@ others:
   by the factors above with the fallback statistics).
 The case score is the mean over classes; `weights` raise each factor to a power (0 turns a check off).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

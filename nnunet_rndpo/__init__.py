@@ -2,4 +2,5 @@
 
 The library is organised one concept per module (see README.md, "Where things live").
 """
+
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 `os.replace` is atomic on POSIX within one file system, so the temporary file lives in the target folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid in the name lets a cleanup tell a dead writer's leftovers from a live writer's file
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.pid{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.pid{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent
+    )
     os.close(handle)
     temp = Path(temp_name)
     try:

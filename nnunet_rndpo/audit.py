@@ -27,6 +27,7 @@ What decides the gain of preference training (figures beyond the rank correlatio
 - expected gain: the judge's reliability read off a reliability-to-gain curve measured elsewhere (an oracle
   noise sweep), when one is given (`reliability_curve`, format in `load_reliability_curve`).
 """
+
 from __future__ import annotations
 
 import json
@@ -135,9 +136,7 @@ class PairExample:
 class _JudgeTally:
     """Running figures of one judge over the cases."""
 
-    def __init__(
-        self, name: str, strategies: Sequence[str], margin: float, seed: int, montage_pairs: int
-    ) -> None:
+    def __init__(self, name: str, strategies: Sequence[str], margin: float, seed: int, montage_pairs: int) -> None:
         self.name = name
         self.spearman: list[float] = []
         self.kendall: list[float] = []
@@ -204,9 +203,7 @@ class _JudgeTally:
             "rank_curve": mean_rank_curve(self.rank_curves),
             "mining": mining,
         }
-        figures["expected_gain"] = (
-            expected_gain(figures[curve.metric], curve.points) if curve is not None else None
-        )
+        figures["expected_gain"] = expected_gain(figures[curve.metric], curve.points) if curve is not None else None
         return figures
 
     def _mining_figures(self, strategy: str) -> dict[str, Any]:
@@ -268,10 +265,10 @@ def expected_gain(reliability: float | None, curve: Sequence[Sequence[float]] | 
 def load_reliability_curve(source: str | os.PathLike | dict | ReliabilityCurve) -> ReliabilityCurve:
     """A reliability-to-gain curve from a JSON file (or its parsed dict). Format:
 
-        {"metric": "spearman",                      # one of RELIABILITY_METRICS
-         "points": [[0.0, -0.3], [0.6, 0.2], [1.0, 1.0]],   # (reliability, gain), any order
-         "gain_unit": "Dice points",                # optional
-         "source": "oracle noise sweep, Hippocampus, 2026-12"}   # optional
+    {"metric": "spearman",                      # one of RELIABILITY_METRICS
+     "points": [[0.0, -0.3], [0.6, 0.2], [1.0, 1.0]],   # (reliability, gain), any order
+     "gain_unit": "Dice points",                # optional
+     "source": "oracle noise sweep, Hippocampus, 2026-12"}   # optional
     """
     if isinstance(source, ReliabilityCurve):
         return source
@@ -449,8 +446,7 @@ def audit_judges(
             "oracle_rank_curve": mean_rank_curve(oracle_curves),
         },
         "judges": {
-            name: tallies[name].figures(name in label_using_judges, mean_proposal, best, curve)
-            for name in judge_names
+            name: tallies[name].figures(name in label_using_judges, mean_proposal, best, curve) for name in judge_names
         },
         "per_case": per_case,
         "pair_examples": [example for name in judge_names for example in tallies[name].pair_examples],
@@ -461,7 +457,8 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
     """Pick a label-free judge and a mining strategy, or advise against preference fine-tuning.
 
     Rule: the label-free judge with the highest mean Spearman is "reliable" when Spearman >= 0.6 and its
-    top-1 lift (top pick's true Dice minus a typical proposal's) is at least 25% of the oracle pick's. A reliable judge gets the first of
+    top-1 lift (top pick's true Dice minus a typical proposal's) is at least 25% of the oracle pick's. A reliable
+    judge gets the first of
     top_rest, top_bottom, margin whose pairs have a positive mean true-Dice gap and at most 25% wrong roles; a
     weak judge only margin under the same test. Without such a strategy: no preference pairs.
     """

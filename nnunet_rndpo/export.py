@@ -1,5 +1,6 @@
 """Export a fine-tuned model folder for users without this package: the checkpoints' trainer name becomes
 plain `nnUNetTrainer` (same network, same weights), so stock `nnUNetv2_predict_from_modelfolder` loads it."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,11 @@ MODEL_FOLDER_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 STOCK_TRAINER = "nnUNetTrainer"
 
 
-def export_model_folder(model_folder: str | Path, output_folder: str | Path, checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth")) -> list[Path]:
+def export_model_folder(
+    model_folder: str | Path,
+    output_folder: str | Path,
+    checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth"),
+) -> list[Path]:
     """Copy `model_folder` (…/<Trainer>__<Plans>__<config>) to `output_folder` with stock trainer names."""
     model_folder, output_folder = Path(model_folder), Path(output_folder)
     if not (model_folder / "plans.json").is_file():

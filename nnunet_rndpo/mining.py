@@ -20,6 +20,7 @@ Rules common to all:
 - the per-case rng is seeded from (seed, a SHA-256 of the case id), so results do not depend on the order
   of cases or on Python's hash randomisation.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ nnU-Net looks trainers up by name, first in its own folder and then in the folde
 `nnUNet_extTrainer`. Ours live in the installed package folder `nnunet_rndpo/trainers` (the repository's
 top-level `trainers/`), whose modules only re-export classes defined in the library.
 """
+
 from __future__ import annotations
 
 import os

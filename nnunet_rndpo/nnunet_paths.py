@@ -3,6 +3,7 @@ nnU-Net's folders (the subcommands, the trainers' start, the pipeline and the de
 
 Reads nnunetv2.paths at call time (nnU-Net reads the environment at import).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,14 @@ class RunLocation:
     def store_folder(self, checkpoint_path: Path) -> Path:
         from nnunet_rndpo.proposals.store import default_store_folder
 
-        return default_store_folder(self.preprocessed_base.parent, self.dataset_name, self.plans_name, self.configuration, self.fold, checkpoint_path)
+        return default_store_folder(
+            self.preprocessed_base.parent,
+            self.dataset_name,
+            self.plans_name,
+            self.configuration,
+            self.fold,
+            checkpoint_path,
+        )
 
     def fold_split(self) -> tuple[list[str], list[str]]:
         """nnU-Net's (training, validation) case ids of this fold."""
@@ -50,8 +58,12 @@ class RunLocation:
         from nnunet_rndpo.proposals.pool import discover_pool
 
         return discover_pool(
-            self.raw_dataset_folder.parent if self.raw_dataset_folder else None, self.preprocessed_base.parent, self.dataset_name,
-            self.dataset_json, self.preprocessed_data_folder.name, self.fold,
+            self.raw_dataset_folder.parent if self.raw_dataset_folder else None,
+            self.preprocessed_base.parent,
+            self.dataset_name,
+            self.dataset_json,
+            self.preprocessed_data_folder.name,
+            self.fold,
         )
 
     def labeled_training_pool(self):
@@ -60,8 +72,11 @@ class RunLocation:
 
         train, _ = self.fold_split()
         return CasePool(
-            dataset_name=self.dataset_name, source=f"labeled training cases of fold {self.fold} (for fitting judges)",
-            case_ids=sorted(train), preprocessed_folder=self.preprocessed_data_folder, in_sample=True,
+            dataset_name=self.dataset_name,
+            source=f"labeled training cases of fold {self.fold} (for fitting judges)",
+            case_ids=sorted(train),
+            preprocessed_folder=self.preprocessed_data_folder,
+            in_sample=True,
         )
 
     def validation_pool(self, case_ids=None):
@@ -72,7 +87,9 @@ class RunLocation:
         if not cases:
             raise ValueError(f"no labeled cases to audit for fold {self.fold}")
         return CasePool(
-            dataset_name=self.dataset_name, source=f"labeled validation cases of fold {self.fold} (audit)", case_ids=cases,
+            dataset_name=self.dataset_name,
+            source=f"labeled validation cases of fold {self.fold} (audit)",
+            case_ids=cases,
             preprocessed_folder=self.preprocessed_data_folder,
         )
 
@@ -108,7 +125,9 @@ def plans_path(dataset: int | str, plans_name: str = "nnUNetPlans") -> Path:
     return preprocessed_dataset_folder(dataset) / f"{plans_name}.json"
 
 
-def trainer_output_folder(dataset: int | str, configuration: str, fold, trainer_name: str = "nnUNetTrainer", plans_name: str = "nnUNetPlans") -> Path:
+def trainer_output_folder(
+    dataset: int | str, configuration: str, fold, trainer_name: str = "nnUNetTrainer", plans_name: str = "nnUNetPlans"
+) -> Path:
     """nnU-Net's `nnUNet_results/DatasetX/<Trainer>__<Plans>__<config>/fold_F` (before the plans exist, too)."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -129,14 +148,18 @@ def locate(dataset: str | int, configuration: str, fold, plans_name: str = "nnUN
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError as error:
-        raise RuntimeError(f"dataset {dataset!r} not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results: {error}") from error
+        raise RuntimeError(
+            f"dataset {dataset!r} not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results: {error}"
+        ) from error
     preprocessed_base = Path(nnUNet_preprocessed) / dataset_name
     plans_file = preprocessed_base / f"{plans_name}.json"
     if not plans_file.is_file():
         raise RuntimeError(f"plans {plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
     plans = json.loads(plans_file.read_text())
     if configuration not in plans["configurations"]:
-        raise RuntimeError(f"configuration {configuration!r} is not in {plans_file}; valid: {', '.join(plans['configurations'])}")
+        raise RuntimeError(
+            f"configuration {configuration!r} is not in {plans_file}; valid: {', '.join(plans['configurations'])}"
+        )
     dataset_json = json.loads((preprocessed_base / "dataset.json").read_text())
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

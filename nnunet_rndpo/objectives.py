@@ -13,6 +13,7 @@ types differ in how m is normalised before the link function:
 A pair with |D| = 0 carries no preference: it is counted as skipped and adds nothing to the loss.
 All log-probabilities are computed in float32, also under autocast.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,10 +100,16 @@ def pair_voxel_log_likelihoods(
     """
     if region_based:
         return torch.stack(
-            [voxel_log_likelihood(logits, chosen, region_based=True), voxel_log_likelihood(logits, rejected, region_based=True)], 1
+            [
+                voxel_log_likelihood(logits, chosen, region_based=True),
+                voxel_log_likelihood(logits, rejected, region_based=True),
+            ],
+            1,
         )
     if chosen.shape != rejected.shape or chosen.shape[1] != 1:
-        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must both be (B, 1, *spatial)")
+        raise ValueError(
+            f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must both be (B, 1, *spatial)"
+        )
     index = _softmax_labels(logits, torch.cat([chosen, rejected], 1), ignore_label)
     gathered = torch.gather(logits, 1, index).float()
     if not normalized:
@@ -179,7 +186,12 @@ def reference_log_likelihoods(
     """The reference's (B, 2, *spatial) term for pair_log_ratios, without autograd."""
     with torch.no_grad():
         return pair_voxel_log_likelihoods(
-            reference_logits, chosen, rejected, region_based=region_based, ignore_label=ignore_label, normalized=normalized
+            reference_logits,
+            chosen,
+            rejected,
+            region_based=region_based,
+            ignore_label=ignore_label,
+            normalized=normalized,
         )
 
 
@@ -208,7 +220,12 @@ def pair_log_ratios(
         if reference_logits is None:
             raise ValueError("pass reference_logits or reference_voxel_ll")
         reference_voxel_ll = reference_log_likelihoods(
-            reference_logits, chosen, rejected, region_based=region_based, ignore_label=ignore_label, normalized=normalized
+            reference_logits,
+            chosen,
+            rejected,
+            region_based=region_based,
+            ignore_label=ignore_label,
+            normalized=normalized,
         )
     policy = pair_voxel_log_likelihoods(
         policy_logits, chosen, rejected, region_based=region_based, ignore_label=ignore_label, normalized=normalized

@@ -6,6 +6,7 @@
 subcommand and the audit (`run_audit`) call it. Under DDP the caller passes its rank, the world size and a
 barrier; everything else is decided here. No argument parsing, no nnU-Net trainer.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,7 +93,11 @@ class TrueLabelLoader:
             return None
         preprocessor = self.model.configuration_manager.preprocessor_class(verbose=False)
         _, seg, _ = preprocessor.run_case(
-            [str(p) for p in pool.raw_files[case_id]], str(label_file), self.model.plans_manager, self.model.configuration_manager, self.model.dataset_json
+            [str(p) for p in pool.raw_files[case_id]],
+            str(label_file),
+            self.model.plans_manager,
+            self.model.configuration_manager,
+            self.model.dataset_json,
         )
         return np.maximum(seg[0], 0).astype(np.uint8)
 
@@ -165,10 +170,18 @@ def ready_judge(
     true_labels = TrueLabelLoader(model, location).for_pool(labeled_pool)
     if not judge.fit_reads_proposals:
         # a judge of anatomy learns from the true label maps alone: no proposals of the labeled cases needed
-        inputs = [JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, true_labels=truth) for case_id in labeled_pool.case_ids]
+        inputs = [
+            JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, true_labels=truth)
+            for case_id in labeled_pool.case_ids
+        ]
     else:
         labeled_store, _ = generate_proposals(
-            model, labeled_pool, store.folder.parent / f"{store.folder.name}__labeled", proposal_settings, device=device, progress=progress
+            model,
+            labeled_pool,
+            store.folder.parent / f"{store.folder.name}__labeled",
+            proposal_settings,
+            device=device,
+            progress=progress,
         )
         reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
         inputs = list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, labels, true_labels))
@@ -196,26 +209,46 @@ def score_store(
         raise ValueError(f"{judge.describe()} needs true labels; none are available for this pool")
     scores = {}
     inputs = judge_inputs(store, reader, case_ids, labels, true_labels if judge.needs_labels else None)
-    for case in tqdm(inputs, total=len(case_ids), desc=f"judge {judge.display_name}", unit="case", disable=not progress):
+    for case in tqdm(
+        inputs, total=len(case_ids), desc=f"judge {judge.display_name}", unit="case", disable=not progress
+    ):
         scores[case.case_id] = [float(s) for s in score_case(judge, case)]
-    save_json({"judge": judge.describe(), "research_only_uses_labels": bool(judge.needs_labels), "scores": scores}, scores_file)
+    save_json(
+        {"judge": judge.describe(), "research_only_uses_labels": bool(judge.needs_labels), "scores": scores},
+        scores_file,
+    )
     return scores
 
 
-def mine_store(store: ProposalStore, scores: dict[str, list[float]], strategy: str, margin: float, seed: int) -> MiningResult:
-    cases = ((case_id, np.asarray(scores[case_id]), store.load_case(case_id)["proposals"]) for case_id in sorted(scores))
+def mine_store(
+    store: ProposalStore, scores: dict[str, list[float]], strategy: str, margin: float, seed: int
+) -> MiningResult:
+    cases = (
+        (case_id, np.asarray(scores[case_id]), store.load_case(case_id)["proposals"]) for case_id in sorted(scores)
+    )
     return mine_pairs(cases, strategy, margin=margin, seed=seed)
 
 
-def pairs_record(store: ProposalStore, scores: dict[str, list[float]], selection: str, margin: float, seed: int) -> dict:
+def pairs_record(
+    store: ProposalStore, scores: dict[str, list[float]], selection: str, margin: float, seed: int
+) -> dict:
     """Training items from scores: mined (chosen, rejected) pairs, or the judge's top proposal per case
     (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file."""
     if selection == JUDGE_TOP:
-        items = [{"case_id": case_id, "chosen": int(np.argmax(s)), "rejected": int(np.argmax(s))} for case_id, s in sorted(scores.items())]
+        items = [
+            {"case_id": case_id, "chosen": int(np.argmax(s)), "rejected": int(np.argmax(s))}
+            for case_id, s in sorted(scores.items())
+        ]
         return {"summary": {"strategy": JUDGE_TOP, "pairs": len(items), "cases_total": len(scores)}, "items": items}
     mined = mine_store(store, scores, selection, margin, seed)
     items = [
-        {"case_id": p.case_id, "chosen": p.chosen, "rejected": p.rejected, "score_gap": p.score_gap, "disagreement_voxels": p.disagreement_voxels}
+        {
+            "case_id": p.case_id,
+            "chosen": p.chosen,
+            "rejected": p.rejected,
+            "score_gap": p.score_gap,
+            "disagreement_voxels": p.disagreement_voxels,
+        }
         for p in mined.pairs
     ]
     return {"summary": mined.summary(), "items": items}
@@ -259,15 +292,15 @@ def prepare_pairs(
     if pool.in_sample:
         if judge_spec_learns:
             raise PairPreparationError(
-                f"judge {settings.judge!r} learns from the fold's labeled training cases, and the pool is those same cases "
-                f"({pool.source}): it would be fitted and applied in-sample. Put unlabeled images in "
+                f"judge {settings.judge!r} learns from the fold's labeled training cases, and the pool is those "
+                f"same cases ({pool.source}): it would be fitted and applied in-sample. Put unlabeled images in "
                 f"{location.raw_dataset_folder}/imagesUnlabeled, or choose a judge that does not learn."
             )
         if rank == 0:
             log(
-                f"WARNING: no imagesUnlabeled folder in {location.raw_dataset_folder}: the pool is the base model's own "
-                f"training cases ({pool.source}), on which it is most confident; fine-tuning on them adds little. "
-                "Put unlabeled images in imagesUnlabeled/ (README: 'Using it on your data')."
+                f"WARNING: no imagesUnlabeled folder in {location.raw_dataset_folder}: the pool is the base "
+                f"model's own training cases ({pool.source}), on which it is most confident; fine-tuning on them "
+                "adds little. Put unlabeled images in imagesUnlabeled/ (README: 'Using it on your data')."
             )
 
     store = ProposalStore(store_folder)
@@ -277,21 +310,40 @@ def prepare_pairs(
             store.open(store_manifest(model, settings.proposals, pool, []), overwrite=settings.overwrite_proposals)
         barrier()
         store, summary = generate_proposals(
-            model, pool, store_folder, settings.proposals, device=device, case_ids=pool.case_ids[rank::world_size], progress=progress and rank == 0
+            model,
+            pool,
+            store_folder,
+            settings.proposals,
+            device=device,
+            case_ids=pool.case_ids[rank::world_size],
+            progress=progress and rank == 0,
         )
         log(f"proposals: {summary.describe()}")
         barrier()
     else:
         missing = [case_id for case_id in pool.case_ids if not store.has_case(case_id)]
         if missing:
-            raise PairPreparationError(f"the store {store.folder} lacks {len(missing)} case(s) (e.g. {missing[0]}): run `nnunet_rndpo propose` first")
+            raise PairPreparationError(
+                f"the store {store.folder} lacks {len(missing)} case(s) (e.g. {missing[0]}): "
+                "run `nnunet_rndpo propose` first"
+            )
 
     # learning judges are fitted on labeled cases' proposals made with the store's own settings
     proposal_settings = ProposalSettings.from_dict(store.manifest()["settings"])
-    judge = ready_judge(settings.judge, settings.judge_options, store, model, location, proposal_settings, device, progress, log) if rank == 0 else None
+    judge = (
+        ready_judge(
+            settings.judge, settings.judge_options, store, model, location, proposal_settings, device, progress, log
+        )
+        if rank == 0
+        else None
+    )
     scores: dict[str, list[float]] = {}
     record = None
-    pairs_file = pairs_file if pairs_file is not None or settings.selection is None else default_pairs_file(store, judge, settings.selection)
+    pairs_file = (
+        pairs_file
+        if pairs_file is not None or settings.selection is None
+        else default_pairs_file(store, judge, settings.selection)
+    )
     if rank == 0 and not (reuse_pairs_file and pairs_file is not None and pairs_file.is_file()):
         if judge.needs_labels:
             log(f"WARNING: {judge.describe()} reads true labels: research use only")
@@ -310,7 +362,8 @@ def prepare_pairs(
             raise PairPreparationError(
                 f"no preference pairs: none of the {len(pool.case_ids)} cases of the pool ({pool.source}) gave two "
                 f"different proposals the judge could rank (selection {settings.selection!r}). Add proposal sources "
-                "(e.g. dropout), raise num_proposals, lower mining_margin, or check that the base model segments anything."
+                "(e.g. dropout), raise num_proposals, lower mining_margin, or check that the base model segments "
+                "anything."
             )
     return PreparedPairs(pool=pool, store=store, judge=judge, scores=scores, record=record, pairs_file=pairs_file)
 
@@ -340,8 +393,13 @@ def run_audit(
     audit_store_folder = store_folder.parent / f"{store_folder.name}__audit"
     prepared = [
         prepare_pairs(
-            location, model, PairSettings(proposals=proposal_settings, judge=spec, selection=None, seed=seed),
-            device=device, pool=pool, store_folder=audit_store_folder, progress=progress,
+            location,
+            model,
+            PairSettings(proposals=proposal_settings, judge=spec, selection=None, seed=seed),
+            device=device,
+            pool=pool,
+            store_folder=audit_store_folder,
+            progress=progress,
             log=lambda message: None,
         )
         for spec in judge_specs
@@ -374,4 +432,3 @@ def run_audit(
     report["checkpoint"] = str(model.checkpoint_path)
     write_audit(report, output_folder)
     return report
-

@@ -2,6 +2,7 @@
 
 Convention: a class that is empty in both maps has Dice 1.0 (both agree that it is absent).
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -22,6 +22,7 @@ Session fixtures (each built once per session; the slow ones are marked):
 
 Tests that use a slow fixture carry `@pytest.mark.slow`; `-m "not slow"` runs only the fast ones.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from nnunet_rndpo import nnunet_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,6 @@
 """Atomic writes: temporary name, then rename; ordinary permissions; nothing left behind."""
+
+
 def test_atomic_writes_leave_ordinary_permissions_and_no_temporaries(tmp_path):
     import os
     import stat

@@ -1,4 +1,5 @@
 """Judge audit on a hand-made example whose figures are computed by hand below."""
+
 import json
 
 import numpy as np
@@ -270,15 +271,22 @@ def test_pair_example_picks_the_most_disagreeing_slice_and_crops_it():
 
 def test_montage_pairs_are_collected_per_judge_and_written_without_arrays(tmp_path):
     cases = [
-        AuditCase(f"case_{index}", np.array([0.9, 0.7]), {"good": np.array([1.0, 0.0]), "bad": np.array([0.0, 1.0])},
-                  slab_proposals(), image=np.ones((1, 4, 8, 8)) * index)
+        AuditCase(
+            f"case_{index}",
+            np.array([0.9, 0.7]),
+            {"good": np.array([1.0, 0.0]), "bad": np.array([0.0, 1.0])},
+            slab_proposals(),
+            image=np.ones((1, 4, 8, 8)) * index,
+        )
         for index in range(4)
     ]
     report = audit_judges(cases, strategies=("top_rest", "top_bottom"), montage_pairs_per_judge=2)
     examples = report["pair_examples"]
     assert [(e.judge, e.case_id, e.strategy) for e in examples] == [
-        ("good", "case_0", "top_bottom"), ("good", "case_1", "top_bottom"),
-        ("bad", "case_0", "top_bottom"), ("bad", "case_1", "top_bottom"),
+        ("good", "case_0", "top_bottom"),
+        ("good", "case_1", "top_bottom"),
+        ("bad", "case_0", "top_bottom"),
+        ("bad", "case_1", "top_bottom"),
     ]
     assert all(isinstance(e, PairExample) for e in examples)
     assert (examples[2].chosen, examples[2].rejected) == (1, 0) and examples[2].chosen_true_dice == 0.7

@@ -1,4 +1,5 @@
 """The pure parts of benchmarks/low_label.py: the split and the phase timings read from nnU-Net's log."""
+
 import json
 from pathlib import Path
 
@@ -103,7 +104,9 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(low_label, tmp_path):
     import subprocess
     import sys as system
 
-    dead = subprocess.run([system.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [system.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (tmp_path / "arm_s0.claim").write_text(dead)
     with low_label.claim(tmp_path, "arm_s0") as claimed:
         assert claimed
@@ -129,7 +132,12 @@ def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training
     def arm(final):
         return {"validation_curve": [0.5, final]}
 
-    results = {"base_s0": arm(0.80), "upper_s0": arm(0.83), "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.81), "self_train_oracle_reliable_s0": arm(0.805)}
+    results = {
+        "base_s0": arm(0.80),
+        "upper_s0": arm(0.83),
+        "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.81),
+        "self_train_oracle_reliable_s0": arm(0.805),
+    }
     assert low_label.gate_verdict(results)[0]
     assert not low_label.gate_verdict({**results, "self_train_oracle_reliable_s0": arm(0.82)})[0]
     assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.803)})[0]

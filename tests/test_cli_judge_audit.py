@@ -1,4 +1,5 @@
 """`nnunet_rndpo judge` and `nnunet_rndpo audit` on the synthetic dataset, through the CLI entry (in-process)."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,13 @@ def test_judge_scores_a_store_and_mines_pairs(preprocessed_synthetic, tiny_confi
     assert main(["judge", *arguments, "--judges", "agreement", "virtual_annotator", "--mining", "top_bottom"]) == 0
     printed = capsys.readouterr().out
     assert "judge 'agreement'" in printed and "judge 'virtual_annotator'" in printed
-    store = next(Path(preprocessed_synthetic.preprocessed_folder, "rndpo_proposals").rglob(f"{isolated_base}__*checkpoint_final"))
+    store = next(
+        Path(preprocessed_synthetic.preprocessed_folder, "rndpo_proposals").rglob(f"{isolated_base}__*checkpoint_final")
+    )
     scores = json.loads(next((store / "judges").glob("agreement*.scores.json")).read_text())
-    assert set(scores["scores"]) == {p.name[: -len("_0000.nii.gz")] for p in (preprocessed_synthetic.raw_folder / "imagesUnlabeled").glob("*.nii.gz")}
+    assert set(scores["scores"]) == {
+        p.name[: -len("_0000.nii.gz")] for p in (preprocessed_synthetic.raw_folder / "imagesUnlabeled").glob("*.nii.gz")
+    }
     assert all(len(s) == 4 for s in scores["scores"].values())
     pairs_file = next((store / "pairs").glob("agreement*__top_bottom/rndpo_pairs.json"))
     assert str(pairs_file) in printed
@@ -58,7 +63,9 @@ def test_judge_without_proposals_says_what_to_run(preprocessed_synthetic, tiny_c
 
 
 @pytest.mark.slow
-def test_audit_reports_every_judge_against_true_dice(preprocessed_synthetic, tiny_configuration, isolated_base, tmp_path, capsys):
+def test_audit_reports_every_judge_against_true_dice(
+    preprocessed_synthetic, tiny_configuration, isolated_base, tmp_path, capsys
+):
     output = tmp_path / "audit"
     arguments = run_arguments(preprocessed_synthetic, tiny_configuration, isolated_base)
     assert main(["audit", *arguments, "-k", "4", "-o", str(output)]) == 0
@@ -66,7 +73,9 @@ def test_audit_reports_every_judge_against_true_dice(preprocessed_synthetic, tin
     report = json.loads((output / "judge_audit.json").read_text())
     assert (output / "judge_audit.png").stat().st_size > 0
     assert set(report["judges"]) == {"agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "oracle"}
-    assert (output / "judge_audit_pairs.png").stat().st_size > 0 and (output / "judge_audit_ranks.png").stat().st_size > 0
+    assert (output / "judge_audit_pairs.png").stat().st_size > 0 and (
+        output / "judge_audit_ranks.png"
+    ).stat().st_size > 0
     # the noiseless oracle ranks by true Dice itself: perfect wherever the true Dice differ
     oracle = report["judges"]["oracle"]
     assert oracle["uses_labels"] and oracle["top1_hit_rate"] == 1.0

@@ -1,4 +1,5 @@
 """`nnunet_rndpo demo --quick` as a user runs it: the story on one screen, the same figures on a rerun."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,10 @@ def run_quick_demo(output):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_") and k != "RNDPO_SETTINGS"}
     return subprocess.run(
         [sys.executable, "-m", "nnunet_rndpo.cli", "demo", "--quick", "--output", str(output)],
-        capture_output=True, text=True, env=environment, timeout=1200,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=1200,
     )
 
 
@@ -28,13 +32,22 @@ def test_two_quick_runs_print_the_same_table_on_one_screen(tmp_path):
     assert tables[0] == tables[1]
     reports = [json.loads((tmp_path / f"run_{index}" / "demo_results.json").read_text()) for index in (1, 2)]
     for name in ("base", "rn_dpo", "self_train"):
-        assert round(reports[0]["results"][name]["foreground_mean"], 4) == round(reports[1]["results"][name]["foreground_mean"], 4)
+        assert round(reports[0]["results"][name]["foreground_mean"], 4) == round(
+            reports[1]["results"][name]["foreground_mean"], 4
+        )
     first = runs[0].stdout
     assert first.count(QUICK_WARNING) == 2  # before and after: its numbers mean nothing
     assert len(first.splitlines()) <= 40, "the story fits on one terminal page"
     assert "Epoch 0" not in first and "Epoch 0" in (tmp_path / "run_1" / "logs" / "base.log").read_text()
     assert "pairs from 20 cases" in first and set(reports[0]["phase_seconds"]) == {
-        "data", "plan", "base", "proposals", "judge", "RN-DPO", "self-training", "test"
+        "data",
+        "plan",
+        "base",
+        "proposals",
+        "judge",
+        "RN-DPO",
+        "self-training",
+        "test",
     }
 
 

@@ -1,4 +1,5 @@
 """How users and nnU-Net find this package: the console script, its `env` line, and collision-free trainer names."""
+
 from __future__ import annotations
 
 import os

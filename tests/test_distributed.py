@@ -12,6 +12,7 @@
 Both processes are started once for the whole module (imports dominate the cost); each scenario's outcome
 comes back per rank and is checked by its own test.
 """
+
 from __future__ import annotations
 
 import copy
@@ -167,7 +168,9 @@ def _train_two_steps(rank: int, world: int, weights: list[float], disagreement_o
             head = [p.grad for name, p in network.named_parameters() if name.startswith(head_of_output[index])]
             assert head, f"no parameters found for output {index} ({head_of_output[index]}) among {names}"
             if weight == 0:
-                assert all(torch.count_nonzero(g) == 0 for g in head), f"weight-0 output {index} got a non-zero gradient"
+                assert all(torch.count_nonzero(g) == 0 for g in head), (
+                    f"weight-0 output {index} got a non-zero gradient"
+                )
                 zero_heads.append(head_of_output[index])
         assert _same_on_all_ranks(_flat(p.grad for p in network.parameters()), world), "gradients differ across ranks"
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 12)
@@ -222,7 +225,9 @@ def _scenario_control_head_left_out(rank: int, world: int, shared: Path) -> dict
             break
         with torch.no_grad():
             reference_output = reference(data)
-        loss, _ = preference_loss_over_scales(output[0], reference_output[0], target[0], [1.0], loss_type="rn_dpo", beta=1.0)
+        loss, _ = preference_loss_over_scales(
+            output[0], reference_output[0], target[0], [1.0], loss_type="rn_dpo", beta=1.0
+        )
         loss.backward()
     assert error is not None, "DDP accepted a step although two output heads had no gradient"
     return {"error": error.splitlines()[0]}
@@ -244,7 +249,11 @@ def _worker(rank: int, world: int, port: int, shared: str) -> None:
     if Path("/sys/class/net/lo").exists():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     results: dict = {}
     try:
@@ -309,7 +318,10 @@ def test_each_case_is_taken_by_exactly_one_rank(outcomes):
     per_rank = _result(outcomes, "sharding")
     # the ranks agree on the split; with 7 cases, rank 0 takes 0, 2, 4, 6 and rank 1 takes 1, 3, 5
     assert per_rank[0]["covered"] == per_rank[1]["covered"]
-    assert per_rank[0]["covered"]["7"] == [["case_000", "case_002", "case_004", "case_006"], ["case_001", "case_003", "case_005"]]
+    assert per_rank[0]["covered"]["7"] == [
+        ["case_000", "case_002", "case_004", "case_006"],
+        ["case_001", "case_003", "case_005"],
+    ]
     assert per_rank[0]["covered"]["1"] == [["case_000"], []]
 
 

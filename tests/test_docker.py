@@ -8,6 +8,7 @@
     the shell syntax of every RUN and the Python snippets in them are checked, and the nnunetv2 range it
     installs is compared with setup.py's.
 """
+
 from __future__ import annotations
 
 import ast
@@ -185,9 +186,20 @@ def test_hadolint_reports_nothing():
     # style threshold: every finding fails; inline `# hadolint ignore` pragmas are not honoured, so the
     # only way to accept a rule is a commented entry in .hadolint.yaml at the repo root.
     result = subprocess.run(
-        [exe, "--no-color", "--format", "json", "--failure-threshold", "style", "--disable-ignore-pragma",
-         str(DOCKERFILE)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            exe,
+            "--no-color",
+            "--format",
+            "json",
+            "--failure-threshold",
+            "style",
+            "--disable-ignore-pragma",
+            str(DOCKERFILE),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], "hadolint findings:\n" + "\n".join(
@@ -218,15 +230,21 @@ def sandbox(tmp_path):
     home.mkdir()
     calls = tmp_path / "calls.log"
     # The fake package CLI records each call, so tests can tell whether the entrypoint asked it.
-    _write_exe(fakebin, "nnunet_rndpo",
-               f'echo "nnunet_rndpo $*" >> "{calls}"\n'
-               'if [ "${1:-}" = env ]; then echo "export nnUNet_extTrainer=/x/y"; exit 0; fi\n'
-               'echo "fake nnunet_rndpo $*"\n')
+    _write_exe(
+        fakebin,
+        "nnunet_rndpo",
+        f'echo "nnunet_rndpo $*" >> "{calls}"\n'
+        'if [ "${1:-}" = env ]; then echo "export nnUNet_extTrainer=/x/y"; exit 0; fi\n'
+        'echo "fake nnunet_rndpo $*"\n',
+    )
     # A fake nnU-Net command that shows what it received: its arguments and the trainer variable.
-    _write_exe(fakebin, "nnUNetv2_train",
-               'printf "args:"; for a in "$@"; do printf " [%s]" "$a"; done; echo\n'
-               'echo "extTrainer=${nnUNet_extTrainer:-<unset>}"\n'
-               'exit "${FAKE_EXIT:-0}"\n')
+    _write_exe(
+        fakebin,
+        "nnUNetv2_train",
+        'printf "args:"; for a in "$@"; do printf " [%s]" "$a"; done; echo\n'
+        'echo "extTrainer=${nnUNet_extTrainer:-<unset>}"\n'
+        'exit "${FAKE_EXIT:-0}"\n',
+    )
     # A fake interpreter: the machine may have no `python` at all; it knows no nnunet_rndpo.
     _write_exe(fakebin, "python", 'case "$*" in *nnunet_rndpo*) exit 1 ;; esac\necho "fake python $*"\n')
     env = {
@@ -241,8 +259,7 @@ def sandbox(tmp_path):
 
 def run_entrypoint(shell: str, args: list[str], env: dict[str, str], unset: tuple[str, ...] = ()):
     env = {k: v for k, v in env.items() if k not in unset}
-    return subprocess.run([shell, str(ENTRYPOINT), *args], env=env, capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run([shell, str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=30)
 
 
 def _dry(env: dict[str, str]) -> dict[str, str]:
@@ -254,9 +271,9 @@ def _dry_lines(stdout: str) -> dict[str, str]:
     out = {}
     for line in stdout.splitlines():
         if line.startswith("exec "):
-            out["exec"] = line[len("exec "):]
+            out["exec"] = line[len("exec ") :]
         elif line.startswith("env "):
-            key, _, value = line[len("env "):].partition("=")
+            key, _, value = line[len("env ") :].partition("=")
             out[key] = value
     return out
 
@@ -309,16 +326,17 @@ def test_dry_run_quotes_arguments_so_they_split_back(shell, sandbox):
 @pytest.mark.parametrize("shell", SHELLS)
 def test_pass_through_execs_with_arguments_and_exit_code(shell, sandbox):
     env = {**sandbox["env"], "FAKE_EXIT": "3"}
-    result = run_entrypoint(shell, ["nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerRNDPO"],
-                            env)
+    result = run_entrypoint(shell, ["nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerRNDPO"], env)
     assert result.returncode == 3
     assert "args: [4] [3d_fullres] [0] [-tr] [nnUNetTrainerRNDPO]" in result.stdout
     assert f"extTrainer={sandbox['tmp']}" in result.stdout
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-@pytest.mark.parametrize("command", [["python", "-c", "print(1)"], ["sh", "-c", "echo 1"],
-                                     ["bash", "-c", "echo 1"], ["nnunet_rndpo", "--help"]])
+@pytest.mark.parametrize(
+    "command",
+    [["python", "-c", "print(1)"], ["sh", "-c", "echo 1"], ["bash", "-c", "echo 1"], ["nnunet_rndpo", "--help"]],
+)
 def test_debug_and_package_commands_pass_through(shell, sandbox, command):
     result = run_entrypoint(shell, command, _dry(sandbox["env"]))
     assert result.returncode == 0, result.stderr
@@ -343,9 +361,14 @@ def test_unset_ext_trainer_is_derived_from_nnunet_rndpo_env(shell, sandbox, unse
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-@pytest.mark.parametrize("printed", ["export nnUNet_extTrainer='/opt/a b/trainers'",
-                                     'export nnUNet_extTrainer="/opt/a b/trainers"',
-                                     "# a comment first\n  export nnUNet_extTrainer=/opt/a b/trainers"])
+@pytest.mark.parametrize(
+    "printed",
+    [
+        "export nnUNet_extTrainer='/opt/a b/trainers'",
+        'export nnUNet_extTrainer="/opt/a b/trainers"',
+        "# a comment first\n  export nnUNet_extTrainer=/opt/a b/trainers",
+    ],
+)
 def test_derived_ext_trainer_accepts_quoted_export_lines(shell, sandbox, printed):
     _write_exe(sandbox["bin"], "nnunet_rndpo", f"cat <<'EOF'\n{printed}\nEOF\n")
     result = run_entrypoint(shell, ["nnUNetv2_train"], sandbox["env"], unset=("nnUNet_extTrainer",))
@@ -385,8 +408,9 @@ def test_set_ext_trainer_is_kept_and_checked(shell, sandbox):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-@pytest.mark.parametrize("size_kb, warns", [("65536", True), ("1048575", True), ("1048576", False),
-                                            (BIG_SHM_KB, False)])
+@pytest.mark.parametrize(
+    "size_kb, warns", [("65536", True), ("1048575", True), ("1048576", False), (BIG_SHM_KB, False)]
+)
 def test_small_shm_warns(shell, sandbox, size_kb, warns):
     env = {**sandbox["env"], "RNDPO_SHM_SIZE_KB": size_kb}
     result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(env))
@@ -404,8 +428,9 @@ def test_shm_check_measures_a_real_folder_and_reports_a_missing_one(shell, sandb
     measured = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry({**env, "RNDPO_SHM_PATH": "/"}))
     assert measured.returncode == 0, measured.stderr
     assert "could not determine" not in measured.stderr  # df gave a number
-    missing = run_entrypoint(shell, ["nnunet_rndpo", "--help"],
-                             _dry({**env, "RNDPO_SHM_PATH": str(sandbox["tmp"] / "no-shm")}))
+    missing = run_entrypoint(
+        shell, ["nnunet_rndpo", "--help"], _dry({**env, "RNDPO_SHM_PATH": str(sandbox["tmp"] / "no-shm")})
+    )
     assert missing.returncode == 0
     assert "does not exist" in missing.stderr and "--shm-size=8g" in missing.stderr
 
@@ -472,8 +497,9 @@ def test_base_image_is_a_pinned_pytorch_cuda_runtime(instructions):
     froms = _of(instructions, "FROM")
     assert len(froms) == 1
     image = froms[0].args.split()[0]
-    match = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?",
-                         image)
+    match = re.fullmatch(
+        r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?", image
+    )
     assert match, f"expected a pinned pytorch/pytorch:X.Y.Z-cudaA.B-cudnnN-runtime tag, got {image}"
     torch_version = ".".join(match.groups()[:3])
     # nnunetv2 2.8.x declares torch!=2.9.*: a 2.9 base would make pip replace the base's torch.
@@ -496,7 +522,7 @@ def test_ext_trainer_path_is_linked_to_the_installed_trainers(instructions):
     ext = env["nnUNet_extTrainer"]
     assert ext.startswith("/") and os.pathsep not in ext
     env_index = next(n for n, i in enumerate(instructions) if i.keyword == "ENV" and "nnUNet_extTrainer" in i.args)
-    runs = [i for i in instructions[env_index + 1:] if i.keyword == "RUN"]
+    runs = [i for i in instructions[env_index + 1 :] if i.keyword == "RUN"]
     link_runs = [r for r in runs if re.search(r'ln -s "\$\{trainers_dir\}" "\$\{nnUNet_extTrainer\}"', r.args)]
     assert link_runs, "a RUN after the ENV must link the installed trainers folder to nnUNet_extTrainer"
     link = link_runs[0].args
@@ -560,9 +586,16 @@ def test_dockerignore_keeps_what_pip_install_reads(instructions):
         assert _ignored(path, patterns) is None, f"{path} is excluded by .dockerignore: {_ignored(path, patterns)}"
     for folder in _setup_keyword("package_dir").values():
         assert (REPO / folder).is_dir(), folder
-    for path in (".venv", ".git", ".venv/lib/python3.11/site-packages/torch/__init__.py",
-                 "nnunet_rndpo/__pycache__/cli.cpython-311.pyc", ".pytest_cache", "demo_output",
-                 "bench_output", "tests/test_docker.py"):
+    for path in (
+        ".venv",
+        ".git",
+        ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        "nnunet_rndpo/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache",
+        "demo_output",
+        "bench_output",
+        "tests/test_docker.py",
+    ):
         assert _ignored(path, patterns) is not None, f"{path} should be excluded from the build context"
 
 
@@ -582,8 +615,11 @@ def test_pip_keeps_the_base_torch(instructions):
     # setup.py must accept the base image's torch, so that pip has no reason to replace it.
     image = _of(instructions, "FROM")[0].args.split()[0]
     base_torch = packaging_version.Version(re.search(r":(\d+\.\d+\.\d+)-", image).group(1))
-    torch_reqs = [packaging_req.Requirement(r) for r in _setup_keyword("install_requires")
-                  if packaging_req.Requirement(r).name == "torch"]
+    torch_reqs = [
+        packaging_req.Requirement(r)
+        for r in _setup_keyword("install_requires")
+        if packaging_req.Requirement(r).name == "torch"
+    ]
     assert torch_reqs and all(base_torch in r.specifier for r in torch_reqs)
     # Every pip install runs under the constraints file that pins the base's torch, written before it.
     runs = [i.args for i in _of(instructions, "RUN")]
@@ -605,8 +641,9 @@ def test_run_commands_have_valid_shell_syntax(instructions):
     assert runs
     for ins in runs:
         assert not ins.args.startswith("--"), "RUN flags need BuildKit; keep the Dockerfile plain"
-        result = subprocess.run(["bash", "-n", "-o", "pipefail", "-c", ins.args], capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(
+            ["bash", "-n", "-o", "pipefail", "-c", ins.args], capture_output=True, text=True, timeout=10
+        )
         assert result.returncode == 0, f"line {ins.line}: {result.stderr}"
 
 

@@ -1,4 +1,5 @@
 """The foundation the other tests stand on: the synthetic dataset, the nnU-Net step wrappers and the fixtures."""
+
 from __future__ import annotations
 
 import json

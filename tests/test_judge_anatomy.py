@@ -1,4 +1,5 @@
 """Anatomy judge on hand-made two-class label maps: an ellipsoid split into a left (1) and a right (2) half."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """Combination judge on hand-made scores: user judges with known scores, and the built-ins it fits."""
+
 import sys
 import textwrap
 

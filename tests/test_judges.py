@@ -1,4 +1,5 @@
 """Judges on hand-made 16^3 masks with a known order: truth > slightly dilated > fragmented > empty."""
+
 import subprocess
 import sys
 import textwrap
@@ -115,7 +116,13 @@ def test_judge_input_rejects_inconsistent_shapes():
 
 def test_registry_lists_builtins_and_passes_options():
     assert set(available_judges()) >= {
-        "agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "combination", "oracle"
+        "agreement",
+        "uncertainty",
+        "learned_qc",
+        "virtual_annotator",
+        "anatomy",
+        "combination",
+        "oracle",
     }
     assert get_judge("agreement", to="consensus").to == "consensus"
     with pytest.raises(JudgeError) as error:

@@ -1,4 +1,5 @@
 """learned_qc fitted on held-out predictions of fold models: honest examples only."""
+
 import numpy as np
 import pytest
 from test_judges import ordered_case

@@ -1,4 +1,5 @@
 """Pair mining on small hand-made label maps: roles from scores, no self or identical pairs, seeded."""
+
 import inspect
 
 import numpy as np
@@ -15,9 +16,9 @@ from nnunet_rndpo.mining import (
 )
 
 
-
 def mine_case_pairs(*args, **kwargs):
     return list(mine_case_outcome(*args, **kwargs).pairs)
+
 
 def distinct_proposals(count: int, size: int = 8) -> np.ndarray:
     """`count` label maps that differ pairwise: proposal k has its first k+1 voxels set to 1."""

@@ -1,4 +1,5 @@
 """The objective math on hand-made arrays, with values computed by hand."""
+
 import math
 
 import pytest
@@ -11,9 +12,9 @@ from nnunet_rndpo.objectives import (
     mask_log_likelihood,
     pair_log_ratios,
     pair_voxel_log_likelihoods,
-    reference_log_likelihoods,
     preference_loss,
     preference_statistics,
+    reference_log_likelihoods,
     voxel_log_likelihood,
 )
 
@@ -206,7 +207,6 @@ def test_bad_options_name_the_valid_ones():
         preference_loss(ratios, "dpo", beta=0)
 
 
-
 def test_bad_target_margin_is_refused():
     ratios = pair_log_ratios(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 1, 2), torch.ones(1, 1, 2))
     for bad in (-1.0, float("inf"), float("nan")):
@@ -277,8 +277,12 @@ def test_loss_and_gradient_match_the_full_log_softmax_formulation(loss_type):
     rejected = torch.where(torch.rand(2, 1, 4, 5, 6) < 0.3, (chosen + 1) % 3, chosen)
     region = disagreement_region(chosen, rejected).float()
     log_policy, log_reference = torch.log_softmax(policy, 1), torch.log_softmax(reference, 1)
-    expected_chosen = ((log_policy.gather(1, chosen) - log_reference.gather(1, chosen))[:, 0] * region).flatten(1).sum(1)
-    expected_rejected = ((log_policy.gather(1, rejected) - log_reference.gather(1, rejected))[:, 0] * region).flatten(1).sum(1)
+    expected_chosen = (
+        ((log_policy.gather(1, chosen) - log_reference.gather(1, chosen))[:, 0] * region).flatten(1).sum(1)
+    )
+    expected_rejected = (
+        ((log_policy.gather(1, rejected) - log_reference.gather(1, rejected))[:, 0] * region).flatten(1).sum(1)
+    )
     expected_ratios = type(pair_log_ratios(policy, reference, chosen, rejected))(
         expected_chosen, expected_rejected, region.flatten(1).sum(1), torch.full((2,), float(region[0].numel()))
     )
@@ -313,13 +317,23 @@ def test_no_host_synchronisation_in_the_objective():
     from nnunet_rndpo.training.losses import preference_loss_over_scales
 
     meta = torch.device("meta")
-    policy = [torch.randn(2, 3, 8, 8, 8, device=meta, requires_grad=True), torch.randn(2, 3, 4, 4, 4, device=meta, requires_grad=True)]
+    policy = [
+        torch.randn(2, 3, 8, 8, 8, device=meta, requires_grad=True),
+        torch.randn(2, 3, 4, 4, 4, device=meta, requires_grad=True),
+    ]
     reference = [torch.randn(2, 3, 8, 8, 8, device=meta), torch.randn(2, 3, 4, 4, 4, device=meta)]
-    targets = [torch.zeros(2, 2, 8, 8, 8, dtype=torch.long, device=meta), torch.zeros(2, 2, 4, 4, 4, dtype=torch.long, device=meta)]
+    targets = [
+        torch.zeros(2, 2, 8, 8, 8, dtype=torch.long, device=meta),
+        torch.zeros(2, 2, 4, 4, 4, dtype=torch.long, device=meta),
+    ]
     chosen, rejected = targets[0][:, :1], targets[0][:, 1:]
     voxel_log_likelihood(policy[0], chosen, ignore_label=2)
     for loss_type in LOSS_TYPES:
-        result = preference_loss(pair_log_ratios(policy[0], reference[0], chosen, rejected, ignore_label=2), loss_type, target_margin=0.1)
+        result = preference_loss(
+            pair_log_ratios(policy[0], reference[0], chosen, rejected, ignore_label=2), loss_type, target_margin=0.1
+        )
         preference_statistics(result)
-        total, statistics = preference_loss_over_scales(policy, reference, targets, [0.6, 0.4], loss_type=loss_type, beta=0.1, ignore_label=2)
+        total, statistics = preference_loss_over_scales(
+            policy, reference, targets, [0.6, 0.4], loss_type=loss_type, beta=0.1, ignore_label=2
+        )
         assert total.device == meta and all(v.device == meta for v in statistics.values())

@@ -1,4 +1,5 @@
 """A plain (non-editable) install must carry trainers/ and judges/ inside the package."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_wheel_installs_trainers_and_judges_as_subpackages(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     wheel = next(tmp_path.glob("nnunet_rndpo-*.whl"))

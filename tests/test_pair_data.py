@@ -1,5 +1,6 @@
 """Pairs through nnU-Net's own data loader and augmentation: masks stay aligned with the image, deep
 supervision gets both masks at every scale, and patches favour the disagreement region."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,7 +44,9 @@ def make_loader(oversample: float, transforms=None, patch=(32, 32, 32), initial=
     store = FakeStore()
     dataset = PairDataset([TrainingItem("case", 0, 1)], store, FakeReader(store))
     labels = LabelManager({"background": 0, "thing": 1}, regions_class_order=None)
-    return nnUNetDataLoader(dataset, 2, initial, patch, labels, oversample_foreground_percent=oversample, transforms=transforms)
+    return nnUNetDataLoader(
+        dataset, 2, initial, patch, labels, oversample_foreground_percent=oversample, transforms=transforms
+    )
 
 
 def test_sample_locations_has_nnunets_layout():
@@ -90,7 +93,16 @@ def test_masks_stay_aligned_with_the_image_through_nnunets_augmentation():
     patch = (32, 32, 32)
     scales = [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
     transforms = nnUNetTrainer.get_training_transforms(
-        patch, (-0.5, 0.5), scales, (0, 1, 2), False, use_mask_for_norm=[False], is_cascaded=False, foreground_labels=[1], regions=None, ignore_label=None
+        patch,
+        (-0.5, 0.5),
+        scales,
+        (0, 1, 2),
+        False,
+        use_mask_for_norm=[False],
+        is_cascaded=False,
+        foreground_labels=[1],
+        regions=None,
+        ignore_label=None,
     )
     loader = make_loader(oversample=1.0, transforms=transforms, patch=patch, initial=(44, 44, 44))
     for _ in range(5):

@@ -1,4 +1,5 @@
 """pipeline.prepare_pairs: the one path from a pool to a pairs file, and what it refuses or warns about."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def test_a_learning_judge_on_the_base_models_own_training_cases_is_refused(locat
     location, model = location_and_model
     settings = PairSettings(proposals=ProposalSettings(num_proposals=2), judge="learned_qc")
     with pytest.raises(PairPreparationError, match="in-sample"):
-        prepare_pairs(location, model, settings, pool=in_sample_pool(location), store_folder=tmp_path / "store", progress=False)
+        prepare_pairs(
+            location, model, settings, pool=in_sample_pool(location), store_folder=tmp_path / "store", progress=False
+        )
     assert not (tmp_path / "store").exists(), "refused before any proposal was made"
 
 
@@ -41,7 +44,14 @@ def test_a_pool_of_training_cases_is_said_loudly_and_pairs_are_written_once(loca
     pairs_file = tmp_path / "rndpo_pairs.json"
     settings = PairSettings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection=JUDGE_TOP)
     prepared = prepare_pairs(
-        location, model, settings, pool=in_sample_pool(location), store_folder=tmp_path / "store", pairs_file=pairs_file, log=logged.append, progress=False
+        location,
+        model,
+        settings,
+        pool=in_sample_pool(location),
+        store_folder=tmp_path / "store",
+        pairs_file=pairs_file,
+        log=logged.append,
+        progress=False,
     )
     assert any(line.startswith("WARNING: no imagesUnlabeled") for line in logged), logged
     record = json.loads(pairs_file.read_text())
@@ -50,8 +60,15 @@ def test_a_pool_of_training_cases_is_said_loudly_and_pairs_are_written_once(loca
     # a resumed run reads the file it started with, whatever the scores say now
     pairs_file.write_text(json.dumps({**record, "items": record["items"][:1]}))
     again = prepare_pairs(
-        location, model, settings, pool=in_sample_pool(location), store_folder=tmp_path / "store", pairs_file=pairs_file,
-        reuse_pairs_file=True, log=logged.append, progress=False,
+        location,
+        model,
+        settings,
+        pool=in_sample_pool(location),
+        store_folder=tmp_path / "store",
+        pairs_file=pairs_file,
+        reuse_pairs_file=True,
+        log=logged.append,
+        progress=False,
     )
     assert len(again.items) == 1
 

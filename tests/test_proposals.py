@@ -4,6 +4,7 @@ Fast tests build their own small inputs; the `slow` ones use the session's base 
 on the synthetic dataset. Network passes are kept few: most engine checks run on a single 32^3 tile, and the
 store/CLI checks use K=2 (plain + one mirror member).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,9 @@ from nnunet_rndpo.proposals.members import (
     case_seed,
     plan_members,
 )
-from nnunet_rndpo.proposals.sources import flip_combinations
 from nnunet_rndpo.proposals.model import CheckpointError, load_model, read_checkpoint
-from nnunet_rndpo.proposals.pool import PoolError, CasePool, discover_pool
+from nnunet_rndpo.proposals.pool import CasePool, PoolError, discover_pool
+from nnunet_rndpo.proposals.sources import flip_combinations
 from nnunet_rndpo.proposals.store import ProposalStore, StoreError
 
 ALL_AXES = (0, 1, 2)
@@ -49,10 +50,21 @@ def tiny_unet() -> torch.nn.Module:
 
     torch.manual_seed(0)
     network = PlainConvUNet(
-        input_channels=1, n_stages=3, features_per_stage=(4, 8, 16), conv_op=torch.nn.Conv3d, kernel_sizes=3,
-        strides=(1, 2, 2), n_conv_per_stage=1, num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
-        norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False,
+        input_channels=1,
+        n_stages=3,
+        features_per_stage=(4, 8, 16),
+        conv_op=torch.nn.Conv3d,
+        kernel_sizes=3,
+        strides=(1, 2, 2),
+        n_conv_per_stage=1,
+        num_classes=3,
+        n_conv_per_stage_decoder=1,
+        conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        deep_supervision=False,
     )
     return network.eval()
 
@@ -196,10 +208,14 @@ def test_store_refuses_other_settings_or_checkpoint_and_overwrite_replaces(tmp_p
     assert store.case_ids() == ["case_a"]
 
     other_settings = ProposalSettings(num_proposals=3, dropout_p=0.3)
-    with pytest.raises(StoreError, match=r"different settings \(settings: dropout_p: store has 0\.2, now 0\.3\)") as error:
+    with pytest.raises(
+        StoreError, match=r"different settings \(settings: dropout_p: store has 0\.2, now 0\.3\)"
+    ) as error:
         ProposalStore(tmp_path / "store").open(fake_manifest(settings=other_settings.to_dict()))
     assert "--overwrite" in str(error.value)
-    with pytest.raises(StoreError, match=r"different checkpoint_sha256 \(checkpoint_sha256: store has \"a+\", now \"b+\"\)"):
+    with pytest.raises(
+        StoreError, match=r"different checkpoint_sha256 \(checkpoint_sha256: store has \"a+\", now \"b+\"\)"
+    ):
         ProposalStore(tmp_path / "store").open(fake_manifest(checkpoint_sha256="b" * 64))
     # a checkpoint moved to another path but with the same bytes is the same model
     ProposalStore(tmp_path / "store").open(fake_manifest(checkpoint="/elsewhere/checkpoint_final.pth"))
@@ -343,8 +359,13 @@ def make_engine(model, **settings):
     from nnunet_rndpo.proposals.engine import ProposalEngine
 
     return ProposalEngine(
-        [model.network], model.plans_manager, model.configuration_manager, model.label_manager,
-        model.dataset_json, ProposalSettings(**settings), model.mirror_axes,
+        [model.network],
+        model.plans_manager,
+        model.configuration_manager,
+        model.label_manager,
+        model.dataset_json,
+        ProposalSettings(**settings),
+        model.mirror_axes,
     )
 
 
@@ -425,10 +446,23 @@ def test_plain_member_matches_nnunet_sliding_window_on_a_whole_case(base_model, 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     _, data = training_case
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.manual_initialization(base_model.network, base_model.plans_manager, base_model.configuration_manager,
-                                    None, base_model.dataset_json, "nnUNetTrainer", base_model.mirror_axes)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        base_model.network,
+        base_model.plans_manager,
+        base_model.configuration_manager,
+        None,
+        base_model.dataset_json,
+        "nnUNetTrainer",
+        base_model.mirror_axes,
+    )
     nnunet_logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(data))
     proposals = make_engine(base_model, num_proposals=2, sources=("tta",)).generate(data, case_seed=0).proposals
     assert proposals.shape == (2, *data.shape[1:])
@@ -442,8 +476,12 @@ def test_plain_member_matches_nnunet_sliding_window_on_a_whole_case(base_model, 
 @pytest.fixture(scope="module")
 def unlabeled_pool(base_model, synthetic_dataset):
     return discover_pool(
-        Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"]), synthetic_dataset.name,
-        base_model.dataset_json, base_model.configuration_manager.data_identifier, 0,
+        Path(os.environ["nnUNet_raw"]),
+        Path(os.environ["nnUNet_preprocessed"]),
+        synthetic_dataset.name,
+        base_model.dataset_json,
+        base_model.configuration_manager.data_identifier,
+        0,
     )
 
 
@@ -478,16 +516,36 @@ def test_generation_resumes_after_a_crash(base_model, unlabeled_pool, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_configuration_or_labels_is_refused(base_checkpoint, preprocessed_synthetic, tiny_configuration):
+def test_checkpoint_of_another_configuration_or_labels_is_refused(
+    base_checkpoint, preprocessed_synthetic, tiny_configuration
+):
     plans = json.loads(preprocessed_synthetic.plans_file.read_text())
     dataset_json = json.loads((preprocessed_synthetic.preprocessed_folder / "dataset.json").read_text())
-    load_model(base_checkpoint, expected_plans=plans, expected_configuration=tiny_configuration, expected_dataset_json=dataset_json)
+    load_model(
+        base_checkpoint,
+        expected_plans=plans,
+        expected_configuration=tiny_configuration,
+        expected_dataset_json=dataset_json,
+    )
     name = re.escape(str(base_checkpoint))
-    with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: configuration '3d_tiny' \(expected '3d_fullres'\)"):
-        load_model(base_checkpoint, expected_plans=plans, expected_configuration="3d_fullres", expected_dataset_json=dataset_json)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{name} was trained for another setting: configuration '3d_tiny' \(expected '3d_fullres'\)",
+    ):
+        load_model(
+            base_checkpoint,
+            expected_plans=plans,
+            expected_configuration="3d_fullres",
+            expected_dataset_json=dataset_json,
+        )
     other_labels = {**dataset_json, "labels": {"background": 0, "organ": 1}}
     with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: labels"):
-        load_model(base_checkpoint, expected_plans=plans, expected_configuration=tiny_configuration, expected_dataset_json=other_labels)
+        load_model(
+            base_checkpoint,
+            expected_plans=plans,
+            expected_configuration=tiny_configuration,
+            expected_dataset_json=other_labels,
+        )
 
 
 @pytest.mark.slow
@@ -495,13 +553,21 @@ def test_training_case_pool_is_voxel_aligned_with_preprocessed_data(base_model, 
     from nnunet_rndpo.proposals.run import generate_proposals
 
     # A raw root without imagesUnlabeled: the fold's training cases are the pool, read from nnU-Net's own data.
-    pool = discover_pool(tmp_path / "no_raw", preprocessed_synthetic.preprocessed_folder.parent, preprocessed_synthetic.name,
-                         base_model.dataset_json, base_model.configuration_manager.data_identifier, 0)
+    pool = discover_pool(
+        tmp_path / "no_raw",
+        preprocessed_synthetic.preprocessed_folder.parent,
+        preprocessed_synthetic.name,
+        base_model.dataset_json,
+        base_model.configuration_manager.data_identifier,
+        0,
+    )
     splits = json.loads((preprocessed_synthetic.preprocessed_folder / "splits_final.json").read_text())
     assert pool.source.startswith("training cases of fold 0") and pool.case_ids == sorted(splits[0]["train"])
     case_id = pool.case_ids[0]
     data = load_preprocessed(preprocessed_synthetic.data_folder, case_id)
-    store, _ = generate_proposals(base_model, pool, tmp_path / "store", ProposalSettings(num_proposals=2), case_ids=[case_id], progress=False)
+    store, _ = generate_proposals(
+        base_model, pool, tmp_path / "store", ProposalSettings(num_proposals=2), case_ids=[case_id], progress=False
+    )
     case = store.load_case(case_id)
     assert case["proposals"].shape[1:] == data.shape[1:]
     assert case["mean_probabilities"].shape == (3, *data.shape[1:])
@@ -517,8 +583,14 @@ def cli_checkpoint(base_checkpoint, preprocessed_synthetic, tiny_configuration, 
     copy = tmp_path / f"model_{uuid.uuid4().hex[:8]}" / "fold_0" / "checkpoint_final.pth"
     copy.parent.mkdir(parents=True)
     shutil.copyfile(base_checkpoint, copy)
-    store_folder = default_store_folder(preprocessed_synthetic.preprocessed_folder.parent, preprocessed_synthetic.name,
-                                        "nnUNetPlans", tiny_configuration, 0, copy)
+    store_folder = default_store_folder(
+        preprocessed_synthetic.preprocessed_folder.parent,
+        preprocessed_synthetic.name,
+        "nnUNetPlans",
+        tiny_configuration,
+        0,
+        copy,
+    )
     yield copy, store_folder
     shutil.rmtree(store_folder, ignore_errors=True)
 
@@ -526,7 +598,9 @@ def cli_checkpoint(base_checkpoint, preprocessed_synthetic, tiny_configuration, 
 def propose(dataset_id, checkpoint, *extra) -> int:
     from nnunet_rndpo.cli import main
 
-    return main(["propose", "-d", str(dataset_id), "-c", "3d_tiny", "-f", "0", "-chk", str(checkpoint), "-k", "2", *extra])
+    return main(
+        ["propose", "-d", str(dataset_id), "-c", "3d_tiny", "-f", "0", "-chk", str(checkpoint), "-k", "2", *extra]
+    )
 
 
 @pytest.mark.slow
@@ -545,12 +619,26 @@ def test_cli_parts_fill_the_store_with_every_case_once(cli_checkpoint, synthetic
 
 
 @pytest.mark.slow
-def test_cli_export_nifti_writes_k_files_in_the_original_geometry(cli_checkpoint, synthetic_dataset, unlabeled_pool, tmp_path):
+def test_cli_export_nifti_writes_k_files_in_the_original_geometry(
+    cli_checkpoint, synthetic_dataset, unlabeled_pool, tmp_path
+):
     import SimpleITK as sitk
 
     checkpoint, store_folder = cli_checkpoint
     export = tmp_path / "export"
-    assert propose(synthetic_dataset.dataset_id, checkpoint, "--part_id", "0", "--num_parts", "4", "--export_nifti", str(export)) == 0
+    assert (
+        propose(
+            synthetic_dataset.dataset_id,
+            checkpoint,
+            "--part_id",
+            "0",
+            "--num_parts",
+            "4",
+            "--export_nifti",
+            str(export),
+        )
+        == 0
+    )
     case_id = unlabeled_pool.case_ids[0]
     assert sorted(p.name for p in export.iterdir()) == [f"{case_id}_proposal00.nii.gz", f"{case_id}_proposal01.nii.gz"]
     raw = sitk.ReadImage(str(synthetic_dataset.raw_folder / "imagesUnlabeled" / f"{case_id}_0000.nii.gz"))
@@ -593,7 +681,10 @@ def test_other_folds_are_found_beside_the_base_and_added_once(tmp_path):
         (trainer_folder / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"")
     (trainer_folder / "fold_2").mkdir()  # a fold not trained yet: no checkpoint, not a source
     base = trainer_folder / "fold_0" / "checkpoint_final.pth"
-    assert sibling_fold_checkpoints(base) == [trainer_folder / "fold_1" / "checkpoint_final.pth", trainer_folder / "fold_3" / "checkpoint_final.pth"]
+    assert sibling_fold_checkpoints(base) == [
+        trainer_folder / "fold_1" / "checkpoint_final.pth",
+        trainer_folder / "fold_3" / "checkpoint_final.pth",
+    ]
     settings = ProposalSettings(num_proposals=3, sources=("checkpoint",), other_folds=True)
     resolved = with_other_folds(settings, base)
     assert resolved.extra_checkpoints == tuple(str(p) for p in sibling_fold_checkpoints(base))

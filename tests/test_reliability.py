@@ -6,6 +6,7 @@ and a preprocessed root under tmp_path; the subprocess tests use a copy of the b
 name of their own, so their proposal store (named after that folder) is theirs alone and is removed afterwards.
 The training subprocess uses nnUNetTrainerDPO_tiny (test_trainers uses the RNDPO and SelfTrain variants).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnunet_rndpo import nnunet_paths
 from nnunet_rndpo.atomic import TEMP_SUFFIX
 from nnunet_rndpo.judges import JudgeError
 from nnunet_rndpo.mining import MINING_STRATEGIES
 from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
 from nnunet_rndpo.proposals.pool import UNLABELED_FOLDER, PoolError, PoolReader, discover_pool
 from nnunet_rndpo.proposals.store import ProposalStore, default_store_folder
-from nnunet_rndpo import nnunet_paths
 
 DATASET_NAME = "Dataset999_Reliability"  # only ever under tmp_path
 LABELS = (1, 2)
@@ -43,7 +44,12 @@ def partial_files(*folders: Path) -> list[Path]:
 
 # ================================================================================================ bad pool input
 def one_channel_json() -> dict:
-    return {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1, "lesion": 2}, "numTraining": 10, "file_ending": ".nii.gz"}
+    return {
+        "channel_names": {"0": "MRI"},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": 10,
+        "file_ending": ".nii.gz",
+    }
 
 
 def make_raw_pool(tmp_path: Path, files: dict[str, bytes | Path], dataset_json: dict) -> Path:
@@ -76,8 +82,12 @@ def test_wrong_file_ending_names_the_file(tmp_path):
 
 def test_extra_or_missing_channel_names_the_case(tmp_path):
     # a second channel in a one-channel dataset
-    make_raw_pool(tmp_path, {"case_a_0000.nii.gz": b"", "case_b_0000.nii.gz": b"", "case_b_0001.nii.gz": b""}, one_channel_json())
-    with pytest.raises(PoolError, match=r"unlabeled case 'case_b' .* has channel\(s\) \[0, 1\]; dataset.json declares 1 channel"):
+    make_raw_pool(
+        tmp_path, {"case_a_0000.nii.gz": b"", "case_b_0000.nii.gz": b"", "case_b_0001.nii.gz": b""}, one_channel_json()
+    )
+    with pytest.raises(
+        PoolError, match=r"unlabeled case 'case_b' .* has channel\(s\) \[0, 1\]; dataset.json declares 1 channel"
+    ):
         discover(tmp_path, one_channel_json())
     # channel 0 missing
     shutil.rmtree(tmp_path / "raw")
@@ -121,7 +131,9 @@ def assert_nothing_cached_for(pool, case_id: str) -> None:
 @pytest.mark.slow
 def test_unreadable_nifti_names_case_and_file_and_caches_nothing(tmp_path, base_model, good_image):
     folder = make_raw_pool(
-        tmp_path, {"case_a_0000.nii.gz": good_image, "case_b_0000.nii.gz": b"\x1f\x8b garbage, not a NIfTI"}, base_model.dataset_json
+        tmp_path,
+        {"case_a_0000.nii.gz": good_image, "case_b_0000.nii.gz": b"\x1f\x8b garbage, not a NIfTI"},
+        base_model.dataset_json,
     )
     pool = discover(tmp_path, base_model.dataset_json, base_model.configuration_manager.data_identifier)
     assert pool.case_ids == ["case_a", "case_b"]  # names alone are fine; the content is read later
@@ -147,7 +159,10 @@ def test_channels_of_different_geometry_name_the_case(tmp_path, base_model):
     with pytest.raises(PoolError) as caught:
         reader.load("case_b")
     message = str(caught.value)
-    assert re.match(r"unlabeled case 'case_b' could not be read or preprocessed \(.*case_b_0000\.nii\.gz, .*case_b_0001\.nii\.gz\)", message), message
+    assert re.match(
+        r"unlabeled case 'case_b' could not be read or preprocessed \(.*case_b_0000\.nii\.gz, .*case_b_0001\.nii\.gz\)",
+        message,
+    ), message
     # what nnU-Net's reader found wrong (it prints that and raises an empty RuntimeError) is in the message
     assert "not all input images have the same shape" in message.lower() and "(1, 40, 40, 36)" in message, message
     assert_nothing_cached_for(pool, "case_b")
@@ -158,7 +173,9 @@ def test_bad_case_stops_generation_with_finished_cases_kept_whole(tmp_path, base
     from nnunet_rndpo.proposals.run import generate_proposals
 
     make_raw_pool(
-        tmp_path, {"case_a_0000.nii.gz": good_image, "case_b_0000.nii.gz": b"not an image at all"}, base_model.dataset_json
+        tmp_path,
+        {"case_a_0000.nii.gz": good_image, "case_b_0000.nii.gz": b"not an image at all"},
+        base_model.dataset_json,
     )
     pool = discover(tmp_path, base_model.dataset_json, base_model.configuration_manager.data_identifier)
     store_folder = tmp_path / "store"
@@ -190,9 +207,14 @@ def fake_store(folder: Path, cases: dict[str, np.ndarray], k: int) -> ProposalSt
     """A store of hand-made proposals: `cases` maps a case to its (K, *spatial) label maps."""
     settings = ProposalSettings(num_proposals=k, sources=("temperature",))
     manifest = {
-        "dataset": DATASET_NAME, "plans": "nnUNetPlans", "configuration": "3d_tiny", "fold": 0,
-        "checkpoint": "/models/checkpoint_final.pth", "checkpoint_sha256": "0" * 64,
-        "settings": settings.to_dict(), "members": [m.to_dict() for m in plan_members(settings, (0, 1, 2))],
+        "dataset": DATASET_NAME,
+        "plans": "nnUNetPlans",
+        "configuration": "3d_tiny",
+        "fold": 0,
+        "checkpoint": "/models/checkpoint_final.pth",
+        "checkpoint_sha256": "0" * 64,
+        "settings": settings.to_dict(),
+        "members": [m.to_dict() for m in plan_members(settings, (0, 1, 2))],
     }
     store = ProposalStore(folder).open(manifest)
     for case_id, proposals in cases.items():
@@ -235,7 +257,7 @@ def test_pool_without_any_pair(tmp_path, empty):
 
 
 # ================================================================================================ failing judges
-USER_JUDGES = '''
+USER_JUDGES = """
 import numpy as np
 from nnunet_rndpo.judges import Judge
 
@@ -257,7 +279,7 @@ class NaNJudge(Judge):
         if case.case_id == "case_1":
             scores[2] = np.nan
         return scores
-'''
+"""
 
 
 @pytest.fixture
@@ -275,13 +297,21 @@ def user_judges(tmp_path, monkeypatch):
     "judge_class, message",
     [
         ("RaisingJudge", r"judge 'raises_on_case_1' on case 'case_1' failed: RuntimeError: the QC service is down"),
-        ("NaNJudge", r"judge 'nan_on_case_1' on case 'case_1' returned non-finite scores \(NaN or inf\) for proposals \[2\]"),
+        (
+            "NaNJudge",
+            r"judge 'nan_on_case_1' on case 'case_1' returned non-finite scores \(NaN or inf\) for proposals \[2\]",
+        ),
     ],
 )
 def test_failing_user_judge_names_judge_and_case_and_writes_no_scores(tmp_path, user_judges, judge_class, message):
     from nnunet_rndpo import pipeline
 
-    cases = {f"case_{i}": np.stack([np.zeros((8, 8, 8), np.uint8), np.ones((8, 8, 8), np.uint8), np.full((8, 8, 8), 2, np.uint8)]) for i in range(3)}
+    cases = {
+        f"case_{i}": np.stack(
+            [np.zeros((8, 8, 8), np.uint8), np.ones((8, 8, 8), np.uint8), np.full((8, 8, 8), 2, np.uint8)]
+        )
+        for i in range(3)
+    }
     store = fake_store(tmp_path / "store", cases, k=3)
     reader = ArrayReader({c: np.zeros((1, 8, 8, 8), np.float32) for c in cases})
     judge, _ = pipeline.build_judge(f"{user_judges}:{judge_class}", {}, store)
@@ -299,8 +329,12 @@ def test_same_seed_gives_the_same_proposals_scores_and_pairs(tmp_path, base_mode
     from nnunet_rndpo.proposals.run import generate_proposals
 
     pool = discover_pool(
-        Path(os.environ["nnUNet_raw"]), tmp_path / "preprocessed", synthetic_dataset.name, base_model.dataset_json,
-        base_model.configuration_manager.data_identifier, 0,
+        Path(os.environ["nnUNet_raw"]),
+        tmp_path / "preprocessed",
+        synthetic_dataset.name,
+        base_model.dataset_json,
+        base_model.configuration_manager.data_identifier,
+        0,
     )
     pool.case_ids = pool.case_ids[:2]
     reader = PoolReader(pool, base_model.plans_manager, base_model.configuration_manager, base_model.dataset_json)
@@ -310,7 +344,9 @@ def test_same_seed_gives_the_same_proposals_scores_and_pairs(tmp_path, base_mode
         settings = ProposalSettings(num_proposals=4, sources=("temperature",), seed=seed)
         store, _ = generate_proposals(base_model, pool, tmp_path / name, settings, progress=False)
         judge, _ = pipeline.build_judge("agreement", {}, store)
-        scores = pipeline.score_store(judge, store, reader, pool.case_ids, pipeline.foreground_labels(base_model), progress=False)
+        scores = pipeline.score_store(
+            judge, store, reader, pool.case_ids, pipeline.foreground_labels(base_model), progress=False
+        )
         pairs = pipeline.pairs_record(store, scores, "top_bottom", 0.0, seed)
         return {c: store.load_case(c)["proposals"] for c in pool.case_ids}, scores, pairs
 
@@ -333,7 +369,12 @@ def own_checkpoint(base_checkpoint, preprocessed_synthetic, tiny_configuration, 
     copy.parent.mkdir(parents=True)
     shutil.copyfile(base_checkpoint, copy)
     store_folder = default_store_folder(
-        preprocessed_synthetic.preprocessed_folder.parent, preprocessed_synthetic.name, "nnUNetPlans", tiny_configuration, 0, copy
+        preprocessed_synthetic.preprocessed_folder.parent,
+        preprocessed_synthetic.name,
+        "nnUNetPlans",
+        tiny_configuration,
+        0,
+        copy,
     )
     assert not store_folder.exists()
     yield copy, store_folder
@@ -344,12 +385,16 @@ def start(command: list[str], log: Path, environ: dict | None = None) -> subproc
     """A child in a process group of its own, so that SIGKILL reaches everything it started."""
     handle = open(log, "w")
     try:
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environ or dict(os.environ), start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=environ or dict(os.environ), start_new_session=True
+        )
     finally:
         handle.close()
 
 
-def kill_when(process: subprocess.Popen, condition, log: Path, what: str, timeout: float = SUBPROCESS_TIMEOUT_S) -> None:
+def kill_when(
+    process: subprocess.Popen, condition, log: Path, what: str, timeout: float = SUBPROCESS_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout
     try:
         while not condition():
@@ -365,9 +410,13 @@ def kill_when(process: subprocess.Popen, condition, log: Path, what: str, timeou
 
 
 def run_to_end(command: list[str], log: Path, environ: dict | None = None) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, env=environ or dict(os.environ), timeout=SUBPROCESS_TIMEOUT_S)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=environ or dict(os.environ), timeout=SUBPROCESS_TIMEOUT_S
+    )
     log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, f"{' '.join(command)} failed (rc {result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed (rc {result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}"
+    )
     return result.stdout
 
 
@@ -377,8 +426,21 @@ def test_proposal_run_killed_mid_pool_resumes_and_completes(own_checkpoint, synt
     store = ProposalStore(store_folder)
     # K=2 (plain and one mirror member): a second or more per case, so the kill lands mid-pool
     arguments = [
-        "propose", "-d", str(synthetic_dataset.dataset_id), "-c", "3d_tiny", "-f", "0", "-chk", str(checkpoint),
-        "-k", "2", "--sources", "tta", "--seed", "3",
+        "propose",
+        "-d",
+        str(synthetic_dataset.dataset_id),
+        "-c",
+        "3d_tiny",
+        "-f",
+        "0",
+        "-chk",
+        str(checkpoint),
+        "-k",
+        "2",
+        "--sources",
+        "tta",
+        "--seed",
+        "3",
     ]
     # both entry points: `python -m nnunet_rndpo.cli` for the killed run, the console script for the restart
     process = start([sys.executable, "-m", "nnunet_rndpo.cli", *arguments], tmp_path / "first.log")
@@ -390,27 +452,40 @@ def test_proposal_run_killed_mid_pool_resumes_and_completes(own_checkpoint, synt
         assert store.load_case(case_id)["proposals"].shape[0] == 2
 
     output = run_to_end([str(Path(sys.executable).parent / "nnunet_rndpo"), *arguments], tmp_path / "second.log")
-    assert f"{synthetic_dataset.num_unlabeled} cases ({synthetic_dataset.num_unlabeled - len(finished)} generated, {len(finished)} already in the store)" in output
+    assert (
+        f"{synthetic_dataset.num_unlabeled} cases ({synthetic_dataset.num_unlabeled - len(finished)} generated, {len(finished)} already in the store)"  # noqa: E501
+        in output
+    )
     assert len(store.case_ids()) == synthetic_dataset.num_unlabeled
     assert store.verify() == []
     assert partial_files(store_folder) == []
 
 
 @pytest.mark.slow
-def test_training_killed_after_the_first_epoch_resumes_and_completes(own_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path):
-    from nnunet_rndpo.demo import nnunet_steps
-    from nnunet_rndpo.proposals.model import read_checkpoint
+def test_training_killed_after_the_first_epoch_resumes_and_completes(
+    own_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path
+):
     from nnunet_rndpo.pipeline import PAIRS_FILE_NAME
+    from nnunet_rndpo.proposals.model import read_checkpoint
 
     checkpoint, store_folder = own_checkpoint
     trainer = "nnUNetTrainerDPO_tiny"
-    output = nnunet_paths.trainer_output_folder(preprocessed_synthetic.dataset_id, tiny_configuration, 0, trainer_name=trainer)
+    output = nnunet_paths.trainer_output_folder(
+        preprocessed_synthetic.dataset_id, tiny_configuration, 0, trainer_name=trainer
+    )
     shutil.rmtree(output, ignore_errors=True)  # this test's trainer; a kept test folder may hold an older run
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({
-        "num_epochs": 2, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1,
-        "base_checkpoint": str(checkpoint), "proposals": {"num_proposals": 4},
-    }))
+    settings.write_text(
+        json.dumps(
+            {
+                "num_epochs": 2,
+                "iterations_per_epoch": 2,
+                "val_iterations_per_epoch": 1,
+                "base_checkpoint": str(checkpoint),
+                "proposals": {"num_proposals": 4},
+            }
+        )
+    )
     environ = {**os.environ, "RNDPO_SETTINGS": str(settings), "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1"}
     train = str(Path(sys.executable).parent / "nnUNetv2_train")
     command = [train, str(preprocessed_synthetic.dataset_id), tiny_configuration, "0", "-tr", trainer, "-device", "cpu"]
@@ -432,7 +507,9 @@ def test_training_killed_after_the_first_epoch_resumes_and_completes(own_checkpo
     assert json.loads(pairs_before)["items"], "the first run mined no pairs"
 
     log = run_to_end([*command, "--c"], tmp_path / "second.log", environ)
-    assert re.search(r": Epoch 1\s*$", log, re.MULTILINE) and not re.search(r": Epoch 0\s*$", log, re.MULTILINE), log[-3000:]
+    assert re.search(r": Epoch 1\s*$", log, re.MULTILINE) and not re.search(r": Epoch 0\s*$", log, re.MULTILINE), log[
+        -3000:
+    ]
     assert "policy initialised from the base checkpoint" not in log  # the resumed policy was kept
     final = read_checkpoint(output / "checkpoint_final.pth")
     assert final["trainer_name"] == trainer and final["current_epoch"] == 2

@@ -1,5 +1,6 @@
 """The trainers end to end on the tiny synthetic configuration (CPU): in-process runs of each objective, the
 real nnUNetv2_train / nnUNetv2_predict entry points, resume with --c, and failures at start."""
+
 from __future__ import annotations
 
 import copy
@@ -65,7 +66,9 @@ def settings_file(tmp_path, monkeypatch, base_checkpoint):
     "trainer_class, objective",
     [(InProcessRNDPO, "rn_dpo"), (InProcessDPO, "dpo"), (InProcessSelfTrain, "self_train")],
 )
-def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+def test_each_trainer_runs_in_process(
+    trainer_class, objective, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file
+):
     settings_file()
     trainer = make_trainer(trainer_class, preprocessed_synthetic, tiny_configuration)
     trainer.run_training()
@@ -104,7 +107,15 @@ def test_each_trainer_runs_in_process(trainer_class, objective, preprocessed_syn
 def test_named_trainers_differ_only_by_settings():
     for trainer_class in (named.nnUNetTrainerRNDPO, named.nnUNetTrainerDPO, named.nnUNetTrainerSelfTrain):
         assert trainer_class.__mro__[1] is named.nnUNetTrainerPreference
-        assert set(vars(trainer_class)) <= {"settings_overrides", "__doc__", "__module__", "__qualname__", "__firstlineno__", "__static_attributes__", "__annotations__"}
+        assert set(vars(trainer_class)) <= {
+            "settings_overrides",
+            "__doc__",
+            "__module__",
+            "__qualname__",
+            "__firstlineno__",
+            "__static_attributes__",
+            "__annotations__",
+        }
     assert named.nnUNetTrainerRNDPO.settings_overrides["objective"] == "rn_dpo"
     assert named.nnUNetTrainerDPO.settings_overrides["objective"] == "dpo"
     assert named.nnUNetTrainerSelfTrain.settings_overrides["objective"] == "self_train"
@@ -135,11 +146,19 @@ def test_missing_base_checkpoint_fails_at_start(preprocessed_synthetic, tiny_con
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_configuration_fails_at_start(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+def test_checkpoint_of_another_configuration_fails_at_start(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file
+):
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.proposals.model import CheckpointError
 
-    nnunet_steps.add_configuration(preprocessed_synthetic.dataset_id, "3d_tiny_wide", patch_size=(32, 32, 32), batch_size=2, features_per_stage=(16, 32, 64))
+    nnunet_steps.add_configuration(
+        preprocessed_synthetic.dataset_id,
+        "3d_tiny_wide",
+        patch_size=(32, 32, 32),
+        batch_size=2,
+        features_per_stage=(16, 32, 64),
+    )
     settings_file(base_checkpoint=str(base_checkpoint))
     trainer = make_trainer(InProcessRNDPO, preprocessed_synthetic, "3d_tiny_wide")
     with pytest.raises(CheckpointError, match=r"trained for another setting: configuration '3d_tiny'"):
@@ -147,7 +166,9 @@ def test_checkpoint_of_another_configuration_fails_at_start(preprocessed_synthet
 
 
 @pytest.mark.slow
-def test_empty_pool_fails_at_start(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file, tmp_path, monkeypatch):
+def test_empty_pool_fails_at_start(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file, tmp_path, monkeypatch
+):
     from nnunet_rndpo.proposals.pool import PoolError
 
     raw_copy = tmp_path / "raw" / preprocessed_synthetic.name
@@ -167,7 +188,9 @@ def test_loss_finite_when_every_pair_has_empty_disagreement():
     masks = [torch.randint(0, 3, (2, 1) + o.shape[2:]) for o in outputs]
     targets = [torch.cat([m, m], dim=1) for m in masks]  # chosen == rejected everywhere
     for loss_type in ("rn_dpo", "dpo", "mean", "ipo"):
-        loss, statistics = preference_loss_over_scales(outputs, references, targets, [0.67, 0.33], loss_type=loss_type, beta=1.0)
+        loss, statistics = preference_loss_over_scales(
+            outputs, references, targets, [0.67, 0.33], loss_type=loss_type, beta=1.0
+        )
         loss.backward()
         assert torch.isfinite(loss) and loss.item() == 0.0
         assert float(statistics["pairs/skipped_fraction"]) == 1.0
@@ -181,25 +204,64 @@ def _environment(**extra) -> dict:
 
 
 @pytest.mark.slow
-def test_real_nnunetv2_train_and_predict_entry_points_with_resume(preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path):
+def test_real_nnunetv2_train_and_predict_entry_points_with_resume(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path
+):
     """nnUNetv2_train -tr nnUNetTrainerRNDPO_tiny finds our class (nnUNet_extTrainer from conftest), trains,
     validates; nnUNetv2_predict loads the checkpoint; --c resumes with the same pairs and no new proposals."""
     dataset_id = str(preprocessed_synthetic.dataset_id)
     settings = write_settings(tmp_path, base_checkpoint=str(base_checkpoint), num_epochs=2)
     environment = _environment(**{SETTINGS_ENV_VARIABLE: settings, "nnUNet_def_n_proc": 1})
-    command = [str(BIN / "nnUNetv2_train"), dataset_id, tiny_configuration, "0", "-tr", "nnUNetTrainerRNDPO_tiny", "-device", "cpu"]
+    command = [
+        str(BIN / "nnUNetv2_train"),
+        dataset_id,
+        tiny_configuration,
+        "0",
+        "-tr",
+        "nnUNetTrainerRNDPO_tiny",
+        "-device",
+        "cpu",
+    ]
     first = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    output = Path(os.environ["nnUNet_results"]) / preprocessed_synthetic.name / f"nnUNetTrainerRNDPO_tiny__nnUNetPlans__{tiny_configuration}" / "fold_0"
+    output = (
+        Path(os.environ["nnUNet_results"])
+        / preprocessed_synthetic.name
+        / f"nnUNetTrainerRNDPO_tiny__nnUNetPlans__{tiny_configuration}"
+        / "fold_0"
+    )
     assert (output / "checkpoint_final.pth").is_file()
     assert "Mean Validation Dice" in first.stdout
     pairs_before = (output / "rndpo_pairs.json").read_text()
 
     prediction = tmp_path / "predictions"
     predict = subprocess.run(
-        [str(BIN / "nnUNetv2_predict"), "-i", str(preprocessed_synthetic.raw_folder / "imagesTs"), "-o", str(prediction), "-d", dataset_id,
-         "-c", tiny_configuration, "-f", "0", "-tr", "nnUNetTrainerRNDPO_tiny", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-        env=environment, capture_output=True, text=True, timeout=600,
+        [
+            str(BIN / "nnUNetv2_predict"),
+            "-i",
+            str(preprocessed_synthetic.raw_folder / "imagesTs"),
+            "-o",
+            str(prediction),
+            "-d",
+            dataset_id,
+            "-c",
+            tiny_configuration,
+            "-f",
+            "0",
+            "-tr",
+            "nnUNetTrainerRNDPO_tiny",
+            "-device",
+            "cpu",
+            "--disable_tta",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert predict.returncode == 0, predict.stdout[-3000:] + predict.stderr[-3000:]
     assert len(list(prediction.glob("*.nii.gz"))) == 3
@@ -214,7 +276,9 @@ def test_real_nnunetv2_train_and_predict_entry_points_with_resume(preprocessed_s
 
 
 @pytest.mark.slow
-def test_export_predicts_without_our_package_on_nnunets_path(preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path, settings_file):
+def test_export_predicts_without_our_package_on_nnunets_path(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path, settings_file
+):
     from nnunet_rndpo.cli import main
 
     settings_file()
@@ -222,16 +286,50 @@ def test_export_predicts_without_our_package_on_nnunets_path(preprocessed_synthe
     if not (Path(trainer.output_folder) / "checkpoint_final.pth").is_file():
         trainer.run_training()
     exported = tmp_path / "exported"
-    assert main(["export", "-d", str(preprocessed_synthetic.dataset_id), "-c", tiny_configuration, "-tr", "InProcessRNDPO", "-o", str(exported)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "-d",
+                str(preprocessed_synthetic.dataset_id),
+                "-c",
+                tiny_configuration,
+                "-tr",
+                "InProcessRNDPO",
+                "-o",
+                str(exported),
+            ]
+        )
+        == 0
+    )
     checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainer"
     environment = _environment()
     environment.pop("nnUNet_extTrainer", None)
     prediction = tmp_path / "predictions"
     result = subprocess.run(
-        [str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(preprocessed_synthetic.raw_folder / "imagesTs"), "-o", str(prediction),
-         "-m", str(exported), "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-        env=environment, capture_output=True, text=True, timeout=600,
+        [
+            str(BIN / "nnUNetv2_predict_from_modelfolder"),
+            "-i",
+            str(preprocessed_synthetic.raw_folder / "imagesTs"),
+            "-o",
+            str(prediction),
+            "-m",
+            str(exported),
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "--disable_tta",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert len(list(prediction.glob("*.nii.gz"))) == 3
@@ -265,7 +363,9 @@ def _started(trainer_class, dataset, configuration):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("deep_supervision", ("all_scales", "full_resolution"))
-def test_margin_is_zero_at_the_first_step_at_every_scale(deep_supervision, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+def test_margin_is_zero_at_the_first_step_at_every_scale(
+    deep_supervision, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file
+):
     """The reference is exact: on the first (augmented) batch, policy == reference at every output scale, so
     every pair's margin is 0, and so are the logged margins of that step."""
     from nnunet_rndpo.objectives import pair_log_ratios
@@ -297,7 +397,9 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(deep_supervision, prepr
         assert [t is not None for t in terms] == [w != 0 for w in trainer._scale_weights(len(targets))]
         for scale, (term, p, masks) in enumerate(zip(terms, policy, targets)):
             if term is not None:
-                ratios = pair_log_ratios(p, None, masks[:, :1], masks[:, 1:2], reference_voxel_ll=term, normalized=scale == 0)
+                ratios = pair_log_ratios(
+                    p, None, masks[:, :1], masks[:, 1:2], reference_voxel_ll=term, normalized=scale == 0
+                )
                 assert torch.allclose(ratios.margin, torch.zeros_like(ratios.margin), atol=1e-4), scale
         trainer.train_step(batch)
         statistics = trainer.read_preference_statistics()
@@ -308,7 +410,9 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(deep_supervision, prepr
 
 
 @pytest.mark.slow
-def test_warmup_raises_the_learning_rate_linearly(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+def test_warmup_raises_the_learning_rate_linearly(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file
+):
     class WarmupRNDPO(named.nnUNetTrainerRNDPO_tiny):
         pass
 
@@ -325,7 +429,9 @@ def test_warmup_raises_the_learning_rate_linearly(preprocessed_synthetic, tiny_c
 
 
 @pytest.mark.slow
-def test_final_checkpoint_best_never_ends_below_the_validated_base(preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file):
+def test_final_checkpoint_best_never_ends_below_the_validated_base(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file
+):
     """An absurd learning rate ruins fine-tuning: the base, validated before epoch 0, stays the best, and
     final_checkpoint "best" makes it the final checkpoint."""
 

@@ -8,6 +8,7 @@ nnUNet_def_n_proc, ...) free to be set first. Folders are always taken from `nnu
 "spawn" process pool even for one worker, and each spawned worker re-imports torch and nnU-Net (5-10 s on the 2-core
 machines), which dwarfs the work on small datasets. The steps themselves are nnU-Net's unchanged code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ from types import ModuleType
 from typing import Any, Iterator, Mapping, Sequence
 
 from nnunet_rndpo.atomic import save_json
-from nnunet_rndpo.nnunet_paths import find_dataset_name, plans_path, preprocessed_dataset_folder, trainer_output_folder
+from nnunet_rndpo.nnunet_paths import plans_path, preprocessed_dataset_folder
 
 DEFAULT_PLANS_IDENTIFIER = "nnUNetPlans"
 FILE_ENDING = ".nii.gz"
@@ -68,8 +69,10 @@ def plan_and_preprocess(
     planning_workers = None
     if augmentation_workers is not None and _as_int(augmentation_workers) < 1:
         planning_workers = str(max(1, num_processes))
-    with _maybe_quiet(quiet), _environment(nnUNet_n_proc_DA=planning_workers), in_process_pools(
-        PLANNING_POOL_MODULES, enabled=in_process
+    with (
+        _maybe_quiet(quiet),
+        _environment(nnUNet_n_proc_DA=planning_workers),
+        in_process_pools(PLANNING_POOL_MODULES, enabled=in_process),
     ):
         extract_fingerprints(
             [dataset_id],
@@ -290,7 +293,7 @@ def predict_folder(
 
     model_folder = Path(model_folder)
     if model_folder.name.startswith("fold_") and not (model_folder / "plans.json").is_file():
-        folds = (model_folder.name[len("fold_"):],)
+        folds = (model_folder.name[len("fold_") :],)
         model_folder = model_folder.parent
     folds = tuple(f if f == "all" else int(f) for f in folds)
     output_folder = Path(output_folder)

@@ -14,6 +14,7 @@ The screen shows one line per phase; nnU-Net's own output goes to <output>/logs/
 Same seed, same machine, same figures: every random source is seeded, augmentation runs in this process and
 torch uses a fixed number of threads (floating-point results can still differ between processor types).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,7 +96,15 @@ class Screen:
         from tqdm import tqdm
 
         # disable=None: no bar where the terminal is not one (a pipe, a CI log)
-        bar = tqdm(total=epochs, desc=f"{'':>6}epochs", unit="epoch", file=self.terminal, leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(
+            total=epochs,
+            desc=f"{'':>6}epochs",
+            unit="epoch",
+            file=self.terminal,
+            leave=False,
+            dynamic_ncols=True,
+            disable=None,
+        )
         epoch_line = re.compile(r": Epoch (\d+)\s*$")
 
         def on_line(line: str) -> None:
@@ -179,7 +188,9 @@ def relayout_real_dataset(source: Path, raw_root: Path, num_labeled: int, num_te
     dataset_json = json.loads((source / "dataset.json").read_text())
     cases = labeled_case_ids(source)
     if len(cases) < num_labeled + num_test + 2:
-        raise ValueError(f"{source} has {len(cases)} labeled cases; the demo needs at least {num_labeled + num_test + 2}")
+        raise ValueError(
+            f"{source} has {len(cases)} labeled cases; the demo needs at least {num_labeled + num_test + 2}"
+        )
     parts = split_cases(cases, seed, [("labeled", num_labeled), ("test", num_test)], rest="unlabeled")
     target = raw_root / f"Dataset{DEMO_DATASET_ID}_Demo{source.name.split('_', 1)[-1]}"
     link_parts(source, target, parts)
@@ -189,7 +200,9 @@ def relayout_real_dataset(source: Path, raw_root: Path, num_labeled: int, num_te
 
 
 # ------------------------------------------------------------------------------------------------ the story
-def run_demo(output: Path, data: Optional[Path] = None, quick: bool = False, seed: int = 0, verbose: bool = False) -> int:
+def run_demo(
+    output: Path, data: Optional[Path] = None, quick: bool = False, seed: int = 0, verbose: bool = False
+) -> int:
     started = time.perf_counter()
     work = Path(output).resolve()
     _set_nnunet_environment(work)
@@ -201,37 +214,68 @@ def run_demo(output: Path, data: Optional[Path] = None, quick: bool = False, see
 
     schedule = QUICK if quick else FULL
     screen = Screen(work / "logs", verbose, total_phases=8)
-    screen.say(f"nnunet_rndpo demo (seed {seed}{', quick' if quick else ''}): working folder {work}; nnU-Net's logs in {work / 'logs'}")
+    screen.say(
+        f"nnunet_rndpo demo (seed {seed}{', quick' if quick else ''}): working folder {work}; "
+        f"nnU-Net's logs in {work / 'logs'}"
+    )
     if quick:
         screen.say(QUICK_WARNING)
     raw_root = Path(os.environ["nnUNet_raw"])
     if data is None:
         with screen.phase("data", "a synthetic 3D dataset: 6 labeled, 20 unlabeled and 8 test cases, two classes"):
-            dataset_folder = make_synthetic_dataset(raw_root, DEMO_DATASET_ID, "RNDPODemo", num_labeled=6, num_unlabeled=20, num_test=8, seed=seed)
+            dataset_folder = make_synthetic_dataset(
+                raw_root, DEMO_DATASET_ID, "RNDPODemo", num_labeled=6, num_unlabeled=20, num_test=8, seed=seed
+            )
     else:
-        with screen.phase("data", f"{data} split into 10 labeled, 20 test cases and an unlabeled pool (demo_split.json)"):
+        with screen.phase(
+            "data", f"{data} split into 10 labeled, 20 test cases and an unlabeled pool (demo_split.json)"
+        ):
             dataset_folder = relayout_real_dataset(Path(data), raw_root, num_labeled=10, num_test=20, seed=seed)
     dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
 
-    with screen.phase("plan", f"nnU-Net plans and preprocesses; configuration {DEMO_CONFIGURATION} (patch 32^3, features 8-64)"):
+    with screen.phase(
+        "plan", f"nnU-Net plans and preprocesses; configuration {DEMO_CONFIGURATION} (patch 32^3, features 8-64)"
+    ):
         if not nnunet_paths.plans_path(DEMO_DATASET_ID).is_file():
             nnunet_steps.plan_and_preprocess(DEMO_DATASET_ID)
-        nnunet_steps.add_configuration(DEMO_DATASET_ID, DEMO_CONFIGURATION, patch_size=(32, 32, 32), batch_size=2, features_per_stage=(8, 16, 32, 64))
+        nnunet_steps.add_configuration(
+            DEMO_DATASET_ID,
+            DEMO_CONFIGURATION,
+            patch_size=(32, 32, 32),
+            batch_size=2,
+            features_per_stage=(8, 16, 32, 64),
+        )
     os.environ["nnUNet_n_proc_DA"] = "0"  # after planning: 0 crashes nnU-Net's planner; augmentation in this process
 
     base_folder = nnunet_paths.trainer_output_folder(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
-    with screen.phase("base", f"nnUNetTrainer on the labeled cases only, {schedule.base_total:,} iterations", epochs=schedule.base_epochs):
+    with screen.phase(
+        "base",
+        f"nnUNetTrainer on the labeled cases only, {schedule.base_total:,} iterations",
+        epochs=schedule.base_epochs,
+    ):
         if not (base_folder / "checkpoint_final.pth").is_file():
             nnunet_steps.train_supervised(
-                DEMO_DATASET_ID, DEMO_CONFIGURATION, 0, num_epochs=schedule.base_epochs, iterations_per_epoch=schedule.base_iterations,
-                val_iterations=schedule.val_iterations, initial_lr=1e-2, seed=seed,
+                DEMO_DATASET_ID,
+                DEMO_CONFIGURATION,
+                0,
+                num_epochs=schedule.base_epochs,
+                iterations_per_epoch=schedule.base_iterations,
+                val_iterations=schedule.val_iterations,
+                initial_lr=1e-2,
+                seed=seed,
             )
 
     settings_file = work / "rndpo_settings.json"
-    save_json({
-        "num_epochs": schedule.tune_epochs, "iterations_per_epoch": schedule.tune_iterations,
-        "val_iterations_per_epoch": schedule.val_iterations, "initial_lr": 1e-3, "seed": seed,
-    }, settings_file)
+    save_json(
+        {
+            "num_epochs": schedule.tune_epochs,
+            "iterations_per_epoch": schedule.tune_iterations,
+            "val_iterations_per_epoch": schedule.val_iterations,
+            "initial_lr": 1e-3,
+            "seed": seed,
+        },
+        settings_file,
+    )
     os.environ[SETTINGS_ENV_VARIABLE] = str(settings_file)
     defaults = PreferenceSettings(seed=seed)
     prepared = _proposals_and_pairs(screen, base_folder / "checkpoint_final.pth", defaults)
@@ -240,32 +284,65 @@ def run_demo(output: Path, data: Optional[Path] = None, quick: bool = False, see
 
     folders = {"base": base_folder}
     for name, label, trainer_class, what in (
-        ("rn_dpo", "RN-DPO", nnUNetTrainerRNDPO, "on the mined pairs, frozen base as reference, + Dice+CE on the chosen mask"),
-        ("self_train", "self-training", nnUNetTrainerSelfTrain, "Dice+CE on the judge's top proposal of each case (the baseline)"),
+        (
+            "rn_dpo",
+            "RN-DPO",
+            nnUNetTrainerRNDPO,
+            "on the mined pairs, frozen base as reference, + Dice+CE on the chosen mask",
+        ),
+        (
+            "self_train",
+            "self-training",
+            nnUNetTrainerSelfTrain,
+            "Dice+CE on the judge's top proposal of each case (the baseline)",
+        ),
     ):
-        with screen.phase(label, f"{schedule.tune_total:,} iterations from the base, {what}", epochs=schedule.tune_epochs):
+        with screen.phase(
+            label, f"{schedule.tune_total:,} iterations from the base, {what}", epochs=schedule.tune_epochs
+        ):
             folders[name] = nnunet_steps.train_supervised(
-                DEMO_DATASET_ID, DEMO_CONFIGURATION, 0, num_epochs=schedule.tune_epochs, iterations_per_epoch=schedule.tune_iterations,
-                val_iterations=schedule.val_iterations, trainer_class=trainer_class, initial_lr=1e-3, seed=seed,
+                DEMO_DATASET_ID,
+                DEMO_CONFIGURATION,
+                0,
+                num_epochs=schedule.tune_epochs,
+                iterations_per_epoch=schedule.tune_iterations,
+                val_iterations=schedule.val_iterations,
+                trainer_class=trainer_class,
+                initial_lr=1e-3,
+                seed=seed,
             )
 
     results = {}
     test_cases = len(list((dataset_folder / "labelsTs").glob(f"*{dataset_json['file_ending']}")))
     with screen.phase("test", f"the {len(folders)} models predict the {test_cases} held-out test cases"):
         for name, folder in folders.items():
-            predictions = nnunet_steps.predict_folder(folder.parent, dataset_folder / "imagesTs", work / "predictions" / name, folds=(0,))
-            results[name] = nnunet_steps.evaluate_folder(predictions, dataset_folder / "labelsTs", dataset_json["labels"])
+            predictions = nnunet_steps.predict_folder(
+                folder.parent, dataset_folder / "imagesTs", work / "predictions" / name, folds=(0,)
+            )
+            results[name] = nnunet_steps.evaluate_folder(
+                predictions, dataset_folder / "labelsTs", dataset_json["labels"]
+            )
 
     screen.say()
     for line in result_table(results, dataset_json["labels"]):
         screen.say(line)
     total = time.perf_counter() - started
-    screen.say("\nTime: " + ", ".join(f"{name} {_duration(seconds)}" for name, seconds in screen.seconds.items()) + f"; total {_duration(total)}")
+    screen.say(
+        "\nTime: "
+        + ", ".join(f"{name} {_duration(seconds)}" for name, seconds in screen.seconds.items())
+        + f"; total {_duration(total)}"
+    )
     if quick:
         screen.say(QUICK_WARNING)
     report = {
-        "results": results, "schedule": asdict(schedule), "seed": seed, "pairs": prepared.record["summary"], "judge": prepared.record["judge"],
-        "phase_seconds": screen.seconds, "seconds": total, "machine": _machine(),
+        "results": results,
+        "schedule": asdict(schedule),
+        "seed": seed,
+        "pairs": prepared.record["summary"],
+        "judge": prepared.record["judge"],
+        "phase_seconds": screen.seconds,
+        "seconds": total,
+        "machine": _machine(),
     }
     save_json(report, work / "demo_results.json")
     screen.say(f"Report: {work / 'demo_results.json'}; models and nnU-Net's logs under {work / 'nnUNet_results'}")
@@ -282,19 +359,31 @@ def _proposals_and_pairs(screen: Screen, checkpoint: Path, settings):
     from nnunet_rndpo.proposals.run import generate_proposals
 
     location = locate(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
-    model = load_model(checkpoint, "cpu", expected_plans=location.plans, expected_configuration=DEMO_CONFIGURATION, expected_dataset_json=location.dataset_json)
+    model = load_model(
+        checkpoint,
+        "cpu",
+        expected_plans=location.plans,
+        expected_configuration=DEMO_CONFIGURATION,
+        expected_dataset_json=location.dataset_json,
+    )
     pair_settings = settings.pair_settings(overwrite_proposals=False)
     members = plan_members(pair_settings.proposals, model.mirror_axes)
     sources = sorted({member.source for member in members})
     pool = location.unlabeled_pool()
-    with screen.phase("proposals", f"{len(members)} per unlabeled case ({' + '.join(sources)}) for {len(pool.case_ids)} cases"):
+    with screen.phase(
+        "proposals", f"{len(members)} per unlabeled case ({' + '.join(sources)}) for {len(pool.case_ids)} cases"
+    ):
         generate_proposals(model, pool, location.store_folder(checkpoint), pair_settings.proposals, progress=False)
-    with screen.phase("judge", f"'{pair_settings.judge}' scores every proposal; pairs mined '{pair_settings.selection}' (chosen = judge's best)"):
+    with screen.phase(
+        "judge",
+        f"'{pair_settings.judge}' scores every proposal; pairs mined '{pair_settings.selection}' "
+        "(chosen = judge's best)",
+    ):
         prepared = prepare_pairs(location, model, pair_settings, progress=False, log=print)
     summary = prepared.record["summary"]
     screen.say(
-        f"{'':>6}{'':<13} {summary['pairs']} pairs from {summary['cases_total']} cases; the two masks of a pair differ in "
-        f"{summary['mean_disagreement_voxels']:.0f} voxels on average"
+        f"{'':>6}{'':<13} {summary['pairs']} pairs from {summary['cases_total']} cases; the two masks of a pair "
+        f"differ in {summary['mean_disagreement_voxels']:.0f} voxels on average"
     )
     return prepared
 
@@ -304,12 +393,20 @@ def result_table(results: dict, labels: dict) -> list[str]:
     names = {int(v): k for k, v in labels.items() if int(v) != 0}
     titles = {"base": "base", "rn_dpo": "RN-DPO", "self_train": "self-training"}
     lines = [f"Held-out test Dice ({results['base']['num_cases']} cases never seen in training):"]
-    lines.append(f"{'model':<15}" + "".join(f"{names[label][:12]:>14}" for label in sorted(names)) + f"{'mean':>10}{'vs base':>10}")
+    lines.append(
+        f"{'model':<15}"
+        + "".join(f"{names[label][:12]:>14}" for label in sorted(names))
+        + f"{'mean':>10}{'vs base':>10}"
+    )
     base = results["base"]["foreground_mean"]
     for name, result in results.items():
         mean = result["foreground_mean"]
         versus = "" if name == "base" else f"{mean - base:+10.4f}"
-        lines.append(f"{titles.get(name, name):<15}" + "".join(f"{_class_dice(result, label):14.4f}" for label in sorted(names)) + f"{mean:10.4f}{versus}")
+        lines.append(
+            f"{titles.get(name, name):<15}"
+            + "".join(f"{_class_dice(result, label):14.4f}" for label in sorted(names))
+            + f"{mean:10.4f}{versus}"
+        )
     lines.append("No new label was used: the fine-tuned models saw only the base's 6 labels and the unlabeled pool.")
     return lines
 
@@ -325,6 +422,9 @@ def _machine() -> dict:
     import torch
 
     return {
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

@@ -4,6 +4,7 @@ parts out as a new raw dataset. One splitter, used by the demo's `--data` and by
 The unlabeled pool's labels are kept aside in `labelsUnlabeled` (research only: the oracle judge and the audit
 read them; training never does).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,17 @@ def labeled_case_ids(raw_dataset: Path) -> list[str]:
     return sorted(p.name[: -len(ending)] for p in (Path(raw_dataset) / "labelsTr").iterdir() if p.name.endswith(ending))
 
 
-def split_cases(case_ids: Sequence[str], seed: int, sizes: Sequence[tuple[str, int]], rest: str) -> dict[str, list[str]]:
+def split_cases(
+    case_ids: Sequence[str], seed: int, sizes: Sequence[tuple[str, int]], rest: str
+) -> dict[str, list[str]]:
     """Consecutive parts of one seeded permutation of the sorted case ids: `sizes` in order, then `rest` takes
     what is left. Each part is sorted; no case is in two parts."""
     ordered = sorted(case_ids)
     needed = sum(size for _, size in sizes)
     if needed > len(ordered):
-        raise ValueError(f"the split needs {needed} cases ({', '.join(f'{n} {s}' for n, s in sizes)}); only {len(ordered)} exist")
+        raise ValueError(
+            f"the split needs {needed} cases ({', '.join(f'{n} {s}' for n, s in sizes)}); only {len(ordered)} exist"
+        )
     permuted = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
     parts, start = {}, 0
     for name, size in sizes:
@@ -57,7 +62,9 @@ def link_parts(source: Path, target: Path, parts: dict[str, list[str]]) -> None:
             for channel in range(channels):
                 name = f"{case_id}_{channel:04d}{ending}"
                 _link_or_copy(Path(source) / "imagesTr" / name, target / image_folder / name)
-            _link_or_copy(Path(source) / "labelsTr" / f"{case_id}{ending}", target / label_folder / f"{case_id}{ending}")
+            _link_or_copy(
+                Path(source) / "labelsTr" / f"{case_id}{ending}", target / label_folder / f"{case_id}{ending}"
+            )
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -21,6 +21,7 @@ Case names run on across the three splits (labeled first, then unlabeled, then t
 dataset. Every case is a pure function of (seed, case index, shape): the same call writes identical files.
 nnU-Net reads only dataset.json, imagesTr and labelsTr; the extra folders do not disturb it.
 """
+
 from __future__ import annotations
 
 import os

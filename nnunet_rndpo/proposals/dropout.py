@@ -4,6 +4,7 @@ unchanged (turning dropout on in the plans renames weights).
 Each batch row gets its own dropout rate (0 = off), so one batched forward pass can carry plain, flipped
 and dropout members together. The hooks survive `.eval()` because they do not use nn.Dropout's training flag.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,7 +62,9 @@ class RowDropout:
 def dropout_hooks(network: torch.nn.Module, location: str, mode: str) -> Iterator[list[RowDropout]]:
     """Install RowDropout hooks for the duration of the block; yields them to set `rates` per forward."""
     hooks = [RowDropout(mode) for _ in dropout_target_modules(network, location)]
-    handles = [module.register_forward_hook(hook) for module, hook in zip(dropout_target_modules(network, location), hooks)]
+    handles = [
+        module.register_forward_hook(hook) for module, hook in zip(dropout_target_modules(network, location), hooks)
+    ]
     try:
         yield hooks
     finally:

@@ -6,6 +6,7 @@ weights. Padding, tiling and the Gaussian are nnU-Net's own (pad_nd_image, the p
 compute_gaussian), so proposals are voxel-aligned with nnU-Net's preprocessed data and its predictions.
 Members derived from the plain softmax (threshold, temperature) cost no pass.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,9 @@ class ProposalEngine:
         self.device = torch.device(device)
         self.num_classes = label_manager.num_segmentation_heads
         self.patch_size = tuple(configuration_manager.patch_size)
-        self.members = plan_members(settings, mirror_axes if mirror_axes is not None else tuple(range(len(self.patch_size))))
+        self.members = plan_members(
+            settings, mirror_axes if mirror_axes is not None else tuple(range(len(self.patch_size)))
+        )
         if max(m.network_index for m in self.members) >= len(self.networks):
             raise ValueError("a member needs an extra checkpoint that was not loaded")
         # nnU-Net's predictor supplies the tiling; we never call its averaging prediction.
@@ -85,13 +88,17 @@ class ProposalEngine:
 
         image = torch.as_tensor(np.asarray(data), dtype=torch.float32)
         if image.dim() != len(self.patch_size) + 1:
-            raise ValueError(f"expected a (channels, *spatial) image of {len(self.patch_size)}D, got {tuple(image.shape)}")
+            raise ValueError(
+                f"expected a (channels, *spatial) image of {len(self.patch_size)}D, got {tuple(image.shape)}"
+            )
         padded, revert_padding = pad_nd_image(image, self.patch_size, "constant", {"value": 0}, True, None)
         slicers = self._tiler._internal_get_sliding_window_slicers(padded.shape[1:])
         gaussian = compute_gaussian(self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=self.device)
 
         forward_members = [m for m in self.members if m.needs_forward]
-        accumulated = torch.zeros((len(forward_members), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=self.device)
+        accumulated = torch.zeros(
+            (len(forward_members), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=self.device
+        )
         weight = torch.zeros(padded.shape[1:], dtype=torch.float32, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(case_seed)
         padded = padded.to(self.device)
@@ -139,7 +146,15 @@ class ProposalEngine:
                 forward_index += 1
             else:
                 derive = SOURCES[member.source].derive
-                labels.append(derive(member, plain_logits, mean_probabilities, self.settings, np.random.default_rng([case_seed, member_index])))
+                labels.append(
+                    derive(
+                        member,
+                        plain_logits,
+                        mean_probabilities,
+                        self.settings,
+                        np.random.default_rng([case_seed, member_index]),
+                    )
+                )
         proposals = torch.stack(labels).to(torch.uint8).cpu().numpy()
         return CaseProposals(proposals, mean_probabilities.to(torch.float16).cpu().numpy(), case_seed)
 

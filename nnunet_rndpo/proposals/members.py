@@ -5,6 +5,7 @@ mirror-TTA members keep the base quality and still differ (~7% of the mask), so 
 dropout added after the fact is fragile (decoder stages: speckle even at p=0.03; bottleneck: almost no
 change), so it is opt-in with its location and rate exposed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,9 @@ class ProposalSettings:
             raise ValueError(f"tile_step_size must lie in (0, 1], got {self.tile_step_size}")
         needing = [name for name in self.sources if SOURCES[name].uses_extra_networks]
         if needing and not self.extra_checkpoints and not self.other_folds:
-            raise ValueError(f"source(s) {needing} need extra_checkpoints (paths of further checkpoint files) or other_folds")
+            raise ValueError(
+                f"source(s) {needing} need extra_checkpoints (paths of further checkpoint files) or other_folds"
+            )
         if self.members_per_batch < 1:
             raise ValueError("members_per_batch must be >= 1")
 

@@ -4,6 +4,7 @@ nnU-Net's own `-pretrained_weights` re-initialises the segmentation head and its
 class up by name; we rebuild the network from the plans stored beside the checkpoint instead, so any
 checkpoint of a plain-UNet trainer loads without our package being on nnU-Net's search path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,7 +70,9 @@ def read_checkpoint(path: str | Path) -> dict:
             f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it may be truncated or corrupt"
         ) from error
     except Exception as error:  # unpickling garbage raises assorted errors
-        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"checkpoint {path} is not a torch checkpoint ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_CHECKPOINT_KEYS):
         present = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(
@@ -91,9 +94,9 @@ def check_compatible(
         saved = saved_plans.get("configurations", {}).get(init_args.get("configuration"), {})
         wanted = plans.get("configurations", {}).get(configuration, {})
         # A configuration of another name is fine only when its network and patch are identical.
-        same_network = saved.get("architecture") == wanted.get("architecture") and saved.get("patch_size") == wanted.get(
+        same_network = saved.get("architecture") == wanted.get("architecture") and saved.get(
             "patch_size"
-        )
+        ) == wanted.get("patch_size")
         if not same_network:
             problems.append(f"configuration {init_args.get('configuration')!r} (expected {configuration!r})")
     saved_labels = init_args.get("dataset_json", {}).get("labels")

@@ -3,6 +3,7 @@
 By default the pool is `nnUNet_raw/<Dataset>/imagesUnlabeled/` (named as imagesTr: `<case>_0000.nii.gz`, one
 file per channel). Without that folder, the fold's training cases serve, their labels ignored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,7 +101,9 @@ def fold_split(preprocessed_base: Path, data_folder: Path, fold) -> tuple[list[s
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
-def discover_pool(raw_root: Optional[Path], preprocessed_root: Path, dataset_name: str, dataset_json: dict, data_identifier: str, fold) -> CasePool:
+def discover_pool(
+    raw_root: Optional[Path], preprocessed_root: Path, dataset_name: str, dataset_json: dict, data_identifier: str, fold
+) -> CasePool:
     """imagesUnlabeled when present (and non-empty), else the fold's training cases."""
     preprocessed_base = Path(preprocessed_root) / dataset_name
     unlabeled_folder = Path(raw_root) / dataset_name / UNLABELED_FOLDER if raw_root else None
@@ -123,7 +126,9 @@ def discover_pool(raw_root: Optional[Path], preprocessed_root: Path, dataset_nam
         )
     train, _ = fold_split(preprocessed_base, data_folder, fold)
     if not train:
-        raise PoolError(f"no unlabeled pool for {dataset_name}: no imagesUnlabeled folder and fold {fold} has no training cases")
+        raise PoolError(
+            f"no unlabeled pool for {dataset_name}: no imagesUnlabeled folder and fold {fold} has no training cases"
+        )
     return CasePool(
         dataset_name=dataset_name,
         source=f"training cases of fold {fold} (labels ignored)",
@@ -174,7 +179,9 @@ class PoolReader:
         try:
             # nnU-Net's readers print what is wrong (e.g. the channels' shapes) and raise a bare RuntimeError()
             with contextlib.redirect_stdout(printed):
-                data, seg, properties = preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager, self.dataset_json)
+                data, seg, properties = preprocessor.run_case(
+                    files, None, self.plans_manager, self.configuration_manager, self.dataset_json
+                )
         except Exception as error:
             detail = str(error) or " ".join(printed.getvalue().split()) or "no message"
             raise PoolError(
@@ -186,7 +193,9 @@ class PoolReader:
             sys.stdout.write(printed.getvalue())
         expected_channels = len(_channel_names(self.dataset_json))
         if data.shape[0] != expected_channels:
-            raise PoolError(f"unlabeled case {case_id!r} has {data.shape[0]} channels after reading; expected {expected_channels}")
+            raise PoolError(
+                f"unlabeled case {case_id!r} has {data.shape[0]} channels after reading; expected {expected_channels}"
+            )
         return data.astype(np.float32), seg.astype(np.int8), properties
 
     def _load_preprocessed(self, case_id: str):

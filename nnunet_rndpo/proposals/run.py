@@ -1,5 +1,6 @@
 """Fill a proposal store for a pool: load the model once, preprocess each case once, K proposals per case,
 optional NIfTI export once per case. Used by `nnunet_rndpo propose` and by the trainers' start."""
+
 from __future__ import annotations
 
 import time
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from nnunet_rndpo.proposals.engine import ProposalEngine
 from nnunet_rndpo.proposals.members import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.model import LoadedModel, load_model
-from nnunet_rndpo.proposals.pool import PoolReader, CasePool
+from nnunet_rndpo.proposals.pool import CasePool, PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
 
 
@@ -47,8 +48,8 @@ def with_other_folds(settings: ProposalSettings, checkpoint_path: Path) -> Propo
     siblings = [str(path) for path in sibling_fold_checkpoints(checkpoint_path)]
     if not siblings:
         raise ValueError(
-            f"other_folds: no other fold's {Path(checkpoint_path).name} beside {checkpoint_path}; train the other folds "
-            "(nnUNetv2_train D C 1 ... 4) or drop other_folds"
+            f"other_folds: no other fold's {Path(checkpoint_path).name} beside {checkpoint_path}; "
+            "train the other folds (nnUNetv2_train D C 1 ... 4) or drop other_folds"
         )
     missing = [path for path in siblings if path not in settings.extra_checkpoints]
     return replace(settings, extra_checkpoints=tuple(settings.extra_checkpoints) + tuple(missing))
@@ -56,7 +57,12 @@ def with_other_folds(settings: ProposalSettings, checkpoint_path: Path) -> Propo
 
 def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePool, extra_sha256: Sequence[str]) -> dict:
     settings = with_other_folds(settings, model.checkpoint_path)
-    members = plan_members(settings, model.mirror_axes if model.mirror_axes is not None else tuple(range(len(model.configuration_manager.patch_size))))
+    members = plan_members(
+        settings,
+        model.mirror_axes
+        if model.mirror_axes is not None
+        else tuple(range(len(model.configuration_manager.patch_size))),
+    )
     return {
         "dataset": model.plans["dataset_name"],
         "plans": model.plans["plans_name"],
@@ -72,12 +78,18 @@ def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePoo
     }
 
 
-def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) -> tuple[list[torch.nn.Module], list[str]]:
+def load_extra_networks(
+    model: LoadedModel, settings: ProposalSettings, device
+) -> tuple[list[torch.nn.Module], list[str]]:
     networks, hashes = [], []
     if settings.uses_extra_networks:
         for path in settings.extra_checkpoints:
             extra = load_model(
-                path, device, expected_plans=model.plans, expected_configuration=model.configuration, expected_dataset_json=model.dataset_json
+                path,
+                device,
+                expected_plans=model.plans,
+                expected_configuration=model.configuration,
+                expected_dataset_json=model.dataset_json,
             )
             networks.append(extra.network)
             hashes.append(extra.checkpoint_sha256)
@@ -103,7 +115,9 @@ def generate_proposals(
     extra_networks, extra_hashes = load_extra_networks(model, settings, device)
     my_cases = list(case_ids) if case_ids is not None else pool.shard(part_id, num_parts)
     # only this part's stale temporaries are removed: other parts may be writing theirs right now
-    store = ProposalStore(store_folder).open(store_manifest(model, settings, pool, extra_hashes), overwrite=overwrite, case_ids=my_cases)
+    store = ProposalStore(store_folder).open(
+        store_manifest(model, settings, pool, extra_hashes), overwrite=overwrite, case_ids=my_cases
+    )
     engine = ProposalEngine(
         [model.network, *extra_networks],
         model.plans_manager,
@@ -136,14 +150,20 @@ def generate_proposals(
     return store, summary
 
 
-def export_case_nifti(proposals: np.ndarray, properties: dict, model: LoadedModel, folder: Path, case_id: str) -> list[Path]:
+def export_case_nifti(
+    proposals: np.ndarray, properties: dict, model: LoadedModel, folder: Path, case_id: str
+) -> list[Path]:
     """Write each proposal in the original image geometry (nnU-Net's own revert of crop/resample/transpose)."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     from nnunet_rndpo.atomic import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    plans_manager, configuration_manager, label_manager = model.plans_manager, model.configuration_manager, model.label_manager
+    plans_manager, configuration_manager, label_manager = (
+        model.plans_manager,
+        model.configuration_manager,
+        model.label_manager,
+    )
     writer = plans_manager.image_reader_writer_class()
     ending = model.dataset_json["file_ending"]
     written = []
@@ -151,7 +171,12 @@ def export_case_nifti(proposals: np.ndarray, properties: dict, model: LoadedMode
         one_hot = np.eye(label_manager.num_segmentation_heads, dtype=np.float32)[proposal.astype(np.int64)]
         one_hot = np.moveaxis(one_hot, -1, 0)
         segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-            torch.from_numpy(one_hot), plans_manager, configuration_manager, label_manager, properties, num_threads_torch=1
+            torch.from_numpy(one_hot),
+            plans_manager,
+            configuration_manager,
+            label_manager,
+            properties,
+            num_threads_torch=1,
         )
         target = folder / f"{case_id}_proposal{index:02d}{ending}"
         with atomic_path(target) as temporary:
@@ -161,4 +186,3 @@ def export_case_nifti(proposals: np.ndarray, properties: dict, model: LoadedMode
             staged.replace(temporary)
         written.append(target)
     return written
-

@@ -4,6 +4,7 @@ needs a network pass. Members without a pass are derived from the plain pass's l
 Adding a source is one entry in SOURCES: its member generator and, for a source without a network pass, its
 derivation. Defaults and what each source is worth on a real base model: docs/measured-proposals.md.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 from nnunet_rndpo.proposals.members import ProposalMember
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from nnunet_rndpo.proposals.members import ProposalSettings
@@ -108,17 +108,52 @@ def tempered_sample(member: ProposalMember, plain_logits, mean_probabilities, se
 SOURCES: dict[str, ProposalSource] = {
     source.name: source
     for source in (
-        ProposalSource("plain", "one forward pass of the base model (always the first proposal)", lambda s, a: iter(()), True, selectable=False),
-        ProposalSource("tta", "single mirror-TTA members: one flipped pass each, flipped back", _tta_members, True),
-        ProposalSource("dropout", "MC dropout draws (dropout_p at dropout_location, dropout_mode)", _dropout_members, True),
-        ProposalSource("threshold", "the plain softmax thresholded at each of `thresholds` (no pass)", _threshold_members, False, threshold_labels),
-        ProposalSource("temperature", "tempered softmax samples with smooth Gumbel noise (no pass)", _temperature_members, False, tempered_sample),
         ProposalSource(
-            "checkpoint", "one pass of each extra checkpoint (extra_checkpoints; other_folds adds the base's sibling folds)",
-            _checkpoint_members, True, uses_extra_networks=True,
+            "plain",
+            "one forward pass of the base model (always the first proposal)",
+            lambda s, a: iter(()),
+            True,
+            selectable=False,
         ),
-        ProposalSource("checkpoint_tta", "the mirror-TTA members of each extra checkpoint", _checkpoint_tta_members, True, uses_extra_networks=True),
-        ProposalSource("ensemble", "argmax of the softmax averaged over every pass: nnU-Net's ensemble (no pass)", _ensemble_members, False, ensemble_labels),
+        ProposalSource("tta", "single mirror-TTA members: one flipped pass each, flipped back", _tta_members, True),
+        ProposalSource(
+            "dropout", "MC dropout draws (dropout_p at dropout_location, dropout_mode)", _dropout_members, True
+        ),
+        ProposalSource(
+            "threshold",
+            "the plain softmax thresholded at each of `thresholds` (no pass)",
+            _threshold_members,
+            False,
+            threshold_labels,
+        ),
+        ProposalSource(
+            "temperature",
+            "tempered softmax samples with smooth Gumbel noise (no pass)",
+            _temperature_members,
+            False,
+            tempered_sample,
+        ),
+        ProposalSource(
+            "checkpoint",
+            "one pass of each extra checkpoint (extra_checkpoints; other_folds adds the base's sibling folds)",
+            _checkpoint_members,
+            True,
+            uses_extra_networks=True,
+        ),
+        ProposalSource(
+            "checkpoint_tta",
+            "the mirror-TTA members of each extra checkpoint",
+            _checkpoint_tta_members,
+            True,
+            uses_extra_networks=True,
+        ),
+        ProposalSource(
+            "ensemble",
+            "argmax of the softmax averaged over every pass: nnU-Net's ensemble (no pass)",
+            _ensemble_members,
+            False,
+            ensemble_labels,
+        ),
     )
 }
 PROPOSAL_SOURCES = tuple(name for name, source in SOURCES.items() if source.selectable)

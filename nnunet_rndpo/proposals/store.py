@@ -8,6 +8,7 @@ Every file is written under a temporary name and renamed, so a killed run never 
 whole; a rerun skips finished cases. A store made by another checkpoint or other settings is refused with a
 message instead of being mixed with new proposals.
 """
+
 from __future__ import annotations
 
 import glob
@@ -23,21 +24,39 @@ from nnunet_rndpo.atomic import TEMP_SUFFIX, remove_stale_temporaries, save_json
 
 STORE_FORMAT_VERSION = 1
 # Manifest fields that must match for a store to be reused.
-IDENTITY_FIELDS = ("format_version", "dataset", "plans", "configuration", "fold", "checkpoint_sha256", "settings", "members")
+IDENTITY_FIELDS = (
+    "format_version",
+    "dataset",
+    "plans",
+    "configuration",
+    "fold",
+    "checkpoint_sha256",
+    "settings",
+    "members",
+)
 
 
 class StoreError(RuntimeError):
     """A store that cannot be used as asked (mismatch, corrupt case)."""
 
 
-def default_store_folder(preprocessed_root: Path, dataset_name: str, plans_name: str, configuration: str, fold, checkpoint_path: Path) -> Path:
+def default_store_folder(
+    preprocessed_root: Path, dataset_name: str, plans_name: str, configuration: str, fold, checkpoint_path: Path
+) -> Path:
     """nnUNet_preprocessed/<Dataset>/rndpo_proposals/<plans>__<config>/fold_<F>/<base trainer folder>__<checkpoint>.
 
     Outside nnU-Net's per-configuration data folder (every file there is taken for a case).
     """
     checkpoint_path = Path(checkpoint_path)
     model_name = f"{checkpoint_path.parent.parent.name}__{checkpoint_path.parent.name}__{checkpoint_path.stem}"
-    return Path(preprocessed_root) / dataset_name / "rndpo_proposals" / f"{plans_name}__{configuration}" / f"fold_{fold}" / model_name
+    return (
+        Path(preprocessed_root)
+        / dataset_name
+        / "rndpo_proposals"
+        / f"{plans_name}__{configuration}"
+        / f"fold_{fold}"
+        / model_name
+    )
 
 
 class ProposalStore:
@@ -49,13 +68,17 @@ class ProposalStore:
     # ---------------------------------------------------------------- manifest
     def manifest(self) -> dict:
         if not self.manifest_path.is_file():
-            raise StoreError(f"no proposal store at {self.folder} (manifest.json missing); run `nnunet_rndpo propose` first")
+            raise StoreError(
+                f"no proposal store at {self.folder} (manifest.json missing); run `nnunet_rndpo propose` first"
+            )
         try:
             return json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as error:
             raise StoreError(f"manifest {self.manifest_path} is not valid JSON: {error}") from error
 
-    def open(self, manifest: dict, overwrite: bool = False, case_ids: Optional[Iterable[str]] = None) -> "ProposalStore":
+    def open(
+        self, manifest: dict, overwrite: bool = False, case_ids: Optional[Iterable[str]] = None
+    ) -> "ProposalStore":
         """Create the store for `manifest`, or reuse it when it was made by the same checkpoint and settings.
 
         Temporaries left by a killed writer are removed: those of `case_ids` only when given (parts of a pool
@@ -72,7 +95,7 @@ class ProposalStore:
                 raise StoreError(
                     f"proposal store {self.folder} was made with a different {', '.join(differences)} ({details}). "
                     "Its proposals would be mixed with new ones: delete that folder, or rerun with overwrite "
-                    "(`nnunet_rndpo propose --overwrite`, or the trainer setting \"overwrite_proposals\": true)."
+                    '(`nnunet_rndpo propose --overwrite`, or the trainer setting "overwrite_proposals": true).'
                 )
         elif overwrite and self.folder.exists():
             shutil.rmtree(self.folder)
@@ -107,9 +130,13 @@ class ProposalStore:
         case_seed: int,
     ) -> None:
         if proposals.dtype != np.uint8 or proposals.ndim < 2:
-            raise StoreError(f"case {case_id}: proposals must be (K, *spatial) uint8, got {proposals.dtype} {proposals.shape}")
+            raise StoreError(
+                f"case {case_id}: proposals must be (K, *spatial) uint8, got {proposals.dtype} {proposals.shape}"
+            )
         if mean_probabilities.shape[1:] != proposals.shape[1:]:
-            raise StoreError(f"case {case_id}: probabilities {mean_probabilities.shape} do not match proposals {proposals.shape}")
+            raise StoreError(
+                f"case {case_id}: probabilities {mean_probabilities.shape} do not match proposals {proposals.shape}"
+            )
         save_npz(
             self.case_path(case_id),
             proposals=proposals,
@@ -126,10 +153,14 @@ class ProposalStore:
             with np.load(path) as archive:
                 case = {name: archive[name] for name in ("proposals", "mean_probabilities", "case_seed")}
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
-            raise StoreError(f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun") from error
+            raise StoreError(
+                f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun"
+            ) from error
         expected = len(self.manifest()["members"])
         if case["proposals"].shape[0] != expected:
-            raise StoreError(f"proposal file {path} holds {case['proposals'].shape[0]} proposals, the manifest {expected}")
+            raise StoreError(
+                f"proposal file {path} holds {case['proposals'].shape[0]} proposals, the manifest {expected}"
+            )
         return case
 
     def verify(self, case_ids: Optional[Iterable[str]] = None) -> list[str]:
@@ -153,7 +184,9 @@ def _difference(name: str, stored, new) -> str:
     """What differs, key by key for a mapping (settings): a whole-value excerpt may cut off the very difference."""
     if isinstance(stored, dict) and isinstance(new, dict):
         keys = sorted(k for k in set(stored) | set(new) if _normalise(stored.get(k)) != _normalise(new.get(k)))
-        return "; ".join(f"{name}: {key}: store has {_short(stored.get(key))}, now {_short(new.get(key))}" for key in keys)
+        return "; ".join(
+            f"{name}: {key}: store has {_short(stored.get(key))}, now {_short(new.get(key))}" for key in keys
+        )
     if isinstance(stored, list) and isinstance(new, list) and len(stored) != len(new):
         return f"{name}: store has {len(stored)}, now {len(new)}"
     return f"{name}: store has {_short(stored)}, now {_short(new)}"

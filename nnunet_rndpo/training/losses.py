@@ -1,4 +1,5 @@
 """The preference loss over nnU-Net's deep-supervision outputs (pure torch; the trainer passes its weights)."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -63,8 +64,13 @@ def preference_loss_over_scales(
             continue
         # the log-normaliser cancels in the margin: computed only where the rewards are logged
         ratios = pair_log_ratios(
-            policy_logits, reference_logits, masks[:, :1], masks[:, 1:2], ignore_label=ignore_label,
-            reference_voxel_ll=reference_ll, normalized=scale == 0,
+            policy_logits,
+            reference_logits,
+            masks[:, :1],
+            masks[:, 1:2],
+            ignore_label=ignore_label,
+            reference_voxel_ll=reference_ll,
+            normalized=scale == 0,
         )
         result = preference_loss(ratios, loss_type, beta, label_smoothing, normalization, target_margin)
         total = total + weight * result.loss

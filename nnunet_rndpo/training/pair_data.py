@@ -6,6 +6,7 @@ Self-training items (chosen == rejected) can ride as one channel (`single_mask`)
 Unlabeled cases have no `class_locations`; we give the loader the voxels where the two masks disagree
 instead, so its foreground oversampling becomes disagreement oversampling.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -89,7 +90,9 @@ class PairDataset:
         data, outside, _ = self.reader.load(case_id)
         proposals = self.store.load_case(case_id)["proposals"]
         if proposals.shape[1:] != data.shape[1:]:
-            raise ValueError(f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape")
+            raise ValueError(
+                f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape"
+            )
         entry = (data, outside, proposals)
         self._cache[case_id] = entry
         while len(self._cache) > self.cache_cases:
@@ -120,16 +123,31 @@ class PairDataset:
         return self.load_case(key)
 
 
-def pair_loader(dataset: PairDataset, batch_size: int, initial_patch_size, patch_size, label_manager, disagreement_sampling: float, transforms):
+def pair_loader(
+    dataset: PairDataset,
+    batch_size: int,
+    initial_patch_size,
+    patch_size,
+    label_manager,
+    disagreement_sampling: float,
+    transforms,
+):
     """nnU-Net's own data loader over the pairs. Each patch is centred on a disagreeing voxel with probability
     `disagreement_sampling` (nnU-Net's probabilistic oversampling): its default rule, the last
     round(batch * p) patches of a batch, makes every p in [0.25, 0.75) one patch of two."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
     return nnUNetDataLoader(
-        dataset, batch_size, initial_patch_size, patch_size, label_manager,
-        oversample_foreground_percent=disagreement_sampling, sampling_probabilities=None,
-        pad_sides=None, transforms=transforms, probabilistic_oversampling=True,
+        dataset,
+        batch_size,
+        initial_patch_size,
+        patch_size,
+        label_manager,
+        oversample_foreground_percent=disagreement_sampling,
+        sampling_probabilities=None,
+        pad_sides=None,
+        transforms=transforms,
+        probabilistic_oversampling=True,
     )
 
 

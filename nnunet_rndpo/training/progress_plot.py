@@ -1,4 +1,5 @@
 """progress_preference.png beside nnU-Net's progress.png: the DPO statistics per epoch."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ trainers and nnU-Net-style short-schedule subclasses differ) < the JSON file nam
 variable RNDPO_SETTINGS. nnUNetv2_train passes nothing else to a trainer, so that file is how a user
 changes a setting from the command line. The effective settings are written into the output folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,13 @@ class PreferenceSettings:
         """What nnunet_rndpo.pipeline.prepare_pairs makes for this run: mined pairs, or for self-training the
         judge's top proposal of each case."""
         return PairSettings(
-            proposals=self.proposal_settings(), judge=self.judge, judge_options=dict(self.judge_options),
-            selection=JUDGE_TOP if self.objective == "self_train" else self.mining, mining_margin=self.mining_margin,
-            seed=self.seed, overwrite_proposals=overwrite_proposals,
+            proposals=self.proposal_settings(),
+            judge=self.judge,
+            judge_options=dict(self.judge_options),
+            selection=JUDGE_TOP if self.objective == "self_train" else self.mining,
+            mining_margin=self.mining_margin,
+            seed=self.seed,
+            overwrite_proposals=overwrite_proposals,
         )
 
     def to_dict(self) -> dict:
@@ -121,10 +126,16 @@ def validate(settings: PreferenceSettings) -> PreferenceSettings:
     choose("final_checkpoint", settings.final_checkpoint, FINAL_CHECKPOINTS)
     choose("validate_base", settings.validate_base, (True, False))
     if settings.target_margin is not None and not (
-        isinstance(settings.target_margin, (int, float)) and not isinstance(settings.target_margin, bool) and 0 <= settings.target_margin < float("inf")
+        isinstance(settings.target_margin, (int, float))
+        and not isinstance(settings.target_margin, bool)
+        and 0 <= settings.target_margin < float("inf")
     ):
         raise SettingsError(f"setting target_margin must be a number >= 0 or null, got {settings.target_margin!r}")
-    if not isinstance(settings.warmup_iterations, int) or isinstance(settings.warmup_iterations, bool) or settings.warmup_iterations < 0:
+    if (
+        not isinstance(settings.warmup_iterations, int)
+        or isinstance(settings.warmup_iterations, bool)
+        or settings.warmup_iterations < 0
+    ):
         raise SettingsError(f"setting warmup_iterations must be an integer >= 0, got {settings.warmup_iterations!r}")
     choose("mining", settings.mining, MINING_STRATEGIES)
     if ":" not in settings.judge:  # dotted paths are checked when the judge is built

@@ -6,10 +6,10 @@ attribute. The reference model is built in `_build_reference` and run in `_refer
 by name in nnunet_rndpo.objectives, proposals/judging/mining in nnunet_rndpo.pipeline. A step reads nothing back
 from the device: the loss and the statistics stay device tensors until on_train_epoch_end.
 """
+
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import ClassVar, List, Optional
@@ -42,7 +42,14 @@ class nnUNetTrainerPreference(nnUNetTrainer):
 
     settings_overrides: ClassVar[dict] = {}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # Wrong names or values fail here, before any work, with the valid ones listed.
         self.settings, self.settings_sources = resolve_settings(self.settings_overrides)
@@ -88,7 +95,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
     def run_location(self):
         from nnunet_rndpo.nnunet_paths import locate
 
-        return locate(self.plans_manager.dataset_name, self.configuration_name, self.fold, self.plans_manager.plans_name)
+        return locate(
+            self.plans_manager.dataset_name, self.configuration_name, self.fold, self.plans_manager.plans_name
+        )
 
     def base_checkpoint_path(self) -> Path:
         if self.settings.base_checkpoint:
@@ -126,7 +135,11 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.dataloader_train = self._build_pair_loader(self.training_items)
         if self.local_rank == 0:
             save_json(
-                {"settings": self.effective_settings().to_dict(), "sources": self.settings_sources, "trainer": self.__class__.__name__},
+                {
+                    "settings": self.effective_settings().to_dict(),
+                    "sources": self.settings_sources,
+                    "trainer": self.__class__.__name__,
+                },
                 Path(self.output_folder) / SETTINGS_FILE_NAME,
             )
         if self.settings.validate_base and not self._resumed and self.num_val_iterations_per_epoch > 0:
@@ -137,7 +150,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         nnU-Net compiles the policy. Its lower-resolution heads run only where the preference loss uses them."""
         reference = copy.deepcopy(_unwrap(self.network))
         reference.load_state_dict(base_model.network.state_dict())
-        reference.decoder.deep_supervision = self.enable_deep_supervision and self.settings.deep_supervision == "all_scales"
+        reference.decoder.deep_supervision = (
+            self.enable_deep_supervision and self.settings.deep_supervision == "all_scales"
+        )
         reference.eval()
         for parameter in reference.parameters():
             parameter.requires_grad_(False)
@@ -155,8 +170,15 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             output = self.reference_network(data)
             outputs = output if isinstance(output, (list, tuple)) else [output]
             return [
-                reference_log_likelihoods(outputs[scale], masks[:, :1], masks[:, 1:2], ignore_label=self.label_manager.ignore_label, normalized=scale == 0)
-                if weight != 0 else None
+                reference_log_likelihoods(
+                    outputs[scale],
+                    masks[:, :1],
+                    masks[:, 1:2],
+                    ignore_label=self.label_manager.ignore_label,
+                    normalized=scale == 0,
+                )
+                if weight != 0
+                else None
                 for scale, (weight, masks) in enumerate(zip(weights, targets))
             ]
 
@@ -167,7 +189,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.print_to_log_file(f"validating the base weights ({self.num_val_iterations_per_epoch} iterations)")
         with torch.no_grad():
             self.on_validation_epoch_start()
-            outputs = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+            outputs = [
+                self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)
+            ]
             self.on_validation_epoch_end(outputs)
         logging = self.logger.local_logger.my_fantastic_logging
         base_dice = float(logging["mean_fg_dice"][-1])
@@ -188,10 +212,17 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         from nnunet_rndpo.training.pair_data import TrainingItem
 
         prepared = prepare_pairs(
-            self.run_location(), base_model, self.settings.pair_settings(overwrite_proposals=self.settings.overwrite_proposals and not self._resumed),
-            device=self.device, pairs_file=Path(self.output_folder) / PAIRS_FILE_NAME, reuse_pairs_file=self._resumed,
-            rank=self.local_rank, world_size=dist.get_world_size() if self.is_ddp else 1, barrier=self._barrier,
-            log=self.print_to_log_file, progress=self.local_rank == 0,
+            self.run_location(),
+            base_model,
+            self.settings.pair_settings(overwrite_proposals=self.settings.overwrite_proposals and not self._resumed),
+            device=self.device,
+            pairs_file=Path(self.output_folder) / PAIRS_FILE_NAME,
+            reuse_pairs_file=self._resumed,
+            rank=self.local_rank,
+            world_size=dist.get_world_size() if self.is_ddp else 1,
+            barrier=self._barrier,
+            log=self.print_to_log_file,
+            progress=self.local_rank == 0,
         )
         self._pool, self._store = prepared.pool, prepared.store
         return [TrainingItem(item["case_id"], item["chosen"], item["rejected"]) for item in prepared.items]
@@ -210,21 +241,49 @@ class nnUNetTrainerPreference(nnUNetTrainer):
 
         reader = PoolReader(self._pool, self.plans_manager, self.configuration_manager, self.dataset_json)
         # self-training needs only the chosen mask: one segmentation channel, as nnU-Net's own loader gives
-        dataset = PairDataset(items, self._store, reader, single_mask=not self.uses_reference, annotated_key=annotated_key(self.label_manager))
-        patch_size = self.configuration_manager.patch_size
-        rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        transforms = self.get_training_transforms(
-            patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes, dummy_2d,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=self.label_manager.ignore_label,
+        dataset = PairDataset(
+            items,
+            self._store,
+            reader,
+            single_mask=not self.uses_reference,
+            annotated_key=annotated_key(self.label_manager),
         )
-        loader = pair_loader(dataset, self.batch_size, initial_patch_size, patch_size, self.label_manager, self.settings.disagreement_sampling, transforms)
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = (
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+        transforms = self.get_training_transforms(
+            patch_size,
+            rotation,
+            self._get_deep_supervision_scales(),
+            mirror_axes,
+            dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
+            is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=None,
+            ignore_label=self.label_manager.ignore_label,
+        )
+        loader = pair_loader(
+            dataset,
+            self.batch_size,
+            initial_patch_size,
+            patch_size,
+            self.label_manager,
+            self.settings.disagreement_sampling,
+            transforms,
+        )
         processes = get_allowed_n_proc_DA()
         if processes == 0:
             return SingleThreadedAugmenter(loader, None)
         return NonDetMultiThreadedAugmenter(
-            data_loader=loader, transform=None, num_processes=processes, num_cached=max(6, processes // 2),
-            seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002,
+            data_loader=loader,
+            transform=None,
+            num_processes=processes,
+            num_cached=max(6, processes // 2),
+            seeds=None,
+            pin_memory=self.device.type == "cuda",
+            wait_time=0.002,
         )
 
     @staticmethod
@@ -248,10 +307,18 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         settings = self.settings
         with record_function("rndpo/preference_loss"):
             total, statistics = preference_loss_over_scales(
-                output, None, target, self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
-                loss_type=settings.objective, beta=settings.beta, label_smoothing=settings.label_smoothing,
-                normalization=settings.normalization, ignore_label=self.label_manager.ignore_label,
-                target_margin=settings.target_margin, reference_voxel_ll=reference_terms, keep_every_head=self.is_ddp,
+                output,
+                None,
+                target,
+                self._scale_weights(len(output) if isinstance(output, (list, tuple)) else 1),
+                loss_type=settings.objective,
+                beta=settings.beta,
+                label_smoothing=settings.label_smoothing,
+                normalization=settings.normalization,
+                ignore_label=self.label_manager.ignore_label,
+                target_margin=settings.target_margin,
+                reference_voxel_ll=reference_terms,
+                keep_every_head=self.is_ddp,
             )
         if settings.sft_weight > 0:
             chosen = [t[:, :1] for t in target] if isinstance(target, (list, tuple)) else target[:, :1]
@@ -276,7 +343,11 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             return super().train_step(batch)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device, non_blocking=True)
+        target = (
+            [t.to(self.device, non_blocking=True) for t in target]
+            if isinstance(target, list)
+            else target.to(self.device, non_blocking=True)
+        )
         self.optimizer.zero_grad(set_to_none=True)
         statistics = {}
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -290,7 +361,11 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             if self.dataloader_labeled is not None:
                 labeled = next(self.dataloader_labeled)
                 labeled_target = labeled["target"]
-                labeled_target = [t.to(self.device, non_blocking=True) for t in labeled_target] if isinstance(labeled_target, list) else labeled_target.to(self.device)
+                labeled_target = (
+                    [t.to(self.device, non_blocking=True) for t in labeled_target]
+                    if isinstance(labeled_target, list)
+                    else labeled_target.to(self.device)
+                )
                 anchor = self.loss(self.network(labeled["data"].to(self.device, non_blocking=True)), labeled_target)
                 statistics["anchor_loss"] = anchor.detach()
                 loss = loss + self.settings.anchor_weight * anchor
@@ -335,7 +410,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         keys = self._logged_keys()
         if self._statistic_sums is None:
             return {}
-        totals = torch.cat([self._statistic_sums, torch.tensor([float(self._statistic_steps)], device=self._statistic_sums.device)])
+        totals = torch.cat(
+            [self._statistic_sums, torch.tensor([float(self._statistic_steps)], device=self._statistic_sums.device)]
+        )
         if self.is_ddp:
             dist.all_reduce(totals)
         totals = totals.cpu().tolist()
@@ -361,15 +438,20 @@ class nnUNetTrainerPreference(nnUNetTrainer):
     def on_epoch_end(self):
         if self.local_rank == 0 and any(self.logger.local_logger.my_fantastic_logging.get(k) for k in LOGGED_KEYS):
             self.print_to_log_file(
-                "preference: " + ", ".join(
-                    f"{k}={self.logger.get_value(k, step=-1):.4g}" for k in LOGGED_KEYS if self.logger.local_logger.my_fantastic_logging.get(k)
+                "preference: "
+                + ", ".join(
+                    f"{k}={self.logger.get_value(k, step=-1):.4g}"
+                    for k in LOGGED_KEYS
+                    if self.logger.local_logger.my_fantastic_logging.get(k)
                 )
             )
         super().on_epoch_end()
         if self.local_rank == 0:
             from nnunet_rndpo.training.progress_plot import plot_preference_progress
 
-            plot_preference_progress(self.logger.local_logger.my_fantastic_logging, Path(self.output_folder) / PREFERENCE_PNG)
+            plot_preference_progress(
+                self.logger.local_logger.my_fantastic_logging, Path(self.output_folder) / PREFERENCE_PNG
+            )
 
     def on_train_end(self):
         if self.settings.final_checkpoint == "best":
@@ -389,7 +471,9 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             dist.barrier()  # rank 0 wrote it
         checkpoint = torch.load(best, map_location=self.device, weights_only=False)
         _unwrap(self.network).load_state_dict(checkpoint["network_weights"])
-        self.print_to_log_file(f"final_checkpoint 'best': the final weights are those of {best.name} (epoch {checkpoint['current_epoch']})")
+        self.print_to_log_file(
+            f"final_checkpoint 'best': the final weights are those of {best.name} (epoch {checkpoint['current_epoch']})"
+        )
 
 
 def warmup_learning_rate(learning_rate: float, iteration: int, warmup_iterations: int) -> float:
