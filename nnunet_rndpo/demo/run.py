@@ -78,7 +78,8 @@ class Screen:
         self.say(f"[{index}/{self.total_phases}] {name:<13} {what}")
         log_file = self.log_folder / f"{name.replace(' ', '_').replace('-', '_').lower()}.log"
         started = time.perf_counter()
-        with open(log_file, "a") as log, self._progress(epochs) as on_line:
+        # line-buffered, so that `tail -f logs/<phase>.log` follows a running phase
+        with open(log_file, "a", buffering=1) as log, self._progress(epochs) as on_line:
             stream = _LineStream(log, on_line)
             with contextlib.ExitStack() as stack:
                 if not self.verbose:
