@@ -288,9 +288,10 @@ def prepare_pairs(
     store_folder = store_folder if store_folder is not None else location.store_folder(model.checkpoint_path)
     if rank == 0:
         log(f"pool: {len(pool.case_ids)} cases from {pool.source}; proposal store {store_folder}")
-    judge_spec_learns = judge_learns(get_judge(settings.judge, **settings.judge_options))
+    # the judge as configured (every rank): whether it learns, and the name of its pairs file
+    configured_judge = get_judge(settings.judge, **settings.judge_options)
     if pool.in_sample:
-        if judge_spec_learns:
+        if judge_learns(configured_judge):
             raise PairPreparationError(
                 f"judge {settings.judge!r} learns from the fold's labeled training cases, and the pool is those "
                 f"same cases ({pool.source}): it would be fitted and applied in-sample. Put unlabeled images in "
@@ -342,7 +343,7 @@ def prepare_pairs(
     pairs_file = (
         pairs_file
         if pairs_file is not None or settings.selection is None
-        else default_pairs_file(store, judge, settings.selection)
+        else default_pairs_file(store, configured_judge, settings.selection)
     )
     if rank == 0 and not (reuse_pairs_file and pairs_file is not None and pairs_file.is_file()):
         if judge.needs_labels:

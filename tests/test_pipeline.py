@@ -76,3 +76,24 @@ def test_a_pool_of_training_cases_is_said_loudly_and_pairs_are_written_once(loca
 def test_pair_settings_refuse_an_unknown_selection():
     with pytest.raises(ValueError, match="selection 'best'"):
         PairSettings(selection="best")
+
+
+@pytest.mark.slow
+def test_another_rank_reads_the_pairs_file_that_rank_0_wrote(location_and_model, tmp_path):
+    location, model = location_and_model
+    settings = PairSettings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection="top_rest")
+    pool = location.validation_pool()
+    first = prepare_pairs(location, model, settings, pool=pool, store_folder=tmp_path / "store", progress=False)
+    other = prepare_pairs(
+        location,
+        model,
+        settings,
+        pool=pool,
+        store_folder=tmp_path / "store",
+        make_proposals=False,
+        rank=1,
+        world_size=2,
+        log=lambda line: None,
+        progress=False,
+    )
+    assert other.judge is None and other.pairs_file == first.pairs_file and other.record == first.record
