@@ -37,9 +37,7 @@ NETWORKS = {  # name -> (configuration, features per stage)
 
 
 def _setup_synthetic(work: Path, threads: int, network: str = "small") -> tuple[int, str]:
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(work / name)
+    nnunet_paths.set_nnunet_folders(work)
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
 
@@ -120,28 +118,17 @@ def _setup_hippocampus(work: Path, data: Path, threads: int, labeled: int = 10, 
     """A small Hippocampus split (the first `labeled` cases labeled, the next `unlabeled` as the pool), its
     3d_fullres plan with features 16-128 (the configuration of the low-label benchmark) and a briefly trained
     base: the step cost does not depend on how good the base is."""
-    import shutil
-
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(work / name)
+    nnunet_paths.set_nnunet_folders(work)
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.demo import nnunet_steps
+    from nnunet_rndpo.demo.splits import labeled_case_ids, link_parts
 
     dataset_id, configuration = 961, "3d_bench"
     raw = work / "nnUNet_raw" / "Dataset961_HippoBench"
     dataset_json = json.loads((data / "dataset.json").read_text())
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))[
-        : labeled + unlabeled
-    ]
+    cases = labeled_case_ids(data)[: labeled + unlabeled]
     if not (work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json").is_file():
-        for folder in ("imagesTr", "labelsTr", "imagesUnlabeled"):
-            (raw / folder).mkdir(parents=True, exist_ok=True)
-        for index, case in enumerate(cases):
-            image_folder = "imagesTr" if index < labeled else "imagesUnlabeled"
-            shutil.copyfile(data / "imagesTr" / f"{case}_0000.nii.gz", raw / image_folder / f"{case}_0000.nii.gz")
-            if index < labeled:
-                shutil.copyfile(data / "labelsTr" / f"{case}.nii.gz", raw / "labelsTr" / f"{case}.nii.gz")
+        link_parts(data, raw, {"labeled": cases[:labeled], "unlabeled": cases[labeled:]})
         save_json({**dataset_json, "name": "HippoBench", "numTraining": labeled}, raw / "dataset.json")
         os.environ.pop("nnUNet_n_proc_DA", None)
         nnunet_steps.plan_and_preprocess(dataset_id, configurations=("3d_fullres",), num_processes=1)

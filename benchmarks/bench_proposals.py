@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nnunet_rndpo import nnunet_paths
+
 NUM_PROPOSALS = 8  # plain + 7 mirror flips of a 3D network
 SYNTHETIC_ID = 981
 SYNTHETIC_NAME = "RNDPOBench"
@@ -115,9 +117,7 @@ def prepare_synthetic_folder(args) -> Path | None:
         return None
     temporary = args.work_dir is None
     root = Path(tempfile.mkdtemp(prefix="rndpo_bench_")) if temporary else args.work_dir.resolve()
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(root / name)
+    nnunet_paths.set_nnunet_folders(root)
     os.environ.setdefault("nnUNet_def_n_proc", "1")
     os.environ.setdefault("nnUNet_compile", "false")
     return root if temporary else None

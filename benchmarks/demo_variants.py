@@ -32,19 +32,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     work = args.demo.resolve()
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = str(work / name)
+    nnunet_paths.set_nnunet_folders(work)
     os.environ.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="false")
     import torch
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.run import DEMO_CONFIGURATION, DEMO_DATASET_ID, FULL
-    from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
     from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO
 
@@ -74,24 +71,9 @@ def main(argv=None) -> int:
         seed=0,
         num_threads=args.threads,
     )
-    model = load_model(folder / "checkpoint_final.pth")
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.manual_initialization(
-        model.network,
-        model.plans_manager,
-        model.configuration_manager,
-        [model.network.state_dict()],
-        model.dataset_json,
-        "nnUNetTrainer",
-        model.mirror_axes,
-    )
     raw = Path(os.environ["nnUNet_raw"]) / nnunet_paths.find_dataset_name(DEMO_DATASET_ID)
     predictions = work / "variants" / f"predictions_{args.name}"
-    predictions.mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files_sequential(
-        str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True
-    )
-    result = nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", model.dataset_json["labels"])
+    result = nnunet_steps.evaluate_checkpoint(folder / "checkpoint_final.pth", raw, predictions)
     record = {
         "name": args.name,
         "settings": settings,

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -363,37 +362,10 @@ def phase_seconds(folder: Path) -> dict:
 
 def evaluate_checkpoint(checkpoint: Path, predictions: Path, device: str = "cpu") -> dict:
     """Predict the test images with a checkpoint (no trainer look-up) and compute Dice per class."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     from nnunet_rndpo.demo import nnunet_steps
-    from nnunet_rndpo.proposals.model import load_model
 
     raw = Path(os.environ["nnUNet_raw"]) / nnunet_paths.find_dataset_name(DATASET_ID)
-    model = load_model(checkpoint, device)
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=False,
-        device=__import__("torch").device(device),
-        verbose=False,
-        allow_tqdm=False,
-    )
-    predictor.manual_initialization(
-        model.network,
-        model.plans_manager,
-        model.configuration_manager,
-        [model.network.state_dict()],
-        model.dataset_json,
-        "nnUNetTrainer",
-        model.mirror_axes,
-    )
-    if predictions.exists():
-        shutil.rmtree(predictions)
-    predictions.mkdir(parents=True)
-    predictor.predict_from_files_sequential(
-        str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True
-    )
-    return nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", model.dataset_json["labels"])
+    return nnunet_steps.evaluate_checkpoint(checkpoint, raw, predictions, device)
 
 
 def audit_on_validation(
@@ -655,9 +627,7 @@ def main(argv=None) -> int:
         parser.error(f"--part_id {args.part_id} must be between 0 and --num_parts - 1 ({args.num_parts - 1})")
 
     work = args.work.resolve()
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(work / name)
+    nnunet_paths.set_nnunet_folders(work)
     os.environ.setdefault("nnUNet_def_n_proc", "1")
     os.environ.setdefault("nnUNet_compile", "false")
     import torch

@@ -7,6 +7,7 @@ Reads nnunetv2.paths at call time (nnU-Net reads the environment at import).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -92,6 +93,15 @@ class RunLocation:
             case_ids=cases,
             preprocessed_folder=self.preprocessed_data_folder,
         )
+
+
+def set_nnunet_folders(root: Path) -> None:
+    """nnUNet_raw, nnUNet_preprocessed and nnUNet_results as folders of `root` (made if missing), for this process
+    and its children. Call it before nnunetv2 is imported: nnU-Net reads them once, at import."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(folder)
 
 
 def sibling_fold_checkpoints(checkpoint_path: Path) -> list[Path]:

@@ -49,10 +49,7 @@ def _prepare_environment() -> Path:
     else:
         root = Path(tempfile.mkdtemp(prefix="rndpo_tests_"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(folder)
+    nnunet_paths.set_nnunet_folders(root)
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ["nnUNet_def_n_proc"] = "1"
     os.environ["nnUNet_compile"] = "false"

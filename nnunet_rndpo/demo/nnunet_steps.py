@@ -327,6 +327,39 @@ def predict_folder(
     return output_folder
 
 
+def evaluate_checkpoint(checkpoint: Path, raw_dataset_folder: Path, predictions: Path, device: str = "cpu") -> dict:
+    """Predict `raw_dataset_folder/imagesTs` with one checkpoint into a fresh `predictions` folder and score it
+    against `labelsTs` (evaluate_folder). The network is given to nnU-Net's predictor by hand, so a checkpoint of a
+    trainer class nnU-Net cannot import (a benchmark's per-arm subclass) predicts too."""
+    import shutil
+
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_rndpo.proposals.model import load_model
+
+    model = load_model(checkpoint, device)
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), verbose=False, allow_tqdm=False)
+    predictor.manual_initialization(
+        model.network,
+        model.plans_manager,
+        model.configuration_manager,
+        [model.network.state_dict()],
+        model.dataset_json,
+        "nnUNetTrainer",
+        model.mirror_axes,
+    )
+    predictions = Path(predictions)
+    if predictions.exists():
+        shutil.rmtree(predictions)
+    predictions.mkdir(parents=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per case
+        predictor.predict_from_files_sequential(
+            str(Path(raw_dataset_folder) / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True
+        )
+    return evaluate_folder(predictions, Path(raw_dataset_folder) / "labelsTs", model.dataset_json["labels"])
+
+
 def evaluate_folder(
     prediction_folder: str | os.PathLike,
     reference_folder: str | os.PathLike,

@@ -150,10 +150,7 @@ def _duration(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ set-up
 def _set_nnunet_environment(work: Path) -> None:
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        folder = work / name
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(folder)
+    nnunet_paths.set_nnunet_folders(work)
     os.environ.setdefault("nnUNet_def_n_proc", "1")
     os.environ.setdefault("nnUNet_compile", "false")
     from nnunet_rndpo.nnunet_env import ensure_ext_trainer
