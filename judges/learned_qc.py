@@ -6,10 +6,11 @@ receives the reference. Which optional inputs (image, probabilities) feed the fe
 first fitted case; every later case must bring the same ones.
 
 Where its information comes from: examples of (proposal, true Dice). Fitted on the base model's proposals
-for its own training cases (what `fit` gets from the pipeline), the examples are in-sample: the model has
-memorised those cases, its masks there are better and more alike than on new cases, and the regressor learns
-the wrong relation. `fit_on_held_out_predictions` fits on honest examples instead: each fold model's
-proposals for the cases held out of its training (nnU-Net's cross-validation), and refuses in-sample ones.
+for its own training cases, the examples would be in-sample: the model has memorised those cases, its masks
+there are better and more alike than on new cases, and the regressor learns the wrong relation. So the
+pipeline (`pipeline.FittingExamples.held_out`) gives `fit` honest examples only: each fold model's proposals
+for the labeled cases held out of its training (nnU-Net's cross-validation). `fit_on_held_out_predictions`
+does the same for predictions made elsewhere, and refuses in-sample ones.
 Cost: the fold models' predictions on their validation cases (which nnU-Net's cross-validation makes anyway)
 and a small tree ensemble; scoring is feature computation plus a regressor call, no GPU.
 """
@@ -194,11 +195,7 @@ def fit_on_held_out_predictions(
         if example.in_sample:
             raise JudgeError(f"{where} is marked in-sample (the fold model trained on it): only held-out examples")
         if fold_training_cases is not None:
-            if fold not in fold_training_cases:
-                listed = sorted(map(str, fold_training_cases))
-                raise JudgeError(f"{where}: fold {fold!r} is not in fold_training_cases {listed}")
-            if case_id in fold_training_cases[fold]:
-                raise JudgeError(f"{where}: the case is in that fold's training cases, so the example is in-sample")
+            check_held_out(case_id, fold, fold_training_cases)
         if example.true_dice is not None:
             target = np.asarray(example.true_dice, dtype=np.float64)
         elif example.case.true_labels is not None:
@@ -218,6 +215,16 @@ def fit_on_held_out_predictions(
     except ValueError as error:
         raise JudgeError(f"fit_on_held_out_predictions: {error}") from error
     return judge
+
+
+def check_held_out(case_id: str, fold: Hashable, fold_training_cases: Mapping[Hashable, Collection[str]]) -> None:
+    """Raise a JudgeError naming the case and the fold unless the case is held out of that fold's training."""
+    where = f"case {case_id!r} of fold {fold!r}"
+    if fold not in fold_training_cases:
+        listed = sorted(map(str, fold_training_cases))
+        raise JudgeError(f"{where}: fold {fold!r} is not in fold_training_cases {listed}")
+    if case_id in fold_training_cases[fold]:
+        raise JudgeError(f"{where}: the case is in that fold's training cases, so the example is in-sample")
 
 
 def proposal_features(

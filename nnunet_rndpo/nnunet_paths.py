@@ -48,11 +48,11 @@ class RunLocation:
             checkpoint_path,
         )
 
-    def fold_split(self) -> tuple[list[str], list[str]]:
-        """nnU-Net's (training, validation) case ids of this fold."""
+    def fold_split(self, fold=None) -> tuple[list[str], list[str]]:
+        """nnU-Net's (training, validation) case ids of this fold (or of `fold`)."""
         from nnunet_rndpo.proposals.pool import fold_split
 
-        return fold_split(self.preprocessed_base, self.preprocessed_data_folder, self.fold)
+        return fold_split(self.preprocessed_base, self.preprocessed_data_folder, self.fold if fold is None else fold)
 
     def unlabeled_pool(self):
         """imagesUnlabeled when present, else the fold's training cases (marked in-sample)."""
@@ -78,6 +78,19 @@ class RunLocation:
             case_ids=sorted(train),
             preprocessed_folder=self.preprocessed_data_folder,
             in_sample=True,
+        )
+
+    def held_out_pool(self, fold, exclude=()):
+        """The labeled cases that fold `fold`'s model never trained on (its validation cases, minus `exclude`):
+        honest examples of that model's proposals, for fitting judges that learn from proposals."""
+        from nnunet_rndpo.proposals.pool import CasePool
+
+        train, validation = self.fold_split(fold)
+        return CasePool(
+            dataset_name=self.dataset_name,
+            source=f"validation cases of fold {fold} (held out of its model's training)",
+            case_ids=sorted(set(validation) - set(train) - set(exclude)),
+            preprocessed_folder=self.preprocessed_data_folder,
         )
 
     def validation_pool(self, case_ids=None):
@@ -116,6 +129,14 @@ def sibling_fold_checkpoints(checkpoint_path: Path) -> list[Path]:
         for folder in own_fold.parent.glob("fold_*")
         if folder != own_fold and (folder / checkpoint_path.name).is_file()
     )
+
+
+def checkpoint_fold(checkpoint_path: Path):
+    """The fold of a checkpoint in nnU-Net's layout (`.../fold_3/checkpoint_final.pth` -> 3, `fold_all` -> 'all');
+    None outside that layout."""
+    name = Path(checkpoint_path).parent.name
+    fold = name[len("fold_") :] if name.startswith("fold_") else ""
+    return parse_fold(fold) if fold == "all" or fold.isdigit() else None
 
 
 def find_dataset_name(dataset: int | str) -> str:

@@ -1,6 +1,6 @@
 """The steps before preference training, in one place, each reusing what is already on disk:
 
-    pool -> proposals (store) -> judge (fitted on labeled cases if it learns) -> scores -> pairs file
+    pool -> proposals (store) -> judge (fitted on labeled cases if it learns: `fit_judge`) -> scores -> pairs file
 
 `prepare_pairs` owns the whole sequence; the trainers' start (nnunet_rndpo/training/trainers.py), the `judge`
 subcommand and the audit (`run_audit`) call it. Under DDP the caller passes its rank, the world size and a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -158,36 +158,144 @@ def ready_judge(
     device,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    exclude_case_ids: Collection[str] = (),
 ) -> Judge:
     """The judge ready to score: restored from beside the store, or, if it learns and has not been fitted yet,
-    fitted now on the fold's labeled training cases (their own proposals, made with `proposal_settings`)."""
-    judge, fitted_file = build_judge(spec, options, store)
-    if fitted_file is None or fitted_file.is_file():
-        return judge
-    log(f"fitting {judge.describe()} on the labeled training cases of fold {location.fold}")
-    labeled_pool = location.labeled_training_pool()
-    labels = foreground_labels(model)
-    true_labels = TrueLabelLoader(model, location).for_pool(labeled_pool)
-    if not judge.fit_reads_proposals:
-        # a judge of anatomy learns from the true label maps alone: no proposals of the labeled cases needed
-        inputs = [
-            JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, true_labels=truth)
-            for case_id in labeled_pool.case_ids
-        ]
+    fitted now (`fit_judge`) and saved there. `exclude_case_ids`: labeled cases it must not learn from (the
+    audit's own cases); such a fit is neither restored nor saved."""
+    if exclude_case_ids:
+        judge, fitted_file = get_judge(spec, **options), None
+        if not judge_learns(judge):
+            return judge
     else:
-        labeled_store, _ = generate_proposals(
-            model,
-            labeled_pool,
-            store.folder.parent / f"{store.folder.name}__labeled",
-            proposal_settings,
-            device=device,
-            progress=progress,
-        )
-        reader = PoolReader(labeled_pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-        inputs = list(judge_inputs(labeled_store, reader, labeled_pool.case_ids, labels, true_labels))
-    judge.fit(inputs)
-    judge.save(fitted_file)
+        judge, fitted_file = build_judge(spec, options, store)
+        if fitted_file is None or fitted_file.is_file():
+            return judge
+    log(f"fitting {judge.describe()}")
+    examples = FittingExamples(location, model, store, proposal_settings, device, progress, log, exclude_case_ids)
+    fit_judge(judge, examples)
+    if fitted_file is not None:
+        judge.save(fitted_file)
     return judge
+
+
+def fit_judge(judge: Judge, examples: "FittingExamples") -> None:
+    """Fit each learning part of `judge` on the examples it may learn from: true label maps of the labeled
+    training cases for a judge that learns from labels alone (anatomy), held-out predictions for one that learns
+    from proposals (learned_qc). A combination's parts are fitted one by one, each on its own kind."""
+    from nnunet_rndpo.judges.combination import CombinationJudge
+
+    if isinstance(judge, CombinationJudge):
+        for part in judge.judges:
+            if part.learns:
+                fit_judge(part, examples)
+        return
+    judge.fit(examples.held_out() if judge.fit_reads_proposals else examples.true_label_maps())
+
+
+class FittingExamples:
+    """Labeled examples for fitting judges, each kind made once, on first use."""
+
+    def __init__(self, location, model, store, proposal_settings, device, progress, log, exclude_case_ids=()):
+        self.location, self.model, self.store = location, model, store
+        self.proposal_settings, self.device, self.progress, self.log = proposal_settings, device, progress, log
+        self.exclude = frozenset(exclude_case_ids)
+        self._true_label_maps: Optional[list[JudgeInput]] = None
+        self._held_out: Optional[list[JudgeInput]] = None
+
+    def true_label_maps(self) -> list[JudgeInput]:
+        """The fold's labeled training cases, each as its true label map (one 'proposal'): for judges of anatomy,
+        which learn what labels look like and need no model."""
+        if self._true_label_maps is None:
+            pool = self.location.labeled_training_pool()
+            pool.case_ids = [case_id for case_id in pool.case_ids if case_id not in self.exclude]
+            self.log(f"fitting on the true label maps of {len(pool.case_ids)} labeled training cases")
+            labels = foreground_labels(self.model)
+            true_labels = TrueLabelLoader(self.model, self.location).for_pool(pool)
+            self._true_label_maps = [
+                JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, true_labels=truth)
+                for case_id in pool.case_ids
+            ]
+        return self._true_label_maps
+
+    def held_out(self) -> list[JudgeInput]:
+        """Honest (proposals, true labels) examples: each fold model's proposals for the labeled cases held out of
+        its training (its validation cases), for this model's fold and every sibling fold beside its checkpoint;
+        nnU-Net's 5-fold cross-validation gives every labeled case once. Fitted on the model's own training cases
+        instead, a judge would learn from memorised cases, where masks are better and more alike than on new
+        ones. Members of other models (extra checkpoints, other folds) are left out of these proposals: those
+        models may have trained on the case."""
+        if self._held_out is None:
+            self._held_out = self._make_held_out()
+        return self._held_out
+
+    def _make_held_out(self) -> list[JudgeInput]:
+        from nnunet_rndpo.judges.learned_qc import check_held_out
+        from nnunet_rndpo.nnunet_paths import checkpoint_fold, sibling_fold_checkpoints
+        from nnunet_rndpo.proposals.model import load_model
+
+        location, model = self.location, self.model
+        settings = single_model_settings(self.proposal_settings)
+        labels = foreground_labels(model)
+        fold_models: list[tuple[object, Optional[Path]]] = [(location.fold, None)]
+        fold_models += [(checkpoint_fold(path), path) for path in sibling_fold_checkpoints(model.checkpoint_path)]
+        inputs: list[JudgeInput] = []
+        used = []
+        for fold, checkpoint in fold_models:
+            if fold is None:
+                continue
+            pool = location.held_out_pool(fold, exclude=self.exclude)
+            if not pool.case_ids:
+                continue
+            training_cases = {fold: set(location.fold_split(fold)[0])}
+            for case_id in pool.case_ids:
+                check_held_out(case_id, fold, training_cases)
+            fold_model = (
+                model
+                if checkpoint is None
+                else load_model(
+                    checkpoint,
+                    self.device,
+                    expected_plans=model.plans,
+                    expected_configuration=model.configuration,
+                    expected_dataset_json=model.dataset_json,
+                )
+            )
+            folder = self.store.folder.parent / f"{self.store.folder.name}__held_out_fold_{fold}"
+            held_out_store, _ = generate_proposals(
+                fold_model, pool, folder, settings, device=self.device, progress=self.progress
+            )
+            reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+            true_labels = TrueLabelLoader(model, location).for_pool(pool)
+            inputs += judge_inputs(held_out_store, reader, pool.case_ids, labels, true_labels)
+            used.append(f"fold {fold}: {len(pool.case_ids)}")
+        if not inputs:
+            raise PairPreparationError(
+                f"no held-out examples to fit a judge that learns from proposals: fold {location.fold} has no "
+                f"validation cases{' left' if self.exclude else ''} and there is no other fold's "
+                f"{model.checkpoint_path.name} beside {model.checkpoint_path.parent}. Honest examples are a fold "
+                "model's proposals for the labeled cases it did not train on: train the base with a fold 0-4 "
+                "(nnUNetv2_train DATASET CONFIG FOLD), each fold trained adds its validation cases. Fitting on the "
+                "training cases is refused (the model memorised them)."
+            )
+        self.log(f"fitting on held-out predictions ({', '.join(used)} cases)")
+        if len(used) == 1:
+            self.log(
+                "only one fold model: its validation cases are the only honest examples (about a fifth of the "
+                "labeled cases); the other folds' models (nnUNetv2_train DATASET CONFIG 1..4) give every one"
+            )
+        return inputs
+
+
+def single_model_settings(settings: ProposalSettings) -> ProposalSettings:
+    """`settings` without members of other networks (for held-out examples: those networks may have trained on
+    the case); only the base model's own sources, TTA when none is left."""
+    from dataclasses import replace
+
+    from nnunet_rndpo.proposals.sources import SOURCES
+
+    own = tuple(name for name in settings.sources if not SOURCES[name].uses_extra_networks)
+    return replace(settings, sources=own or ("tta",), extra_checkpoints=(), other_folds=False)
 
 
 def score_store(
@@ -293,8 +401,9 @@ def prepare_pairs(
     if pool.in_sample:
         if judge_learns(configured_judge):
             raise PairPreparationError(
-                f"judge {settings.judge!r} learns from the fold's labeled training cases, and the pool is those "
-                f"same cases ({pool.source}): it would be fitted and applied in-sample. Put unlabeled images in "
+                f"judge {settings.judge!r} learns from labeled cases, and the pool is the base model's own training "
+                f"cases ({pool.source}): it would score in-sample proposals of memorised cases, unlike the new "
+                f"cases it learned to judge and is meant for. Put unlabeled images in "
                 f"{location.raw_dataset_folder}/imagesUnlabeled, or choose a judge that does not learn."
             )
         if rank == 0:
@@ -392,8 +501,13 @@ def run_audit(
     pool = location.validation_pool(case_ids)
     store_folder = location.store_folder(model.checkpoint_path)
     audit_store_folder = store_folder.parent / f"{store_folder.name}__audit"
-    prepared = [
-        prepare_pairs(
+    store, _ = generate_proposals(model, pool, audit_store_folder, proposal_settings, device=device, progress=progress)
+    judged = []  # (judge, scores)
+    for spec in judge_specs:
+        if cross_fitted_in_audit(get_judge(spec)):
+            judged.append(cross_fitted_scores(spec, model, location, store, pool, device=device, progress=progress))
+            continue
+        prepared = prepare_pairs(
             location,
             model,
             PairSettings(proposals=proposal_settings, judge=spec, selection=None, seed=seed),
@@ -403,19 +517,18 @@ def run_audit(
             progress=progress,
             log=lambda message: None,
         )
-        for spec in judge_specs
-    ]
+        judged.append((prepared.judge, prepared.scores))
     true_labels = TrueLabelLoader(model, location).for_pool(pool)
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     labels = foreground_labels(model)
     audit_cases = []
     for case_id in pool.case_ids:
-        proposals = prepared[0].store.load_case(case_id)["proposals"]
+        proposals = store.load_case(case_id)["proposals"]
         audit_cases.append(
             AuditCase(
                 case_id=case_id,
                 true_dice=proposal_dice(proposals, true_labels(case_id), labels),
-                judge_scores={p.judge.display_name: np.asarray(p.scores[case_id]) for p in prepared},
+                judge_scores={judge.display_name: np.asarray(scores[case_id]) for judge, scores in judged},
                 proposals=proposals,
                 image=reader.load(case_id)[0],
             )
@@ -425,7 +538,7 @@ def run_audit(
         strategies=tuple(strategies or MINING_STRATEGIES),
         margin=margin,
         seed=seed,
-        label_using_judges=tuple(p.judge.display_name for p in prepared if p.judge.needs_labels),
+        label_using_judges=tuple(judge.display_name for judge, _ in judged if judge.needs_labels),
         reliability_curve=reliability_curve,
     )
     report["recommendation"] = recommend(report)
@@ -433,3 +546,38 @@ def run_audit(
     report["checkpoint"] = str(model.checkpoint_path)
     write_audit(report, output_folder)
     return report
+
+
+def cross_fitted_in_audit(judge: Judge) -> bool:
+    """A judge that learns from held-out predictions would be audited on its own training examples (the audit's
+    labeled cases are held-out cases too), so the audit fits it twice, each time without the half it scores."""
+    return judge_learns(judge) and judge.fit_reads_proposals
+
+
+def cross_fitted_scores(
+    spec: str,
+    model: LoadedModel,
+    location: RunLocation,
+    store: ProposalStore,
+    pool: CasePool,
+    *,
+    device="cpu",
+    progress: bool = True,
+    options: Optional[dict] = None,
+) -> tuple[Judge, dict[str, list[float]]]:
+    """Scores of every case of `pool` (labeled) by a judge never fitted on that case: two halves of the cases,
+    each scored by the judge fitted on the held-out examples without it."""
+    proposal_settings = ProposalSettings.from_dict(store.manifest()["settings"])
+    reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    labels = foreground_labels(model)
+    scores: dict[str, list[float]] = {}
+    judge = get_judge(spec, **(options or {}))
+    for half in (pool.case_ids[0::2], pool.case_ids[1::2]):
+        if not half:
+            continue
+        judge = ready_judge(
+            spec, options or {}, store, model, location, proposal_settings, device, progress, lambda m: None, half
+        )
+        for case in judge_inputs(store, reader, half, labels):
+            scores[case.case_id] = [float(value) for value in score_case(judge, case)]
+    return judge, scores

@@ -97,3 +97,98 @@ def test_another_rank_reads_the_pairs_file_that_rank_0_wrote(location_and_model,
         progress=False,
     )
     assert other.judge is None and other.pairs_file == first.pairs_file and other.record == first.record
+
+
+@pytest.fixture
+def two_fold_base(base_checkpoint, tmp_path):
+    """The base checkpoint as fold 0 and fold 1 of one trainer folder (nnU-Net's layout), outside the shared
+    results folder so other tests never see the sibling."""
+    import shutil
+
+    folder = tmp_path / "TwoFold__nnUNetPlans__tiny"
+    for fold in (0, 1):
+        (folder / f"fold_{fold}").mkdir(parents=True)
+        shutil.copy(base_checkpoint, folder / f"fold_{fold}" / base_checkpoint.name)
+    return folder / "fold_0" / base_checkpoint.name
+
+
+def fitting_examples(location, model, tmp_path, exclude=()):
+    from nnunet_rndpo.pipeline import FittingExamples
+    from nnunet_rndpo.proposals.store import ProposalStore
+
+    store = ProposalStore(tmp_path / "store")
+    settings = ProposalSettings(num_proposals=2, other_folds=True, sources=("tta", "checkpoint"))
+    return FittingExamples(location, model, store, settings, "cpu", False, lambda message: None, exclude)
+
+
+@pytest.mark.slow
+def test_a_judge_that_learns_from_proposals_sees_only_cases_held_out_of_the_models_training(
+    location_and_model, two_fold_base, tmp_path
+):
+    from nnunet_rndpo.proposals.model import load_model
+
+    location, _ = location_and_model
+    model = load_model(two_fold_base)
+    examples = fitting_examples(location, model, tmp_path).held_out()
+    (train_0, validation_0), (train_1, validation_1) = location.fold_split(0), location.fold_split(1)
+    # both folds' validation cases, each with its own fold model's proposals, never a training case of that fold
+    assert sorted(example.case_id for example in examples) == sorted(validation_0 + validation_1)
+    assert all(example.true_labels is not None and example.proposal_count == 2 for example in examples)
+    stores = sorted(path.name for path in tmp_path.iterdir() if "held_out" in path.name)
+    assert stores == ["store__held_out_fold_0", "store__held_out_fold_1"]
+    # the other fold's model trained on this fold's validation cases: no member of it in the held-out proposals
+    from nnunet_rndpo.proposals.store import ProposalStore
+
+    manifest = ProposalStore(tmp_path / "store__held_out_fold_0").manifest()
+    assert manifest["settings"]["extra_checkpoints"] == [] and manifest["settings"]["sources"] == ["tta"]
+    # the audit's cases are left out of what the judge learns from
+    excluded = validation_0[:1]
+    again = fitting_examples(location, model, tmp_path, exclude=excluded).held_out()
+    assert sorted(example.case_id for example in again) == sorted(set(validation_0 + validation_1) - set(excluded))
+
+
+@pytest.mark.slow
+def test_learned_qc_without_any_held_out_case_says_what_to_train(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path
+):
+    import shutil
+
+    from nnunet_rndpo.nnunet_paths import locate
+    from nnunet_rndpo.proposals.model import load_model
+
+    # a model of fold 'all' (trained on every labeled case) with no sibling folds: nothing is held out
+    fold_all = tmp_path / "AllFold__nnUNetPlans__tiny" / "fold_all"
+    fold_all.mkdir(parents=True)
+    shutil.copy(base_checkpoint, fold_all / base_checkpoint.name)
+    location = locate(preprocessed_synthetic.dataset_id, tiny_configuration, "all")
+    model = load_model(fold_all / base_checkpoint.name)
+    with pytest.raises(PairPreparationError, match="no held-out examples.*fold all has no validation cases"):
+        fitting_examples(location, model, tmp_path).held_out()
+
+
+@pytest.mark.slow
+def test_the_audit_scores_each_case_with_a_learned_judge_fitted_without_it(location_and_model, tmp_path, monkeypatch):
+    from nnunet_rndpo import pipeline
+    from nnunet_rndpo.proposals.run import generate_proposals
+
+    location, model = location_and_model
+    pool = location.validation_pool()
+    store, _ = generate_proposals(model, pool, tmp_path / "audit", ProposalSettings(num_proposals=2), progress=False)
+    fits = []
+    real_ready_judge = pipeline.ready_judge
+
+    def recording_ready_judge(*args):
+        judge = real_ready_judge(*args)
+        fits.append((sorted(args[-1]), judge))
+        return judge
+
+    monkeypatch.setattr(pipeline, "ready_judge", recording_ready_judge)
+    _, scores = pipeline.cross_fitted_scores("learned_qc", model, location, store, pool, progress=False)
+    assert sorted(scores) == pool.case_ids
+    assert [excluded for excluded, _ in fits] == [pool.case_ids[0::2], pool.case_ids[1::2]]
+    for excluded, judge in fits:
+        # fitted on the other cases' proposals only (2 per case), and it scored exactly the cases left out
+        assert judge.training_samples == 2 * (len(pool.case_ids) - len(excluded))
+        reader = pipeline.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+        for case in pipeline.judge_inputs(store, reader, excluded, pipeline.foreground_labels(model)):
+            assert scores[case.case_id] == pytest.approx(list(judge.score(case)))
