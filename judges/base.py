@@ -36,6 +36,8 @@ class JudgeInput:
     mean_probabilities: (num_classes, *spatial) base-model softmax averaged over the proposals' passes;
         channel index = label value, channel 0 = background.
     true_labels: (*spatial) true label map: only for the oracle, for fitting learned judges, and the audit.
+    proposal_models: which model made each proposal (K entries: 0 = the base, i = extra network i (another fold),
+        "ensemble" = nnU-Net's ensemble of them all), if known.
     """
 
     case_id: str
@@ -44,6 +46,7 @@ class JudgeInput:
     image: np.ndarray | None = None
     mean_probabilities: np.ndarray | None = None
     true_labels: np.ndarray | None = None
+    proposal_models: tuple | None = None
 
     def __post_init__(self) -> None:
         self.case_id = str(self.case_id)
@@ -73,6 +76,13 @@ class JudgeInput:
             self.true_labels = np.asarray(self.true_labels)
             if self.true_labels.shape != spatial:
                 raise ValueError(f"{where}: true_labels must have shape {spatial}, got {self.true_labels.shape}")
+        if self.proposal_models is not None:
+            self.proposal_models = tuple(self.proposal_models)
+            if len(self.proposal_models) != self.proposal_count:
+                raise ValueError(
+                    f"{where}: proposal_models names {len(self.proposal_models)} models for "
+                    f"{self.proposal_count} proposals"
+                )
 
     @property
     def proposal_count(self) -> int:

@@ -116,6 +116,7 @@ def judge_inputs(
     labels: tuple[int, ...],
     true_labels: Optional[Callable[[str], Optional[np.ndarray]]] = None,
 ) -> Iterator[JudgeInput]:
+    proposal_models = store.member_models()
     for case_id in case_ids:
         case = store.load_case(case_id)
         data, _, _ = reader.load(case_id)
@@ -126,6 +127,7 @@ def judge_inputs(
             image=data,
             mean_probabilities=case["mean_probabilities"].astype(np.float32),
             true_labels=true_labels(case_id) if true_labels is not None else None,
+            proposal_models=proposal_models,
         )
 
 

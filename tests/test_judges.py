@@ -296,6 +296,31 @@ def test_agreement_ranks_the_consensus_mask_above_outliers():
         assert scores[:3].min() > scores[3] > scores[4], (target, scores)
 
 
+def test_agreement_to_other_models_lets_no_model_vote_for_itself():
+    wrong, right = np.zeros((1, 1, 10), np.uint8), np.zeros((1, 1, 10), np.uint8)
+    wrong[..., 5:], right[..., :5] = 1, 1
+    # model 0: four identical (mirror-like) wrong members; models 1 and 2: one right member each
+    proposals = np.stack([wrong] * 4 + [right, right])
+    case = JudgeInput("models", proposals, (1,), proposal_models=(0, 0, 0, 0, 1, 2))
+    # counted member by member, model 0's copies outvote the rest: 3 of 5 others agree with each of them
+    assert np.allclose(score_case(AgreementJudge(to="others"), case), [0.6] * 4 + [0.2, 0.2])
+    # each model's members vote once, never for their own model: model 0's masks agree with no other model
+    assert np.allclose(score_case(AgreementJudge(to="other_models"), case), [0.0] * 4 + [0.5, 0.5])
+
+
+def test_agreement_to_other_models_scores_the_ensemble_against_every_model_and_needs_two_models():
+    wrong, right = np.zeros((1, 1, 10), np.uint8), np.zeros((1, 1, 10), np.uint8)
+    wrong[..., 5:], right[..., :5] = 1, 1
+    case = JudgeInput("ensemble", np.stack([wrong, right, right]), (1,), proposal_models=(0, 1, "ensemble"))
+    assert np.allclose(score_case(AgreementJudge(to="other_models"), case), [0.0, 0.0, 0.5])
+    for models in (None, (0, 0, "ensemble")):
+        one_model = JudgeInput("one", np.stack([wrong, right, right]), (1,), proposal_models=models)
+        with pytest.raises(JudgeError, match="case 'one': agreement to other_models needs proposals of at least two"):
+            score_case(AgreementJudge(to="other_models"), one_model)
+    with pytest.raises(ValueError, match="proposal_models names 2 models for 3 proposals"):
+        JudgeInput("bad", np.stack([wrong, right, right]), (1,), proposal_models=(0, 1))
+
+
 def test_agreement_averages_over_classes():
     two_class = ball(5) + (ball(3) * 1).astype(np.uint8)  # label 2 inside, label 1 as a shell
     other = two_class.copy()

@@ -130,7 +130,7 @@ def test_a_judge_that_learns_from_proposals_sees_only_cases_held_out_of_the_mode
     location, _ = location_and_model
     model = load_model(two_fold_base)
     examples = fitting_examples(location, model, tmp_path).held_out()
-    (train_0, validation_0), (train_1, validation_1) = location.fold_split(0), location.fold_split(1)
+    validation_0, validation_1 = location.fold_split(0)[1], location.fold_split(1)[1]
     # both folds' validation cases, each with its own fold model's proposals, never a training case of that fold
     assert sorted(example.case_id for example in examples) == sorted(validation_0 + validation_1)
     assert all(example.true_labels is not None and example.proposal_count == 2 for example in examples)
@@ -192,3 +192,23 @@ def test_the_audit_scores_each_case_with_a_learned_judge_fitted_without_it(locat
         reader = pipeline.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
         for case in pipeline.judge_inputs(store, reader, excluded, pipeline.foreground_labels(model)):
             assert scores[case.case_id] == pytest.approx(list(judge.score(case)))
+
+
+@pytest.mark.slow
+def test_proposals_of_other_folds_carry_their_model_to_the_judge(location_and_model, two_fold_base, tmp_path):
+    from nnunet_rndpo import pipeline
+    from nnunet_rndpo.judges import get_judge
+    from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.run import generate_proposals
+
+    location, _ = location_and_model
+    model = load_model(two_fold_base)
+    pool = location.validation_pool(location.fold_split(0)[1][:1])
+    settings = ProposalSettings(num_proposals=4, sources=("tta", "checkpoint_tta", "ensemble"), other_folds=True)
+    store, _ = generate_proposals(model, pool, tmp_path / "store", settings, progress=False)
+    models = store.member_models()
+    assert set(models) == {0, 1, "ensemble"} and models.count("ensemble") == 1
+    reader = pipeline.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    labels = pipeline.foreground_labels(model)
+    scores = pipeline.score_store(get_judge("agreement", to="other_models"), store, reader, pool.case_ids, labels)
+    assert len(scores[pool.case_ids[0]]) == len(models)

@@ -163,6 +163,13 @@ class ProposalStore:
             )
         return case
 
+    def member_models(self) -> tuple:
+        """Which model made each proposal: 0 = the base, i = extra network i, "ensemble" = their ensemble."""
+        return tuple(
+            "ensemble" if member["source"] == "ensemble" else int(member.get("network_index", 0))
+            for member in self.manifest()["members"]
+        )
+
     def verify(self, case_ids: Optional[Iterable[str]] = None) -> list[str]:
         """Integrity check: every listed case loads and matches the manifest. Returns the problems found."""
         problems = []
