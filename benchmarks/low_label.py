@@ -55,6 +55,9 @@ JUDGES = {
     "agreement_anatomy": ("combination", {"judges": ["agreement", "anatomy"]}),
     **{f"oracle_noise_{noise}": ("oracle", {"noise_std": noise, "seed": 0}) for noise in (0.01, 0.03, 0.1, 0.3)},
 }
+# the oracle at decreasing reliability: the reliable one, then the noise sweep (reliability curve)
+ORACLE_SWEEP = ("oracle_reliable", *(f"oracle_noise_{noise}" for noise in (0.01, 0.03, 0.1, 0.3)))
+RELIABILITY_METHODS = {"rn_dpo": "rn_dpo_{judge}_top_bottom", "self_train": "self_train_{judge}"}
 MEANINGFUL_GAP = 0.01  # 1 Dice point between base and upper bound, below which "gap closed" is not reported
 LABEL_FREE = ("agreement", "uncertainty", "learned_qc", "virtual_annotator")
 GATE_MARGIN = 0.005  # v2: RN-DPO with the reliable oracle must beat its base by 0.5 points on validation
@@ -137,8 +140,8 @@ def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1
         ]
 
     arms = [Arm("base_s0", "base", 0), Arm("upper_s0", "upper", 0), *pair("oracle_reliable", 0)]
-    for noise in (0.01, 0.03, 0.1, 0.3):
-        arms += pair(f"oracle_noise_{noise}", 0)
+    for judge in ORACLE_SWEEP[1:]:
+        arms += pair(judge, 0)
     for judge in label_free:
         arms += pair(judge, 0)
     for seed in seeds[1:]:
@@ -391,9 +394,9 @@ def audit_on_validation(
         expected_configuration=CONFIGURATION,
         expected_dataset_json=location.dataset_json,
     )
-    specs = [JUDGES[name][0] for name in label_free if not JUDGES[name][1]] + [
-        "oracle"
-    ]  # judges with options: scored by their arms
+    # every label-free judge and every oracle level of the sweep, each under its benchmark name: the oracles'
+    # measured reliability is the x axis of the reliability curve
+    specs = [(name, *JUDGES[name]) for name in (*label_free, *ORACLE_SWEEP) if name in JUDGES] + ["oracle"]
     return run_audit(model, location, specs, ProposalSettings(), output, device=device, margin=0.02, seed=seed)
 
 
@@ -435,6 +438,96 @@ def _wait_for(path: Path, poll_seconds: float = 20.0) -> Path:
         print(f"waiting for {path} (made by another part)", flush=True)
         time.sleep(poll_seconds)
     return path
+
+
+def reliability_points(audit_judges: dict, gains: dict, metric: str) -> list[tuple[str, float, float]]:
+    """(judge, reliability, gain) of each oracle level that has both an audit figure and a measured gain, sorted
+    by reliability; two levels of equal reliability keep the first (a curve takes one gain per reliability)."""
+    points, seen = [], set()
+    for judge in ORACLE_SWEEP:
+        reliability = audit_judges.get(judge, {}).get(metric)
+        if reliability is None or judge not in gains or reliability in seen:
+            continue
+        seen.add(reliability)
+        points.append((judge, float(reliability), float(gains[judge])))
+    return sorted(points, key=lambda point: point[1])
+
+
+def reliability_curves(work: Path, results: dict, figures: Optional[Path] = None) -> list[str]:
+    """Gain over the base (test Dice points, seed 0, final checkpoint) of RN-DPO and self-training with the oracle
+    at each noise level, against that oracle's reliability measured by the validation audit. Writes one curve
+    file per method and metric (<work>/reliability/, the audit's `--reliability_curve` format), a PNG into
+    `figures`, and returns a markdown table."""
+    from nnunet_rndpo.atomic import save_json
+
+    audit_file = work / "audit" / "judge_audit.json"
+    base = results.get("base_s0")
+    if base is None or not audit_file.is_file():
+        return []
+    audit_judges = json.loads(audit_file.read_text())["judges"]
+    base_dice = base["test"]["checkpoint_final"]["foreground_mean"]
+    gains = {
+        method: {
+            judge: (results[arm]["test"]["checkpoint_final"]["foreground_mean"] - base_dice) * 100
+            for judge in ORACLE_SWEEP
+            if (arm := f"{pattern.format(judge=judge)}_s0") in results
+        }
+        for method, pattern in RELIABILITY_METHODS.items()
+    }
+    if not any(gains.values()):
+        return []
+    lines = [
+        "| oracle | noise_std | Spearman (validation audit) | top-1 lift (validation audit) | RN-DPO gain (pts) | self-training gain (pts) |",  # noqa: E501
+        "|---|---|---|---|---|---|",
+    ]
+    for judge in ORACLE_SWEEP:
+        figures_of = audit_judges.get(judge, {})
+        cells = [f"{gains[m][judge]:+.2f}" if judge in gains[m] else "" for m in RELIABILITY_METHODS]
+        spearman, lift = figures_of.get("spearman"), figures_of.get("top1_lift")
+        lines.append(
+            f"| {judge} | {JUDGES[judge][1].get('noise_std')} | {'' if spearman is None else f'{spearman:.3f}'} | "
+            f"{'' if lift is None else f'{lift:.4f}'} | {' | '.join(cells)} |"
+        )
+    for method in RELIABILITY_METHODS:
+        for metric in ("spearman", "top1_lift"):
+            points = reliability_points(audit_judges, gains[method], metric)
+            if points:
+                curve = {
+                    "metric": metric,
+                    "points": [[reliability, gain] for _, reliability, gain in points],
+                    "gain_unit": "test Dice points over the base",
+                    "source": f"benchmarks/low_label.py {work.name}: {method} with the oracle at "
+                    f"{', '.join(judge for judge, _, _ in points)} (seed 0)",
+                }
+                save_json(curve, work / "reliability" / f"reliability_curve_{method}_{metric}.json")
+    if figures is not None:
+        _plot_reliability(audit_judges, gains, figures)
+    return lines
+
+
+def _plot_reliability(audit_judges: dict, gains: dict, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_rndpo.atomic import atomic_path
+
+    figures.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("spearman", "top1_lift")):
+        for method in RELIABILITY_METHODS:
+            points = reliability_points(audit_judges, gains[method], metric)
+            axis.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=method)
+        axis.axhline(0.0, color="k", lw=0.8)
+        axis.set_xlabel(f"oracle {metric} (validation audit)")
+        axis.set_ylabel("test Dice gain over the base (points)")
+        axis.legend(loc="best")
+    figure.suptitle("Gain against the judge's reliability (oracle noise sweep, seed 0)")
+    figure.tight_layout()
+    with atomic_path(figures / "reliability_curve.png") as temporary:
+        figure.savefig(temporary, format="png", dpi=90)
+    plt.close(figure)
 
 
 def summarise(work: Path, figures: Optional[Path] = None) -> str:
@@ -492,6 +585,9 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
     if base_seconds:
         lines += ["", f"Base training wall time: {base_seconds:.0f} s per seed (mean)."]
         lines += ["", *_wall_time_table(results, base_seconds)]
+    reliability = reliability_curves(work, results, figures)
+    if reliability:
+        lines += ["", "Gain against the oracle's reliability (files: `reliability/`):", "", *reliability]
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
         _plot_curves(grouped, figures)

@@ -483,7 +483,7 @@ def prepare_pairs(
 def run_audit(
     model: LoadedModel,
     location: RunLocation,
-    judge_specs: Sequence[str],
+    judge_specs: Sequence,
     proposal_settings: ProposalSettings,
     output_folder: Path,
     *,
@@ -496,6 +496,8 @@ def run_audit(
     progress: bool = True,
 ) -> dict:
     """Judges against true Dice on labeled cases (default: the fold's validation cases): JSON, PNGs, report.
+    judge_specs: judge names (reported under their names), or (label, name, options) to audit one judge with
+    several options side by side (e.g. the oracle at several noise levels).
     `reliability_curve`: a JSON reliability-to-gain curve (docs/judges.md) for each judge's expected gain."""
     from nnunet_rndpo.audit import AuditCase, audit_judges, recommend, write_audit
     from nnunet_rndpo.segmentation_metrics import proposal_dice
@@ -504,22 +506,27 @@ def run_audit(
     store_folder = location.store_folder(model.checkpoint_path)
     audit_store_folder = store_folder.parent / f"{store_folder.name}__audit"
     store, _ = generate_proposals(model, pool, audit_store_folder, proposal_settings, device=device, progress=progress)
-    judged = []  # (judge, scores)
-    for spec in judge_specs:
-        if cross_fitted_in_audit(get_judge(spec)):
-            judged.append(cross_fitted_scores(spec, model, location, store, pool, device=device, progress=progress))
+    judged = []  # (label, judge, scores)
+    for label, spec, options in (
+        (item, item, {}) if isinstance(item, str) else (str(item[0]), item[1], dict(item[2])) for item in judge_specs
+    ):
+        if cross_fitted_in_audit(get_judge(spec, **options)):
+            judge, scores = cross_fitted_scores(
+                spec, model, location, store, pool, device=device, progress=progress, options=options
+            )
+            judged.append((label, judge, scores))
             continue
         prepared = prepare_pairs(
             location,
             model,
-            PairSettings(proposals=proposal_settings, judge=spec, selection=None, seed=seed),
+            PairSettings(proposals=proposal_settings, judge=spec, judge_options=options, selection=None, seed=seed),
             device=device,
             pool=pool,
             store_folder=audit_store_folder,
             progress=progress,
             log=lambda message: None,
         )
-        judged.append((prepared.judge, prepared.scores))
+        judged.append((label, prepared.judge, prepared.scores))
     true_labels = TrueLabelLoader(model, location).for_pool(pool)
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     labels = foreground_labels(model)
@@ -530,7 +537,7 @@ def run_audit(
             AuditCase(
                 case_id=case_id,
                 true_dice=proposal_dice(proposals, true_labels(case_id), labels),
-                judge_scores={judge.display_name: np.asarray(scores[case_id]) for judge, scores in judged},
+                judge_scores={label: np.asarray(scores[case_id]) for label, _, scores in judged},
                 proposals=proposals,
                 image=reader.load(case_id)[0],
             )
@@ -540,7 +547,7 @@ def run_audit(
         strategies=tuple(strategies or MINING_STRATEGIES),
         margin=margin,
         seed=seed,
-        label_using_judges=tuple(judge.display_name for judge, _ in judged if judge.needs_labels),
+        label_using_judges=tuple(label for label, judge, _ in judged if judge.needs_labels),
         reliability_curve=reliability_curve,
     )
     report["recommendation"] = recommend(report)

@@ -143,3 +143,43 @@ def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training
     assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.803)})[0]
     passed, verdict = low_label.gate_verdict({"base_s0": arm(0.8)})
     assert not passed and "not finished" in verdict
+
+
+def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_label, tmp_path):
+    from nnunet_rndpo.audit import expected_gain, load_reliability_curve
+
+    audit = {
+        "oracle_reliable": {"spearman": 0.95, "top1_lift": 0.020},
+        "oracle_noise_0.01": {"spearman": 0.90, "top1_lift": 0.015},
+        "oracle_noise_0.1": {"spearman": 0.30, "top1_lift": 0.002},
+        "oracle_noise_0.3": {"spearman": 0.30, "top1_lift": 0.001},  # equal reliability: the first level kept
+        "agreement": {"spearman": 0.80, "top1_lift": 0.0},  # not an oracle level: never a point
+    }
+    gains = {"oracle_reliable": 1.0, "oracle_noise_0.01": 0.6, "oracle_noise_0.1": -0.2, "agreement": 5.0}
+    assert low_label.reliability_points(audit, gains, "spearman") == [
+        ("oracle_noise_0.1", 0.30, -0.2),
+        ("oracle_noise_0.01", 0.90, 0.6),
+        ("oracle_reliable", 0.95, 1.0),
+    ]
+
+    def arm(test_dice):
+        return {"test": {"checkpoint_final": {"foreground_mean": test_dice}}}
+
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "judge_audit.json").write_text(json.dumps({"judges": audit}))
+    results = {
+        "base_s0": arm(0.80),
+        "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.81),
+        "rn_dpo_oracle_noise_0.1_top_bottom_s0": arm(0.79),
+        "self_train_oracle_reliable_s0": arm(0.804),
+    }
+    table = low_label.reliability_curves(tmp_path, results, figures=tmp_path / "figures")
+    assert "| oracle_reliable | 0.005 | 0.950 | 0.0200 | +1.00 | +0.40 |" in table
+    assert (tmp_path / "figures" / "reliability_curve.png").stat().st_size > 0
+    curve = load_reliability_curve(tmp_path / "reliability" / "reliability_curve_rn_dpo_top1_lift.json")
+    assert curve.metric == "top1_lift"
+    assert [list(point) for point in curve.points] == [[0.002, pytest.approx(-1.0)], [0.02, pytest.approx(1.0)]]
+    # the audit reads a judge's top-1 lift off it: halfway between the two levels, halfway between their gains
+    assert expected_gain(0.011, curve.points) == pytest.approx(0.0)
+    self_training = load_reliability_curve(tmp_path / "reliability" / "reliability_curve_self_train_spearman.json")
+    assert [list(point) for point in self_training.points] == [[0.95, pytest.approx(0.4)]]

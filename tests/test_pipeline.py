@@ -212,3 +212,22 @@ def test_proposals_of_other_folds_carry_their_model_to_the_judge(location_and_mo
     labels = pipeline.foreground_labels(model)
     scores = pipeline.score_store(get_judge("agreement", to="other_models"), store, reader, pool.case_ids, labels)
     assert len(scores[pool.case_ids[0]]) == len(models)
+
+
+@pytest.mark.slow
+def test_the_audit_reports_one_judge_with_several_options_under_their_labels(location_and_model, tmp_path):
+    import shutil
+
+    from nnunet_rndpo.pipeline import run_audit
+
+    location, model = location_and_model
+    specs = [("oracle_exact", "oracle", {}), ("oracle_noisy", "oracle", {"noise_std": 0.5, "seed": 0}), "agreement"]
+    store = location.store_folder(model.checkpoint_path)
+    try:
+        report = run_audit(model, location, specs, ProposalSettings(num_proposals=3), tmp_path / "a", progress=False)
+    finally:  # the audit's store lies beside the shared base's: leave none behind
+        shutil.rmtree(store.parent / f"{store.name}__audit", ignore_errors=True)
+    assert set(report["judges"]) == {"oracle_exact", "oracle_noisy", "agreement"}
+    assert report["judges"]["oracle_exact"]["top1_hit_rate"] == 1.0
+    assert report["judges"]["oracle_noisy"]["uses_labels"] and not report["judges"]["agreement"]["uses_labels"]
+    assert report["recommendation"]["judge"] == "agreement"  # label-reading judges are never recommended
