@@ -440,23 +440,22 @@ def prepare_pairs(
                 "run `nnunet_rndpo propose` first"
             )
 
-    # learning judges are fitted on labeled cases' proposals made with the store's own settings
-    proposal_settings = ProposalSettings.from_dict(store.manifest()["settings"])
-    judge = (
-        ready_judge(
-            settings.judge, settings.judge_options, store, model, location, proposal_settings, device, progress, log
-        )
-        if rank == 0
-        else None
-    )
-    scores: dict[str, list[float]] = {}
-    record = None
     pairs_file = (
         pairs_file
         if pairs_file is not None or settings.selection is None
         else default_pairs_file(store, configured_judge, settings.selection)
     )
-    if rank == 0 and not (reuse_pairs_file and pairs_file is not None and pairs_file.is_file()):
+    reusing = reuse_pairs_file and pairs_file is not None and pairs_file.is_file()
+    # only rank 0 judges, and only when the pairs are not reused: elsewhere the judge stays unfitted
+    judge = configured_judge
+    scores: dict[str, list[float]] = {}
+    record = None
+    if rank == 0 and not reusing:
+        # a learning judge fits on held-out proposals made with the store's own settings
+        proposal_settings = ProposalSettings.from_dict(store.manifest()["settings"])
+        judge = ready_judge(
+            settings.judge, settings.judge_options, store, model, location, proposal_settings, device, progress, log
+        )
         if judge.needs_labels:
             log(f"WARNING: {judge.describe()} reads true labels: research use only")
         reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)

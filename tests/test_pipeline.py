@@ -231,3 +231,28 @@ def test_the_audit_reports_one_judge_with_several_options_under_their_labels(loc
     assert report["judges"]["oracle_exact"]["top1_hit_rate"] == 1.0
     assert report["judges"]["oracle_noisy"]["uses_labels"] and not report["judges"]["agreement"]["uses_labels"]
     assert report["recommendation"]["judge"] == "agreement"  # label-reading judges are never recommended
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location_and_model, tmp_path):
+    location, model = location_and_model
+    pool = location.unlabeled_pool()
+    pool.case_ids = pool.case_ids[:1]
+    pairs_file = tmp_path / "rndpo_pairs.json"
+    record = {"summary": {"pairs": 1}, "judge": "learned_qc (first start)", "items": [{"case_id": pool.case_ids[0]}]}
+    pairs_file.write_text(json.dumps({**record, "items": [{**record["items"][0], "chosen": 1, "rejected": 0}]}))
+    settings = PairSettings(proposals=ProposalSettings(num_proposals=2), judge="learned_qc")
+    prepared = prepare_pairs(
+        location,
+        model,
+        settings,
+        pool=pool,
+        store_folder=tmp_path / "store",
+        pairs_file=pairs_file,
+        reuse_pairs_file=True,
+        log=lambda message: None,
+        progress=False,
+    )
+    assert prepared.items == [{"case_id": pool.case_ids[0], "chosen": 1, "rejected": 0}]
+    assert prepared.judge.regressor is None  # not fitted: no held-out proposals were made for it
+    assert not [path for path in tmp_path.iterdir() if "held_out" in path.name]
