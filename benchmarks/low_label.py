@@ -88,7 +88,7 @@ PROTOCOLS = {
         "v2",
         (16, 32, 64, 128),
         Schedule(base_epochs=100, base_iterations=50, tune_epochs=40, tune_iterations=50, val_iterations=20),
-        ("agreement", "anatomy", "agreement_anatomy", "virtual_annotator", "uncertainty"),
+        ("agreement", "anatomy", "agreement_anatomy", "learned_qc", "virtual_annotator", "uncertainty"),
     ),
 }
 QUICK_SCHEDULE = Schedule(base_epochs=2, base_iterations=5, tune_epochs=2, tune_iterations=5, val_iterations=2)
