@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +184,15 @@ def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_
     assert expected_gain(0.011, curve.points) == pytest.approx(0.0)
     self_training = load_reliability_curve(tmp_path / "reliability" / "reliability_curve_self_train_spearman.json")
     assert [list(point) for point in self_training.points] == [[0.95, pytest.approx(0.4)]]
+
+
+def test_validation_noise_computes_nnunets_pseudo_dice_from_summed_counts():
+    from benchmarks.validation_noise import pseudo_dice, spread
+
+    # class 1: 2*(3+1) / (2*4 + 2 + 2) = 8/12; class 2 never present in any batch: left out of the mean
+    outputs = [
+        {"tp_hard": np.array([3, 0]), "fp_hard": np.array([1, 0]), "fn_hard": np.array([0, 0])},
+        {"tp_hard": np.array([1, 0]), "fp_hard": np.array([1, 0]), "fn_hard": np.array([2, 0])},
+    ]
+    assert pseudo_dice(outputs) == pytest.approx(8 / 12)
+    assert spread([0.5, 0.7])["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
