@@ -58,7 +58,7 @@ class PairSettings:
 class PreparedPairs:
     pool: CasePool
     store: ProposalStore
-    judge: Judge
+    judge: Optional[Judge]  # None where this call did not judge (another DDP rank, reused pairs)
     scores: dict[str, list[float]]
     record: Optional[dict]  # the pairs file's content; None when only scoring was asked
     pairs_file: Optional[Path] = None
@@ -446,8 +446,8 @@ def prepare_pairs(
         else default_pairs_file(store, configured_judge, settings.selection)
     )
     reusing = reuse_pairs_file and pairs_file is not None and pairs_file.is_file()
-    # only rank 0 judges, and only when the pairs are not reused: elsewhere the judge stays unfitted
-    judge = configured_judge
+    # only rank 0 judges, and only when the pairs are not reused: elsewhere there is no judge
+    judge = None
     scores: dict[str, list[float]] = {}
     record = None
     if rank == 0 and not reusing:

@@ -254,5 +254,5 @@ def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location
         progress=False,
     )
     assert prepared.items == [{"case_id": pool.case_ids[0], "chosen": 1, "rejected": 0}]
-    assert prepared.judge.regressor is None  # not fitted: no held-out proposals were made for it
+    assert prepared.judge is None  # nothing judged: no held-out proposals were made to fit it
     assert not [path for path in tmp_path.iterdir() if "held_out" in path.name]
