@@ -131,7 +131,7 @@ def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_
 
 def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training(low_label):
     def arm(final):
-        return {"validation_curve": [0.5, final]}
+        return {"validation_curve": [0.5] * 3 + [final] * low_label.GATE_EPOCHS}
 
     results = {
         "base_s0": arm(0.80),
@@ -142,6 +142,9 @@ def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training
     assert low_label.gate_verdict(results)[0]
     assert not low_label.gate_verdict({**results, "self_train_oracle_reliable_s0": arm(0.82)})[0]
     assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.803)})[0]
+    # one lucky last pass does not pass the gate: the last GATE_EPOCHS passes are averaged
+    lucky = {"validation_curve": [0.80] * 10 + [0.82]}
+    assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": lucky})[0]
     passed, verdict = low_label.gate_verdict({"base_s0": arm(0.8)})
     assert not passed and "not finished" in verdict
 
