@@ -48,6 +48,7 @@ class ClassShapeStatistics:
 
 class VirtualAnnotatorJudge(Judge):
     name = "virtual_annotator"
+    fit_reads_proposals = False  # fit reads the true label maps only (of the fold's labeled training cases)
 
     def __init__(self, weights: dict[str, float] | None = None) -> None:
         weights = dict(weights or {})

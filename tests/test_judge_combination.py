@@ -102,6 +102,9 @@ def test_combination_learns_only_when_a_sub_judge_learns(fixed_judges):
     assert not get_judge("anatomy").fit_reads_proposals
     assert not get_judge("combination", judges=["agreement", "anatomy"]).fit_reads_proposals
     assert get_judge("combination", judges=["anatomy", "learned_qc"]).fit_reads_proposals
+    # judges that learn from label maps alone are fitted on the training cases' label maps, never on proposals
+    assert not get_judge("virtual_annotator").fit_reads_proposals and not get_judge("anatomy").fit_reads_proposals
+    assert not get_judge("combination", judges=["agreement", "virtual_annotator"]).fit_reads_proposals
 
 
 def test_label_reading_sub_judge_makes_the_combination_read_labels():
