@@ -149,6 +149,29 @@ def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training
     assert not passed and "not finished" in verdict
 
 
+def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(low_label):
+    from nnunet_rndpo.training.settings import PreferenceSettings, validate
+
+    arms = low_label.preference_arms(0)
+    assert len({arm.name for arm in arms}) == len(low_label.PREFERENCE_VARIANTS)
+    defaults = PreferenceSettings()
+    for arm in arms:
+        assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.name.endswith("_s0")
+        validate(PreferenceSettings(**arm.settings))  # every variant is a valid setting
+        assert any(getattr(defaults, key) != value for key, value in arm.settings.items()), arm.name
+
+    def arm(validation, test):
+        return {
+            "validation_curve": [0.1] * 3 + [validation] * low_label.GATE_EPOCHS,
+            "test": {"checkpoint_final": {"foreground_mean": test}},
+        }
+
+    results = {"base_s0": arm(0.80, 0.70), f"{arms[0].name}": arm(0.812, 0.99)}
+    table = "\n".join(low_label.preference_sweep_table(results))
+    assert f'| {arms[0].name} | {{"beta": 0.03}} | 0.8120 | +1.20 pts | 0.9900 |' in table
+    assert "| rn_dpo_oracle_reliable_top_bottom_s0 | defaults (sigmoid, beta 0.1, SFT 1) | not run | | |" in table
+
+
 def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_label, tmp_path):
     from nnunet_rndpo.audit import expected_gain, load_reliability_curve
 
