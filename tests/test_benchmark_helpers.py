@@ -129,9 +129,12 @@ def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_
     assert schedule.tune_epochs * schedule.tune_iterations >= 2000
 
 
-def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training(low_label):
-    def arm(final):
-        return {"validation_curve": [0.5] * 3 + [final] * low_label.GATE_EPOCHS}
+def test_the_gate_reads_whole_case_validation_and_needs_rn_dpo_above_base_and_self_training(low_label):
+    def arm(final, curve=0.5):
+        return {
+            "validation": {"checkpoint_final": {"foreground_mean": final}},
+            "validation_curve": [curve] * low_label.GATE_EPOCHS,
+        }
 
     results = {
         "base_s0": arm(0.80),
@@ -142,11 +145,26 @@ def test_the_gate_reads_validation_and_needs_rn_dpo_above_base_and_self_training
     assert low_label.gate_verdict(results)[0]
     assert not low_label.gate_verdict({**results, "self_train_oracle_reliable_s0": arm(0.82)})[0]
     assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.803)})[0]
-    # one lucky last pass does not pass the gate: the last GATE_EPOCHS passes are averaged
-    lucky = {"validation_curve": [0.80] * 10 + [0.82]}
+    # the per-epoch pseudo Dice on random patches does not decide: a high curve with a low final checkpoint fails
+    lucky = arm(0.803, curve=0.95)
     assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": lucky})[0]
     passed, verdict = low_label.gate_verdict({"base_s0": arm(0.8)})
     assert not passed and "not finished" in verdict
+
+
+def test_an_arm_is_scored_on_the_validation_cases_once(low_label, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_evaluate(checkpoint, predictions, device="cpu", cases=None):
+        calls.append((Path(checkpoint).name, Path(cases)))
+        return {"foreground_mean": 0.8}
+
+    monkeypatch.setattr(low_label, "evaluate_checkpoint", fake_evaluate)
+    result = low_label.score_validation(tmp_path, "arm_s0", {"folder": str(tmp_path / "run")})
+    assert low_label.validation_dice(result) == 0.8
+    assert calls == [("checkpoint_final.pth", low_label.validation_folder(tmp_path))]
+    low_label.score_validation(tmp_path, "arm_s0", result)
+    assert len(calls) == 1
 
 
 def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(low_label):
@@ -162,14 +180,15 @@ def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(lo
 
     def arm(validation, test):
         return {
-            "validation_curve": [0.1] * 3 + [validation] * low_label.GATE_EPOCHS,
+            "validation": {"checkpoint_final": {"foreground_mean": validation}},
+            "validation_curve": [0.1] * 3 + [0.5] * low_label.GATE_EPOCHS,
             "test": {"checkpoint_final": {"foreground_mean": test}},
         }
 
     results = {"base_s0": arm(0.80, 0.70), f"{arms[0].name}": arm(0.812, 0.99)}
     table = "\n".join(low_label.preference_sweep_table(results))
-    assert f'| {arms[0].name} | {{"beta": 0.03}} | 0.8120 | +1.20 pts | 0.9900 |' in table
-    assert "| rn_dpo_oracle_reliable_top_bottom_s0 | defaults (sigmoid, beta 0.1, SFT 1) | not run | | |" in table
+    assert f'| {arms[0].name} | {{"beta": 0.03}} | 0.8120 | +1.20 pts | 0.5000 | 0.9900 |' in table
+    assert "| rn_dpo_oracle_reliable_top_bottom_s0 | defaults (sigmoid, beta 0.1, SFT 1) | not run | | | |" in table
 
 
 def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_label, tmp_path):
