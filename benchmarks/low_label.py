@@ -906,7 +906,8 @@ def main(argv=None) -> int:
         print(verdict, flush=True)
         if args.preference_sweep:
             for arm in preference_arms(0):
-                run(arm)
+                if args.only is None or arm.name in args.only:
+                    run(arm)
             print("\n".join(preference_sweep_table(scored_results(work, args.device))), flush=True)
             return 0
         if not passed and not args.ignore_gate:
