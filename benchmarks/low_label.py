@@ -7,7 +7,8 @@ v2 (network 16-128 on the 3d_fullres patch, 5,000 base and 2,000 fine-tuning ite
 per epoch), built to see one: sanity arms first (upper bound, RN-DPO and self-training with the reliable oracle),
 which gate the rest on the validation split; then the oracle reliability sweep (noise_std 0.01-0.3) and the
 label-free judges, each with RN-DPO and self-training; then seeds 1 and 2 of the best label-free judge (chosen by
-its top-1 lift in the validation audit).
+its top-1 lift in the validation audit). v3 is v2 with 5 labeled and 20 validation cases (v2's upper bound sat
+only 1.1 points above its base on the CPU).
 
     python benchmarks/low_label.py --protocol v2 --work bench_output/low_label_v2 --device cuda
     python benchmarks/low_label.py --work bench_output/low_label --data ../shared/data/Dataset004_Hippocampus
@@ -97,6 +98,15 @@ class Protocol:
     features: tuple[int, ...]
     schedule: Schedule
     label_free: tuple[str, ...]
+    # the split's sizes; the test split is the rest of the 180 cases
+    labeled: int = 10
+    validation: int = 10
+    unlabeled: int = 120
+
+    @property
+    def gated(self) -> bool:
+        """Whether the sanity gate runs first (v2 on): see build_arms_v2 and gate_verdict."""
+        return self.name != "v1"
 
 
 PROTOCOLS = {
@@ -106,6 +116,18 @@ PROTOCOLS = {
         (16, 32, 64, 128),
         Schedule(base_epochs=100, base_iterations=50, tune_epochs=40, tune_iterations=50, val_iterations=20),
         ("agreement", "anatomy", "agreement_anatomy", "learned_qc", "virtual_annotator", "uncertainty"),
+    ),
+    # v2 with 5 labeled cases instead of 10 and twice the validation cases: on the CPU, v2's base reached test
+    # Dice 0.8665 and its upper bound only +1.1 points above it (the issue asks for 2), and its 10 validation
+    # cases put a standard error of about 0.2 points on a paired difference (BENCHMARKS.md, "sanity gate").
+    "v3": Protocol(
+        "v3",
+        (16, 32, 64, 128),
+        Schedule(base_epochs=100, base_iterations=50, tune_epochs=40, tune_iterations=50, val_iterations=20),
+        ("agreement", "anatomy", "agreement_anatomy", "learned_qc", "virtual_annotator", "uncertainty"),
+        labeled=5,
+        validation=20,
+        unlabeled=115,
     ),
 }
 QUICK_SCHEDULE = Schedule(base_epochs=2, base_iterations=5, tune_epochs=2, tune_iterations=5, val_iterations=2)
@@ -277,16 +299,24 @@ def write_raw(data: Path, raw_root: Path, split: dict) -> None:
     )
 
 
-def prepare(work: Path, data: Path, seed: int, features: tuple[int, ...]) -> dict:
+def prepare(work: Path, data: Path, seed: int, protocol: Protocol) -> dict:
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.splits import link_parts
 
+    features = protocol.features
     split_file = work / "split.json"
+    sizes = {"labeled": protocol.labeled, "validation": protocol.validation, "unlabeled": protocol.unlabeled}
     if split_file.is_file():
         split = json.loads(split_file.read_text())
+        found = {part: len(split[part]) for part in sizes}
+        if found != sizes:
+            raise SystemExit(
+                f"{split_file} holds a split of {found}, protocol {protocol.name} needs {sizes}: "
+                "give each protocol its own --work folder"
+            )
     else:
-        split = make_split(data, seed, labeled=10, validation=10, unlabeled=120)
+        split = make_split(data, seed, **sizes)
         save_json(split, split_file)
     raw_root = Path(os.environ["nnUNet_raw"])
     write_raw(data, raw_root, split)
@@ -810,15 +840,15 @@ def main(argv=None) -> int:
         "--protocol",
         default="v2",
         choices=sorted(PROTOCOLS),
-        help="v2 (default): built to see a gain; v1: the first protocol",
+        help="v2 (default): built to see a gain; v3: v2 with 5 labeled and 20 validation cases; v1: the first",
     )
     parser.add_argument(
-        "--ignore_gate", action="store_true", help="v2: run the judge arms even when the sanity gate fails"
+        "--ignore_gate", action="store_true", help="v2, v3: run the judge arms even when the sanity gate fails"
     )
     parser.add_argument(
         "--preference_sweep",
         action="store_true",
-        help="v2: after the gate arms, RN-DPO with the reliable oracle under each PREFERENCE_VARIANTS setting "
+        help="v2, v3: after the gate arms, RN-DPO with the reliable oracle under each PREFERENCE_VARIANTS setting "
         "(beta, IPO target margin, SFT weight); prints their validation table and stops",
     )
     args = parser.parse_args(argv)
@@ -841,7 +871,7 @@ def main(argv=None) -> int:
         return 0
     protocol = PROTOCOLS[args.protocol]
     schedule = QUICK_SCHEDULE if args.quick else protocol.schedule
-    prepare(work, args.data, args.seed, protocol.features)
+    prepare(work, args.data, args.seed, protocol)
     (work / "arms").mkdir(exist_ok=True)
 
     def run(arm: Arm) -> None:
@@ -872,7 +902,7 @@ def main(argv=None) -> int:
     # the best label-free judge for the other arms); the other parts train the other seeds' bases meanwhile.
     seeds = (0, 1, 2)
     # v2 trains the other seeds' bases after the gate and the seed-0 arms (build_arms_v2)
-    bases = [Arm(f"base_s{s}", "base", s) for s in (seeds if protocol.name == "v1" else (0,))]
+    bases = [Arm(f"base_s{s}", "base", s) for s in (seeds if not protocol.gated else (0,))]
     for arm in bases[args.part_id :: args.num_parts] if args.num_parts > 1 else bases:
         if (args.only is None and not args.core) or (args.only and arm.name in args.only) or arm.seed == 0:
             run(arm)
@@ -893,7 +923,7 @@ def main(argv=None) -> int:
             f"best label-free judge on validation: {best} (top-1 lift {audit['judges'][best].get('top1_lift')})",
             flush=True,
         )
-    if protocol.name == "v2":
+    if protocol.gated:
         arms = build_arms_v2(best, protocol.label_free, seeds)
         gate = [a for a in arms if a.name in GATE_ARMS]
         rest = [a for a in arms if a.name not in GATE_ARMS]

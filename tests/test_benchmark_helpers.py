@@ -129,6 +129,17 @@ def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_
     assert schedule.tune_epochs * schedule.tune_iterations >= 2000
 
 
+def test_protocol_v3_has_fewer_labels_more_validation_and_refuses_another_protocols_split(low_label, tmp_path):
+    v2, v3 = low_label.PROTOCOLS["v2"], low_label.PROTOCOLS["v3"]
+    assert v3.gated and v2.gated and not low_label.PROTOCOLS["v1"].gated
+    assert v3.labeled < v2.labeled and v3.validation > v2.validation
+    assert 180 - (v3.labeled + v3.validation + v3.unlabeled) == 180 - (v2.labeled + v2.validation + v2.unlabeled)
+    split = {"seed": 0, "labeled": ["a"] * 10, "validation": ["b"] * 10, "unlabeled": ["c"] * 120, "test": []}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    with pytest.raises(SystemExit, match="protocol v3 needs"):
+        low_label.prepare(tmp_path, tmp_path, 0, v3)
+
+
 def test_the_gate_reads_whole_case_validation_and_needs_rn_dpo_above_base_and_self_training(low_label):
     def arm(final, curve=0.5):
         return {
