@@ -906,6 +906,8 @@ def main(argv=None) -> int:
     for arm in bases[args.part_id :: args.num_parts] if args.num_parts > 1 else bases:
         if (args.only is None and not args.core) or (args.only and arm.name in args.only) or arm.seed == 0:
             run(arm)
+    if protocol.gated and args.num_parts > 1 and args.part_id == 1 and (args.only is None or "upper_s0" in args.only):
+        run(Arm("upper_s0", "upper", 0))  # it needs no base: part 1 trains it while part 0 trains the base
     audit_file = work / "audit" / "judge_audit.json"
     if args.part_id == 0:
         audit_on_validation(work, 0, args.threads, args.device, protocol.label_free)
