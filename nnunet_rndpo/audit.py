@@ -19,6 +19,10 @@ What decides the gain of preference training (figures beyond the rank correlatio
   agreement judge on mirror members) picks typical masks: it knows nothing the model does not;
 - chosen minus rejected true Dice of the mined pairs, per mining strategy
   (`chosen_minus_rejected_true_dice`): what training is told to prefer, measured;
+- what it is told voxel by voxel (`mining.<strategy>.chosen_right_in_disagreement`, when the cases carry their
+  true label maps): RN-DPO pushes every voxel where the two masks disagree towards the chosen mask's label, so
+  the fraction of those voxels where the chosen label is the true one is the share of the push that is right
+  (pooled over the pairs' voxels; the rejected mask's share beside it, the rest is neither);
 - the rank curve: true Dice relative to the case mean at each judge rank (1 = the judge's top; tied
   proposals share their mean), averaged over cases; a perfect ranking is a monotone decreasing curve, the
   oracle's curve is drawn beside it (`judge_audit_ranks.png`);
@@ -76,6 +80,23 @@ class AuditCase:
     judge_scores: dict[str, np.ndarray]
     proposals: np.ndarray
     image: np.ndarray | None = None
+    true_labels: np.ndarray | None = None  # the true label map on the proposals' grid (voxel-level pair figures)
+
+
+def disagreement_correctness(chosen: np.ndarray, rejected: np.ndarray, true_labels: np.ndarray) -> tuple[int, int, int]:
+    """(voxels where the two masks disagree, of those where the chosen mask has the true label, where the
+    rejected one has it). RN-DPO pushes every disagreeing voxel towards the chosen label: the second count is
+    the part of that push that is right."""
+    if chosen.shape != rejected.shape or chosen.shape != true_labels.shape:
+        raise ValueError(
+            f"chosen {chosen.shape}, rejected {rejected.shape} and true labels {true_labels.shape} must have one shape"
+        )
+    disagreement = chosen != rejected
+    return (
+        int(np.count_nonzero(disagreement)),
+        int(np.count_nonzero(disagreement & (chosen == true_labels))),
+        int(np.count_nonzero(disagreement & (rejected == true_labels))),
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,8 @@ class _JudgeTally:
         self.rank_curves: list[np.ndarray] = []
         self.miners = {strategy: PairMiner(strategy, margin=margin, seed=seed) for strategy in strategies}
         self.pair_true_dice: dict[str, list[tuple[float, float]]] = {strategy: [] for strategy in strategies}
+        # per strategy: summed (disagreeing voxels, chosen right, rejected right) over pairs with true labels
+        self.pair_voxels: dict[str, np.ndarray] = {strategy: np.zeros(3, dtype=np.int64) for strategy in strategies}
         self.montage_strategy = next((s for s in _MONTAGE_STRATEGIES if s in strategies), None)
         self.montage_pairs = montage_pairs
         self.pair_examples: list[PairExample] = []
@@ -159,6 +182,7 @@ class _JudgeTally:
         proposals: np.ndarray,
         disagreement: np.ndarray,
         image: np.ndarray | None,
+        true_labels: np.ndarray | None = None,
     ) -> None:
         if scores.size < 2 or np.ptp(scores) == 0 or np.ptp(true_dice) == 0:
             self.cases_skipped_constant += 1
@@ -174,6 +198,10 @@ class _JudgeTally:
             pairs = miner.add_case(case_id, scores, proposals, disagreement=disagreement)
             for pair in pairs:
                 self.pair_true_dice[strategy].append((float(true_dice[pair.chosen]), float(true_dice[pair.rejected])))
+                if true_labels is not None:
+                    self.pair_voxels[strategy] += disagreement_correctness(
+                        proposals[pair.chosen], proposals[pair.rejected], true_labels
+                    )
             # One pair per case (the first mined) until the montage has its pairs.
             if strategy == self.montage_strategy and pairs and len(self.pair_examples) < self.montage_pairs:
                 pair = pairs[0]
@@ -212,6 +240,7 @@ class _JudgeTally:
         chosen, rejected = pair_dice[:, 0], pair_dice[:, 1]
         gaps = chosen - rejected
         gap = float(gaps.mean()) if gaps.size else None
+        disagreeing, chosen_right, rejected_right = (int(count) for count in self.pair_voxels[strategy])
         return {
             "pairs": summary["pairs"],
             "cases_without_pair": summary["cases_without_pair"],
@@ -225,6 +254,9 @@ class _JudgeTally:
             "mean_true_dice_gap": gap,  # the same figure under its earlier name
             "wrong_role_fraction": float(np.mean(gaps < -_TIE_TOLERANCE)) if gaps.size else None,
             "tied_truth_fraction": float(np.mean(np.abs(gaps) <= _TIE_TOLERANCE)) if gaps.size else None,
+            "disagreement_voxels_with_truth": disagreeing,
+            "chosen_right_in_disagreement": chosen_right / disagreeing if disagreeing else None,
+            "rejected_right_in_disagreement": rejected_right / disagreeing if disagreeing else None,
         }
 
 
@@ -415,7 +447,9 @@ def audit_judges(
             scores = np.asarray(case.judge_scores[name], dtype=np.float64)
             if scores.shape != (count,) or not np.all(np.isfinite(scores)):
                 raise ValueError(f"case {case.case_id!r}: judge {name!r} scores must be {count} finite numbers")
-            tallies[name].add(str(case.case_id), true_dice, scores, proposals, disagreement, case.image)
+            tallies[name].add(
+                str(case.case_id), true_dice, scores, proposals, disagreement, case.image, case.true_labels
+            )
             scores_of_case[name] = scores.tolist()
         mean_proposal_dice.append(float(true_dice.mean()))
         best_dice.append(float(true_dice.max()))
@@ -557,16 +591,18 @@ def format_table(report: dict[str, Any]) -> str:
         )
     strategies = report["settings"]["strategies"]
     lines += ["", "Mined pairs: chosen - rejected true Dice (mean) / wrong roles / pairs"]
+    lines[-1] += " [/ share of disagreeing voxels where the chosen label is true]"
     mining_header = f"{'judge':<22}" + "".join(f"{strategy:>24}" for strategy in strategies)
     lines += [mining_header, "-" * len(mining_header)]
     for name, figures in report["judges"].items():
         cells = []
         for strategy in strategies:
             mining = figures["mining"][strategy]
+            voxels = mining.get("chosen_right_in_disagreement")
             cells.append(
                 f"{_number(mining['chosen_minus_rejected_true_dice'], '+.3f')} / "
                 f"{_percent(mining['wrong_role_fraction'])}"
-                f" / {mining['pairs']}"
+                f" / {mining['pairs']}" + (f" / {_percent(voxels)}" if voxels is not None else "")
             )
         lines.append(f"{name:<22}" + "".join(f"{cell:>24}" for cell in cells))
     return "\n".join(lines)

@@ -532,13 +532,15 @@ def run_audit(
     audit_cases = []
     for case_id in pool.case_ids:
         proposals = store.load_case(case_id)["proposals"]
+        truth = true_labels(case_id)
         audit_cases.append(
             AuditCase(
                 case_id=case_id,
-                true_dice=proposal_dice(proposals, true_labels(case_id), labels),
+                true_dice=proposal_dice(proposals, truth, labels),
                 judge_scores={label: np.asarray(scores[case_id]) for label, _, scores in judged},
                 proposals=proposals,
                 image=reader.load(case_id)[0],
+                true_labels=truth,
             )
         )
     report = audit_judges(

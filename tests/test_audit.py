@@ -13,6 +13,7 @@ from nnunet_rndpo.audit import (
     AuditCase,
     PairExample,
     audit_judges,
+    disagreement_correctness,
     expected_gain,
     format_table,
     load_reliability_curve,
@@ -188,6 +189,43 @@ def test_top1_lift_rank_curve_and_pair_dice_by_hand():
     assert constant["chosen_minus_rejected_true_dice"] == {"top_bottom": None, "top_rest": None}
     table = format_table(report)
     assert "top-1 lift" in table and "+0.200" in table and "-0.200" in table and "chosen - rejected" in table
+
+
+def test_disagreement_correctness_counts_where_each_mask_has_the_true_label():
+    truth = np.array([[0, 1, 1, 2], [2, 2, 0, 0]])
+    chosen = np.array([[0, 1, 0, 2], [2, 1, 0, 0]])  # disagrees with rejected at 4 voxels
+    rejected = np.array([[1, 1, 1, 2], [0, 2, 0, 1]])
+    # disagreeing voxels: (0,0) chosen right; (0,2) rejected right; (1,0) chosen right; (1,1) rejected right;
+    # (1,3) chosen right: 5 voxels, 3 where chosen is right, 2 where rejected is
+    assert disagreement_correctness(chosen, rejected, truth) == (5, 3, 2)
+    assert disagreement_correctness(chosen, chosen, truth) == (0, 0, 0)
+    with pytest.raises(ValueError, match="one shape"):
+        disagreement_correctness(chosen, rejected, truth[:1])
+
+
+def test_mined_pairs_report_the_share_of_disagreeing_voxels_where_chosen_is_right():
+    # proposal k marks the first k + 1 voxels; truth marks the first 2: between proposals 0 (1 voxel) and
+    # 2 (3 voxels) the masks disagree at voxels 1 and 2; the truth has voxel 1, not voxel 2
+    truth = np.zeros((4, 4), dtype=np.uint8)
+    truth.reshape(-1)[:2] = 1
+    cases = [
+        AuditCase(
+            "a",
+            np.array([0.9, 0.7, 0.5]),
+            {"picks_2": np.array([0.0, 0.5, 1.0]), "picks_0": np.array([1.0, 0.5, 0.0])},
+            distinct_proposals(3),
+            true_labels=truth,
+        )
+    ]
+    report = audit_judges(cases, strategies=("top_bottom",))
+    for name in ("picks_2", "picks_0"):
+        mining = report["judges"][name]["mining"]["top_bottom"]
+        assert mining["disagreement_voxels_with_truth"] == 2
+        assert mining["chosen_right_in_disagreement"] == pytest.approx(0.5)
+        assert mining["rejected_right_in_disagreement"] == pytest.approx(0.5)
+    assert "/ 50%" in format_table(report)
+    without_truth = audit_judges(hand_cases(perfect=lambda dice: dice), strategies=("top_bottom",))
+    assert without_truth["judges"]["perfect"]["mining"]["top_bottom"]["chosen_right_in_disagreement"] is None
 
 
 def test_rank_curve_averages_tied_scores():
