@@ -590,8 +590,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"({len(curve['points'])} points{source})"
         )
     strategies = report["settings"]["strategies"]
-    lines += ["", "Mined pairs: chosen - rejected true Dice (mean) / wrong roles / pairs"]
-    lines[-1] += " [/ share of disagreeing voxels where the chosen label is true]"
+    lines += [
+        "",
+        "Mined pairs: chosen - rejected true Dice (mean) / wrong roles / pairs "
+        "[/ share of disagreeing voxels where the chosen label is true]",
+    ]
     mining_header = f"{'judge':<22}" + "".join(f"{strategy:>24}" for strategy in strategies)
     lines += [mining_header, "-" * len(mining_header)]
     for name, figures in report["judges"].items():
