@@ -705,6 +705,14 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
     if base_seconds:
         lines += ["", f"Base training wall time: {base_seconds:.0f} s per seed (mean)."]
         lines += ["", *_wall_time_table(results, base_seconds)]
+    paired = paired_by_case_lines(results)
+    if paired:
+        lines += [
+            "",
+            "Against the base of the same seed, paired by case (mean ± standard error of the per-case difference):",
+            "",
+        ]
+        lines += paired
     reliability = reliability_curves(work, results, figures)
     if reliability:
         lines += ["", "Gain against the oracle's reliability (files: `reliability/`):", "", *reliability]
@@ -712,6 +720,48 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
         figures.mkdir(parents=True, exist_ok=True)
         _plot_curves(grouped, figures)
     return "\n".join(lines)
+
+
+def paired_case_difference(arm: dict, base: dict, split: str) -> Optional[dict]:
+    """Final checkpoint minus base, per case (mean foreground Dice of each case), on `split` ("test" or
+    "validation"): mean and standard error in Dice points, and how many cases got better. None when either lacks
+    the split."""
+    if split not in arm or split not in base:
+        return None
+
+    def per_case(result):
+        cases = result[split]["checkpoint_final"]["per_case"]
+        return {case: float(np.mean(list(dice.values()))) for case, dice in cases.items()}
+
+    mine, theirs = per_case(arm), per_case(base)
+    differences = np.array([mine[case] - theirs[case] for case in sorted(theirs)]) * 100
+    error = differences.std(ddof=1) / np.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    return {
+        "mean": float(differences.mean()),
+        "standard_error": float(error),
+        "better": int(np.sum(differences > 0)),
+        "cases": len(differences),
+    }
+
+
+def paired_by_case_lines(results: dict) -> list[str]:
+    """One line per finished arm against its seed's base, on validation and test (`paired_case_difference`)."""
+    lines = []
+    for name, result in sorted(results.items()):
+        base = results.get(f"base_s{result['arm']['seed']}")
+        if base is None or result is base:
+            continue
+        cells = []
+        for split in ("validation", "test"):
+            figures = paired_case_difference(result, base, split)
+            if figures is not None:
+                cells.append(
+                    f"{split} {figures['mean']:+.2f} ± {figures['standard_error']:.2f} pts "
+                    f"({figures['better']}/{figures['cases']} cases better)"
+                )
+        if cells:
+            lines.append(f"- {name}: " + "; ".join(cells))
+    return lines
 
 
 def _arm_phases(result: dict) -> dict:

@@ -163,6 +163,24 @@ def test_the_gate_reads_whole_case_validation_and_needs_rn_dpo_above_base_and_se
     assert not passed and "not finished" in verdict
 
 
+def test_paired_case_difference_by_hand(low_label):
+    def arm(seed, test_cases):
+        return {
+            "arm": {"seed": seed},
+            "test": {"checkpoint_final": {"per_case": {c: {"1": d, "2": d} for c, d in test_cases.items()}}},
+        }
+
+    base = arm(0, {"a": 0.80, "b": 0.80, "c": 0.80})
+    tuned = arm(0, {"a": 0.81, "b": 0.83, "c": 0.79})  # +1, +3, -1 points: mean +1, std 2, se 2 / sqrt(3)
+    figures = low_label.paired_case_difference(tuned, base, "test")
+    assert figures["mean"] == pytest.approx(1.0)
+    assert figures["standard_error"] == pytest.approx(2 / np.sqrt(3))
+    assert (figures["better"], figures["cases"]) == (2, 3)
+    assert low_label.paired_case_difference(tuned, base, "validation") is None
+    lines = low_label.paired_by_case_lines({"base_s0": base, "x_s0": tuned})
+    assert lines == ["- x_s0: test +1.00 ± 1.15 pts (2/3 cases better)"]
+
+
 def test_an_arm_is_scored_on_the_validation_cases_once(low_label, tmp_path, monkeypatch):
     calls = []
 
