@@ -65,7 +65,7 @@ GATE_MARGIN = 0.005  # v2: RN-DPO with the reliable oracle must beat its base by
 # What the gate and the choice of settings read: the final checkpoint's Dice on the whole validation cases
 # (sliding window, as the test split is scored), not nnU-Net's per-epoch pseudo Dice on random patches. One
 # 20-iteration pseudo-Dice pass varies by 0.43 points (std) on the v2 base (validation_noise.py, BENCHMARKS.md),
-# and even the mean of the last 5 epochs' passes put the base 0.4 points below the mean of 8 passes of its own
+# and even the mean of the last 5 epochs' passes put the base 0.26 points below the mean of 8 passes of its own
 # final checkpoint, in the fine-tuned arms' favour. Whole cases are deterministic for a checkpoint, and every arm
 # is scored on the same cases (paired).
 GATE_EPOCHS = 5
