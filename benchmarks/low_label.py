@@ -169,6 +169,8 @@ PREFERENCE_VARIANTS = {
     "beta1": {"beta": 1.0},
     "ipo0.5": {"objective": "ipo", "target_margin": 0.5},
     "sft3": {"sft_weight": 3.0},
+    # push only the disagreeing voxels the judge's top and bottom halves agree on (nnunet_rndpo/preference_region.py)
+    "consensus": {"preference_region": "ranked_consensus"},
 }
 
 

@@ -22,7 +22,9 @@ What decides the gain of preference training (figures beyond the rank correlatio
 - what it is told voxel by voxel (`mining.<strategy>.chosen_right_in_disagreement`, when the cases carry their
   true label maps): RN-DPO pushes every voxel where the two masks disagree towards the chosen mask's label, so
   the fraction of those voxels where the chosen label is the true one is the share of the push that is right
-  (pooled over the pairs' voxels; the rejected mask's share beside it, the rest is neither);
+  (pooled over the pairs' voxels; the rejected mask's share beside it, the rest is neither); the same shares
+  on the voxels `preference_region: ranked_consensus` keeps (`chosen_right_in_consensus`, and
+  `consensus_fraction`, the part of the disagreeing voxels it keeps);
 - the rank curve: true Dice relative to the case mean at each judge rank (1 = the judge's top; tied
   proposals share their mean), averaged over cases; a perfect ranking is a monotone decreasing curve, the
   oracle's curve is drawn beside it (`judge_audit_ranks.png`);
@@ -45,6 +47,7 @@ from scipy import stats
 
 from nnunet_rndpo.atomic import atomic_path, save_json
 from nnunet_rndpo.mining import MINING_STRATEGIES, PairMiner, disagreement_matrix
+from nnunet_rndpo.preference_region import preference_rejected, ranked_halves
 
 RELIABLE_SPEARMAN = 0.6
 # A reliable judge's pick must also beat a typical proposal by this fraction of what the oracle's pick gains:
@@ -170,6 +173,8 @@ class _JudgeTally:
         self.pair_true_dice: dict[str, list[tuple[float, float]]] = {strategy: [] for strategy in strategies}
         # per strategy: summed (disagreeing voxels, chosen right, rejected right) over pairs with true labels
         self.pair_voxels: dict[str, np.ndarray] = {strategy: np.zeros(3, dtype=np.int64) for strategy in strategies}
+        # the same on the voxels that keep a preference under preference_region "ranked_consensus"
+        self.consensus_voxels: dict[str, np.ndarray] = {s: np.zeros(3, dtype=np.int64) for s in strategies}
         self.montage_strategy = next((s for s in _MONTAGE_STRATEGIES if s in strategies), None)
         self.montage_pairs = montage_pairs
         self.pair_examples: list[PairExample] = []
@@ -201,6 +206,11 @@ class _JudgeTally:
                 if true_labels is not None:
                     self.pair_voxels[strategy] += disagreement_correctness(
                         proposals[pair.chosen], proposals[pair.rejected], true_labels
+                    )
+                    top, bottom = ranked_halves(scores, pair.chosen, pair.rejected)
+                    narrowed = preference_rejected(proposals, pair.chosen, pair.rejected, top, bottom)
+                    self.consensus_voxels[strategy] += disagreement_correctness(
+                        proposals[pair.chosen], narrowed, true_labels
                     )
             # One pair per case (the first mined) until the montage has its pairs.
             if strategy == self.montage_strategy and pairs and len(self.pair_examples) < self.montage_pairs:
@@ -241,6 +251,7 @@ class _JudgeTally:
         gaps = chosen - rejected
         gap = float(gaps.mean()) if gaps.size else None
         disagreeing, chosen_right, rejected_right = (int(count) for count in self.pair_voxels[strategy])
+        kept, chosen_right_kept, rejected_right_kept = (int(count) for count in self.consensus_voxels[strategy])
         return {
             "pairs": summary["pairs"],
             "cases_without_pair": summary["cases_without_pair"],
@@ -257,6 +268,9 @@ class _JudgeTally:
             "disagreement_voxels_with_truth": disagreeing,
             "chosen_right_in_disagreement": chosen_right / disagreeing if disagreeing else None,
             "rejected_right_in_disagreement": rejected_right / disagreeing if disagreeing else None,
+            "consensus_fraction": kept / disagreeing if disagreeing else None,
+            "chosen_right_in_consensus": chosen_right_kept / kept if kept else None,
+            "rejected_right_in_consensus": rejected_right_kept / kept if kept else None,
         }
 
 

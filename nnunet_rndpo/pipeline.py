@@ -21,6 +21,7 @@ from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case
 from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, mine_pairs
 from nnunet_rndpo.nnunet_paths import RunLocation
+from nnunet_rndpo.preference_region import check_region, consensus_voxels, ranked_halves
 from nnunet_rndpo.proposals.members import ProposalSettings
 from nnunet_rndpo.proposals.model import LoadedModel
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
@@ -48,10 +49,12 @@ class PairSettings:
     mining_margin: float = 0.02
     seed: int = 0
     overwrite_proposals: bool = False
+    preference_region: str = "disagreement"  # nnunet_rndpo.preference_region: which voxels of a pair are pushed
 
     def __post_init__(self):
         if self.selection is not None and self.selection not in SELECTIONS:
             raise ValueError(f"selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
+        check_region(self.preference_region)
 
 
 @dataclass
@@ -340,10 +343,17 @@ def mine_store(
 
 
 def pairs_record(
-    store: ProposalStore, scores: dict[str, list[float]], selection: str, margin: float, seed: int
+    store: ProposalStore,
+    scores: dict[str, list[float]],
+    selection: str,
+    margin: float,
+    seed: int,
+    preference_region: str = "disagreement",
 ) -> dict:
     """Training items from scores: mined (chosen, rejected) pairs, or the judge's top proposal per case
-    (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file."""
+    (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file. With preference_region
+    "ranked_consensus" each pair also names the judge's top and bottom halves (`top_half`, `bottom_half`), from
+    which the pair loader narrows the rejected mask, and counts the voxels that keep a preference."""
     if selection == JUDGE_TOP:
         items = [
             {"case_id": case_id, "chosen": int(np.argmax(s)), "rejected": int(np.argmax(s))}
@@ -361,7 +371,16 @@ def pairs_record(
         }
         for p in mined.pairs
     ]
-    return {"summary": mined.summary(), "items": items}
+    summary = {**mined.summary(), "preference_region": preference_region}
+    if preference_region == "ranked_consensus":
+        for item in items:
+            top, bottom = ranked_halves(np.asarray(scores[item["case_id"]]), item["chosen"], item["rejected"])
+            proposals = store.load_case(item["case_id"])["proposals"]
+            kept = consensus_voxels(proposals, item["chosen"], item["rejected"], top, bottom)
+            item.update(top_half=list(top), bottom_half=list(bottom), preference_voxels=int(np.count_nonzero(kept)))
+        kept_voxels = np.array([item["preference_voxels"] for item in items], dtype=np.float64)
+        summary["mean_preference_voxels"] = float(kept_voxels.mean()) if kept_voxels.size else 0.0
+    return {"summary": summary, "items": items}
 
 
 def default_pairs_file(store: ProposalStore, judge: Judge, selection: str) -> Path:
@@ -462,7 +481,9 @@ def prepare_pairs(
         true_labels = TrueLabelLoader(model, location).for_pool(pool)
         scores = score_store(judge, store, reader, pool.case_ids, foreground_labels(model), true_labels, progress)
         if settings.selection is not None:
-            record = pairs_record(store, scores, settings.selection, settings.mining_margin, settings.seed)
+            record = pairs_record(
+                store, scores, settings.selection, settings.mining_margin, settings.seed, settings.preference_region
+            )
             record.update(judge=judge.describe(), store=str(store.folder), pool=pool.source)
             save_json(record, pairs_file)
     barrier()

@@ -362,6 +362,35 @@ def _started(trainer_class, dataset, configuration):
 
 
 @pytest.mark.slow
+def test_ranked_consensus_trains_on_the_narrowed_pairs(preprocessed_synthetic, tiny_configuration, settings_file):
+    """preference_region ranked_consensus end to end at the trainer's start: the pairs file names the judge's
+    halves, the loader's rejected channel is the narrowed mask, and a step runs on it."""
+    from nnunet_rndpo.preference_region import preference_rejected
+
+    class ConsensusRNDPO(named.nnUNetTrainerRNDPO_tiny):
+        pass
+
+    settings_file(validate_base=False, preference_region="ranked_consensus")
+    trainer = _started(ConsensusRNDPO, preprocessed_synthetic, tiny_configuration)
+    try:
+        pairs = json.loads((Path(trainer.output_folder) / "rndpo_pairs.json").read_text())
+        assert pairs["summary"]["preference_region"] == "ranked_consensus"
+        assert all(item["top_half"] and item["bottom_half"] for item in pairs["items"])
+        assert all(item["preference_voxels"] <= item["disagreement_voxels"] for item in pairs["items"])
+        assert any(item["preference_voxels"] < item["disagreement_voxels"] for item in pairs["items"]), (
+            "the synthetic pool's pairs should lose some voxels to the consensus"
+        )
+        item = trainer.training_items[0]
+        proposals = trainer._store.load_case(item.case_id)["proposals"]
+        narrowed = preference_rejected(proposals, item.chosen, item.rejected, item.top_half, item.bottom_half)
+        trainer.train_step(next(trainer.dataloader_train))
+        assert np.isfinite(trainer.read_preference_statistics()["rewards/margins"])
+        assert np.count_nonzero(narrowed != proposals[item.chosen]) == pairs["items"][0]["preference_voxels"]
+    finally:
+        trainer.on_train_end()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("deep_supervision", ("all_scales", "full_resolution"))
 def test_margin_is_zero_at_the_first_step_at_every_scale(
     deep_supervision, preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file

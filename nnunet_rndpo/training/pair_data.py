@@ -4,7 +4,9 @@ Each item is one (image, chosen, rejected) triple. The two masks ride as two seg
 nnU-Net's spatial transforms and deep-supervision downsampling, which keeps them aligned with the image.
 Self-training items (chosen == rejected) can ride as one channel (`single_mask`), exactly nnU-Net's layout.
 Unlabeled cases have no `class_locations`; we give the loader the voxels where the two masks disagree
-instead, so its foreground oversampling becomes disagreement oversampling.
+instead, so its foreground oversampling becomes disagreement oversampling. A pair that names the judge's top
+and bottom halves (preference_region "ranked_consensus") trains on a rejected mask narrowed to the voxels the
+ranking agrees on (nnunet_rndpo.preference_region), before either of those is computed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from nnunet_rndpo.preference_region import preference_rejected
 from nnunet_rndpo.proposals.pool import PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -29,11 +32,26 @@ class TrainingItem:
     """One training example: a case and the indices of its chosen and rejected proposals.
 
     For self-training, rejected == chosen and patches are centred on the chosen mask's foreground.
+    top_half / bottom_half: the judge's halves of the case's proposals when the rejected mask is narrowed to
+    their consensus (empty: the rejected proposal as it is).
     """
 
     case_id: str
     chosen: int
     rejected: int
+    top_half: tuple[int, ...] = ()
+    bottom_half: tuple[int, ...] = ()
+
+    @classmethod
+    def from_record(cls, item: dict) -> "TrainingItem":
+        """One item of a pairs file (nnunet_rndpo.pipeline.pairs_record)."""
+        return cls(
+            item["case_id"],
+            item["chosen"],
+            item["rejected"],
+            tuple(item.get("top_half", ())),
+            tuple(item.get("bottom_half", ())),
+        )
 
     @property
     def key(self) -> str:
@@ -103,7 +121,11 @@ class PairDataset:
         item = self.items[key]
         data, outside, proposals = self._case(item.case_id)
         chosen = proposals[item.chosen].astype(np.int16)
-        rejected = chosen if self.single_mask else proposals[item.rejected].astype(np.int16)
+        if self.single_mask:
+            rejected = chosen
+        else:
+            rejected = preference_rejected(proposals, item.chosen, item.rejected, item.top_half, item.bottom_half)
+            rejected = rejected.astype(np.int16)
         if key not in self._locations:
             # an argwhere over the whole volume: once per item, not once per patch
             region = chosen != rejected if item.chosen != item.rejected else chosen > 0

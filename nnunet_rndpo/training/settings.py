@@ -17,6 +17,7 @@ from typing import Any, Optional
 from nnunet_rndpo.mining import MINING_STRATEGIES
 from nnunet_rndpo.objectives import LOSS_TYPES, NORMALIZATIONS
 from nnunet_rndpo.pipeline import JUDGE_TOP, PairSettings
+from nnunet_rndpo.preference_region import PREFERENCE_REGIONS
 from nnunet_rndpo.proposals.members import ProposalSettings
 
 SETTINGS_ENV_VARIABLE = "RNDPO_SETTINGS"
@@ -62,6 +63,9 @@ class PreferenceSettings:
     judge_options: dict = field(default_factory=dict)
     mining: str = "top_bottom"
     mining_margin: float = 0.02
+    # which voxels of a pair the preference term pushes: every disagreeing voxel, or only those where the judge's
+    # top and bottom halves agree with the chosen and rejected labels (nnunet_rndpo/preference_region.py)
+    preference_region: str = "disagreement"
     # patches
     disagreement_sampling: float = 0.67  # fraction of patches centred on a disagreeing voxel
     # proposals (see ProposalSettings for the keys)
@@ -96,6 +100,7 @@ class PreferenceSettings:
             mining_margin=self.mining_margin,
             seed=self.seed,
             overwrite_proposals=overwrite_proposals,
+            preference_region=self.preference_region,
         )
 
     def to_dict(self) -> dict:
@@ -138,6 +143,7 @@ def validate(settings: PreferenceSettings) -> PreferenceSettings:
     ):
         raise SettingsError(f"setting warmup_iterations must be an integer >= 0, got {settings.warmup_iterations!r}")
     choose("mining", settings.mining, MINING_STRATEGIES)
+    choose("preference_region", settings.preference_region, PREFERENCE_REGIONS)
     if ":" not in settings.judge:  # dotted paths are checked when the judge is built
         choose("judge", settings.judge, available_judges())
     if settings.beta <= 0:

@@ -225,7 +225,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             progress=self.local_rank == 0,
         )
         self._pool, self._store = prepared.pool, prepared.store
-        return [TrainingItem(item["case_id"], item["chosen"], item["rejected"]) for item in prepared.items]
+        return [TrainingItem.from_record(item) for item in prepared.items]
 
     def _barrier(self) -> None:
         if self.is_ddp:

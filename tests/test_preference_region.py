@@ -1,0 +1,128 @@
+"""preference_region "ranked_consensus": a pair pushes only the disagreeing voxels its judge's ranking agrees on.
+Hand-made arrays; the pairs file, the pair loader, the settings and the audit each carry it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnunet_rndpo import pipeline
+from nnunet_rndpo.audit import AuditCase, audit_judges
+from nnunet_rndpo.preference_region import (
+    check_region,
+    consensus_voxels,
+    holds_majority,
+    preference_rejected,
+    ranked_halves,
+)
+from nnunet_rndpo.training.pair_data import LOCATIONS_KEY, PairDataset, TrainingItem
+from nnunet_rndpo.training.settings import PreferenceSettings, SettingsError, validate
+
+# Six proposals of a 1 x 6 image, best-scored first. Proposal 0 (chosen) and 5 (rejected) disagree at voxels 0-3:
+# voxel 0: the top half (0, 1, 2) says 1 (3 of 3), the bottom half (3, 4, 5) says 0 (3 of 3): kept;
+# voxel 1: chosen 1 but proposals 1 and 2 say 0 (1 of 3 hold the chosen label): dropped;
+# voxel 2: rejected 2, but proposals 3 and 4 say 1 (1 of 3 hold the rejected label): dropped;
+# voxel 3: chosen 1 held by 2 of 3, rejected 0 held by 2 of 3: kept; voxels 4-5: the pair agrees.
+PROPOSALS = np.array(
+    [
+        [[1, 1, 1, 1, 0, 2]],  # 0: chosen
+        [[1, 0, 1, 1, 0, 2]],
+        [[1, 0, 1, 0, 0, 2]],
+        [[0, 1, 1, 1, 0, 2]],
+        [[0, 1, 1, 0, 0, 2]],
+        [[0, 0, 2, 0, 0, 2]],  # 5: rejected
+    ],
+    dtype=np.uint8,
+)
+SCORES = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+
+
+def test_ranked_halves_put_chosen_on_top_and_rejected_at_the_bottom():
+    assert ranked_halves(SCORES, 0, 5) == ((0, 1, 2), (3, 4, 5))
+    # ties: the pair's own masks stay on their sides whatever the order of equal scores
+    assert ranked_halves(np.array([0.5, 0.5, 0.5, 0.5]), 3, 0) == ((1, 3), (0, 2))
+    # an odd count leaves the middle proposal out; two proposals are their own halves
+    assert ranked_halves(np.array([0.1, 0.9, 0.5, 0.7, 0.3]), 1, 0) == ((1, 3), (0, 4))
+    assert ranked_halves(np.array([0.2, 0.8]), 1, 0) == ((1,), (0,))
+    with pytest.raises(ValueError, match="two different indices"):
+        ranked_halves(SCORES, 2, 2)
+
+
+def test_holds_majority_needs_more_than_half():
+    masks = np.array([[0, 1, 1], [0, 1, 0], [1, 1, 0], [1, 0, 0]])
+    # label 0 at voxel 0: 2 of 4 (not more than half); label 1 at voxel 1: 3 of 4; label 0 at voxel 2: 3 of 4
+    assert holds_majority(masks, np.array([0, 1, 0])).tolist() == [False, True, True]
+
+
+def test_consensus_keeps_the_voxels_both_halves_agree_on():
+    top, bottom = ranked_halves(SCORES, 0, 5)
+    kept = consensus_voxels(PROPOSALS, 0, 5, top, bottom)
+    assert kept[0].tolist() == [True, False, False, True, False, False]
+    narrowed = preference_rejected(PROPOSALS, 0, 5, top, bottom)
+    # the rejected label where kept, the chosen label elsewhere
+    assert narrowed[0].tolist() == [0, 1, 1, 0, 0, 2]
+    assert np.array_equal(preference_rejected(PROPOSALS, 0, 5), PROPOSALS[5])  # "disagreement": as it is
+    # two proposals: nothing is dropped
+    assert np.array_equal(preference_rejected(PROPOSALS[[0, 5]], 0, 1, (0,), (1,)), PROPOSALS[5])
+    check_region("ranked_consensus")
+    with pytest.raises(ValueError, match="ranked_consensus"):
+        check_region("consensus")
+
+
+class OneCaseStore:
+    def load_case(self, case_id):
+        assert case_id == "case"
+        return {"proposals": PROPOSALS}
+
+
+def test_pairs_file_names_the_halves_and_counts_the_kept_voxels():
+    scores = {"case": SCORES.tolist()}
+    plain = pipeline.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0)
+    assert "top_half" not in plain["items"][0] and plain["summary"]["preference_region"] == "disagreement"
+    record = pipeline.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0, "ranked_consensus")
+    (item,) = record["items"]
+    assert (item["chosen"], item["rejected"], item["disagreement_voxels"]) == (0, 5, 4)
+    assert (item["top_half"], item["bottom_half"], item["preference_voxels"]) == ([0, 1, 2], [3, 4, 5], 2)
+    assert record["summary"]["mean_preference_voxels"] == 2.0
+    with pytest.raises(ValueError, match="preference_region"):
+        pipeline.PairSettings(preference_region="everywhere")
+
+
+class ImageReader:
+    def load(self, case_id):
+        return np.ones((1, *PROPOSALS.shape[1:]), np.float32), np.zeros((1, *PROPOSALS.shape[1:]), np.int8), {}
+
+
+def test_pair_loader_trains_on_the_narrowed_rejected_mask_and_samples_only_kept_voxels():
+    record = pipeline.pairs_record(OneCaseStore(), {"case": SCORES.tolist()}, "top_bottom", 0.0, 0, "ranked_consensus")
+    item = TrainingItem.from_record(record["items"][0])
+    assert (item.top_half, item.bottom_half) == ((0, 1, 2), (3, 4, 5))
+    dataset = PairDataset([item], OneCaseStore(), ImageReader())
+    _, seg, _, properties = dataset.load_case(item.key)
+    assert seg[0].tolist() == PROPOSALS[0].tolist()
+    assert seg[1].tolist() == [[0, 1, 1, 0, 0, 2]]
+    assert sorted(properties["class_locations"][LOCATIONS_KEY][:, 2].tolist()) == [0, 3]
+    # an item of an older pairs file (no halves) trains on the rejected proposal as it is
+    plain = TrainingItem.from_record({"case_id": "case", "chosen": 0, "rejected": 5})
+    _, seg, _, _ = PairDataset([plain], OneCaseStore(), ImageReader()).load_case(plain.key)
+    assert seg[1].tolist() == PROPOSALS[5].tolist()
+
+
+def test_settings_carry_the_region_to_pair_preparation():
+    settings = validate(PreferenceSettings(preference_region="ranked_consensus"))
+    assert settings.pair_settings(overwrite_proposals=False).preference_region == "ranked_consensus"
+    with pytest.raises(SettingsError, match="preference_region='voxels' is not valid; valid: disagreement"):
+        validate(PreferenceSettings(preference_region="voxels"))
+
+
+def test_audit_reports_the_right_share_on_the_kept_voxels():
+    # truth agrees with the chosen mask at voxels 0 and 3 (both kept), with the rejected one at 1 and 2 (dropped)
+    truth = np.array([[1, 0, 2, 1, 0, 2]], dtype=np.uint8)
+    true_dice = np.linspace(0.9, 0.4, 6)  # only the judge's scores decide the pair and the halves
+    case = AuditCase("case", true_dice, {"judge": SCORES}, PROPOSALS, true_labels=truth)
+    mining = audit_judges([case], strategies=("top_bottom",))["judges"]["judge"]["mining"]["top_bottom"]
+    assert mining["chosen_right_in_disagreement"] == pytest.approx(0.5)
+    assert mining["rejected_right_in_disagreement"] == pytest.approx(0.5)
+    assert mining["consensus_fraction"] == pytest.approx(0.5)
+    assert mining["chosen_right_in_consensus"] == pytest.approx(1.0)
+    assert mining["rejected_right_in_consensus"] == pytest.approx(0.0)
