@@ -334,6 +334,20 @@ def prepare(work: Path, data: Path, seed: int, protocol: Protocol) -> dict:
     return split
 
 
+def prepare_once(work: Path, data: Path, seed: int, protocol: Protocol, poll_seconds: float = 20.0) -> None:
+    """`prepare`, one process at a time: two parts started together on a fresh work folder both planned and
+    preprocessed, and nnU-Net's preprocessing of one removed the files the other had written (seen 2026-12-01).
+    A later process still runs `prepare`, which then finds the plans and only rewrites the small files."""
+    work.mkdir(parents=True, exist_ok=True)
+    while True:
+        with claim(work, "prepare") as claimed:
+            if claimed:
+                prepare(work, data, seed, protocol)
+                return
+        print("waiting for another part to prepare the datasets", flush=True)
+        time.sleep(poll_seconds)
+
+
 def validation_folder(work: Path) -> Path:
     return work / "validation_cases"
 
@@ -916,7 +930,7 @@ def main(argv=None) -> int:
         return 0
     protocol = PROTOCOLS[args.protocol]
     schedule = QUICK_SCHEDULE if args.quick else protocol.schedule
-    prepare(work, args.data, args.seed, protocol)
+    prepare_once(work, args.data, args.seed, protocol)
     (work / "arms").mkdir(exist_ok=True)
 
     def run(arm: Arm) -> None:

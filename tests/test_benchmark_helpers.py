@@ -113,6 +113,24 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(low_label, tmp_path):
         assert claimed
 
 
+def test_datasets_are_prepared_by_one_part_at_a_time(low_label, tmp_path, monkeypatch):
+    """A part that finds another part preparing waits for its claim to go, then prepares (finding the plans)."""
+    import subprocess
+    import sys as system
+    import threading
+
+    calls = []
+    monkeypatch.setattr(low_label, "prepare", lambda work, data, seed, protocol: calls.append(work))
+    preparing = subprocess.Popen([system.executable, "-c", "import time; time.sleep(1.5)"])
+    reaper = threading.Thread(target=preparing.wait)  # reaped when it ends, so its pid is no longer alive
+    reaper.start()
+    (tmp_path / "prepare.claim").write_text(str(preparing.pid))
+    low_label.prepare_once(tmp_path, tmp_path, 0, low_label.PROTOCOLS["v3"], poll_seconds=0.2)
+    assert preparing.poll() is not None, "prepared while another part held the claim"
+    reaper.join()
+    assert calls == [tmp_path] and not (tmp_path / "prepare.claim").exists()
+
+
 def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_training(low_label):
     arms = low_label.build_arms_v2("anatomy", ("agreement", "anatomy"))
     names = [arm.name for arm in arms]
