@@ -169,14 +169,19 @@ PREFERENCE_VARIANTS = {
     "beta1": {"beta": 1.0},
     "ipo0.5": {"objective": "ipo", "target_margin": 0.5},
     "sft3": {"sft_weight": 3.0},
-    # push only the disagreeing voxels the judge's top and bottom halves agree on (nnunet_rndpo/preference_region.py)
+    # push only some of a pair's disagreeing voxels (nnunet_rndpo/preference_region.py): those the judge's top and
+    # bottom halves agree on, or those where most of the case's proposals hold the chosen label
     "consensus": {"preference_region": "ranked_consensus"},
+    "majority": {"preference_region": "majority"},
 }
 
 
-def preference_arms(seed: int = 0) -> list[Arm]:
+def preference_arms(seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",)) -> list[Arm]:
+    """RN-DPO under each PREFERENCE_VARIANTS setting, with each judge (the sweep itself uses the reliable oracle;
+    a label-free judge's variants run when --only names them)."""
     return [
-        Arm(f"rn_dpo_oracle_reliable_{name}_s{seed}", "rn_dpo", seed, "oracle_reliable", settings=dict(settings))
+        Arm(f"rn_dpo_{judge}_{name}_s{seed}", "rn_dpo", seed, judge, settings=dict(settings))
+        for judge in judges
         for name, settings in PREFERENCE_VARIANTS.items()
     ]
 
@@ -996,8 +1001,8 @@ def main(argv=None) -> int:
         passed, verdict = gate_verdict(results)
         print(verdict, flush=True)
         if args.preference_sweep:
-            for arm in preference_arms(0):
-                if args.only is None or arm.name in args.only:
+            for arm in preference_arms(0, ("oracle_reliable", *protocol.label_free)):
+                if (args.only is None and arm.judge == "oracle_reliable") or (args.only and arm.name in args.only):
                     run(arm)
             print("\n".join(preference_sweep_table(scored_results(work, args.device))), flush=True)
             return 0

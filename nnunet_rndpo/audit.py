@@ -23,8 +23,8 @@ What decides the gain of preference training (figures beyond the rank correlatio
   true label maps): RN-DPO pushes every voxel where the two masks disagree towards the chosen mask's label, so
   the fraction of those voxels where the chosen label is the true one is the share of the push that is right
   (pooled over the pairs' voxels; the rejected mask's share beside it, the rest is neither); the same shares
-  on the voxels `preference_region: ranked_consensus` keeps (`chosen_right_in_consensus`, and
-  `consensus_fraction`, the part of the disagreeing voxels it keeps);
+  on the voxels each other `preference_region` keeps (`mining.<strategy>.preference_regions.<region>`: the
+  part of the disagreeing voxels kept, and the shares there);
 - the rank curve: true Dice relative to the case mean at each judge rank (1 = the judge's top; tied
   proposals share their mean), averaged over cases; a perfect ranking is a monotone decreasing curve, the
   oracle's curve is drawn beside it (`judge_audit_ranks.png`);
@@ -47,9 +47,10 @@ from scipy import stats
 
 from nnunet_rndpo.atomic import atomic_path, save_json
 from nnunet_rndpo.mining import MINING_STRATEGIES, PairMiner, disagreement_matrix
-from nnunet_rndpo.preference_region import preference_rejected, ranked_halves
+from nnunet_rndpo.preference_region import PREFERENCE_REGIONS, kept_voxels, ranked_halves
 
 RELIABLE_SPEARMAN = 0.6
+_NARROW_REGIONS = tuple(region for region in PREFERENCE_REGIONS if region != "disagreement")
 # A reliable judge's pick must also beat a typical proposal by this fraction of what the oracle's pick gains:
 # measured on Hippocampus, agreement over mirror members had Spearman 0.80 but a top-1 lift of 0 (ceiling
 # +0.015), and RN-DPO with it lost 0.3 Dice points.
@@ -173,8 +174,8 @@ class _JudgeTally:
         self.pair_true_dice: dict[str, list[tuple[float, float]]] = {strategy: [] for strategy in strategies}
         # per strategy: summed (disagreeing voxels, chosen right, rejected right) over pairs with true labels
         self.pair_voxels: dict[str, np.ndarray] = {strategy: np.zeros(3, dtype=np.int64) for strategy in strategies}
-        # the same on the voxels that keep a preference under preference_region "ranked_consensus"
-        self.consensus_voxels: dict[str, np.ndarray] = {s: np.zeros(3, dtype=np.int64) for s in strategies}
+        # the same on the voxels each narrower preference_region keeps (kept, chosen right, rejected right)
+        self.region_voxels = {s: {r: np.zeros(3, dtype=np.int64) for r in _NARROW_REGIONS} for s in strategies}
         self.montage_strategy = next((s for s in _MONTAGE_STRATEGIES if s in strategies), None)
         self.montage_pairs = montage_pairs
         self.pair_examples: list[PairExample] = []
@@ -208,10 +209,13 @@ class _JudgeTally:
                         proposals[pair.chosen], proposals[pair.rejected], true_labels
                     )
                     top, bottom = ranked_halves(scores, pair.chosen, pair.rejected)
-                    narrowed = preference_rejected(proposals, pair.chosen, pair.rejected, top, bottom)
-                    self.consensus_voxels[strategy] += disagreement_correctness(
-                        proposals[pair.chosen], narrowed, true_labels
-                    )
+                    for region in _NARROW_REGIONS:
+                        kept = kept_voxels(proposals, pair.chosen, pair.rejected, region, top, bottom)
+                        self.region_voxels[strategy][region] += (
+                            np.count_nonzero(kept),
+                            np.count_nonzero(kept & (proposals[pair.chosen] == true_labels)),
+                            np.count_nonzero(kept & (proposals[pair.rejected] == true_labels)),
+                        )
             # One pair per case (the first mined) until the montage has its pairs.
             if strategy == self.montage_strategy and pairs and len(self.pair_examples) < self.montage_pairs:
                 pair = pairs[0]
@@ -251,7 +255,6 @@ class _JudgeTally:
         gaps = chosen - rejected
         gap = float(gaps.mean()) if gaps.size else None
         disagreeing, chosen_right, rejected_right = (int(count) for count in self.pair_voxels[strategy])
-        kept, chosen_right_kept, rejected_right_kept = (int(count) for count in self.consensus_voxels[strategy])
         return {
             "pairs": summary["pairs"],
             "cases_without_pair": summary["cases_without_pair"],
@@ -268,10 +271,19 @@ class _JudgeTally:
             "disagreement_voxels_with_truth": disagreeing,
             "chosen_right_in_disagreement": chosen_right / disagreeing if disagreeing else None,
             "rejected_right_in_disagreement": rejected_right / disagreeing if disagreeing else None,
-            "consensus_fraction": kept / disagreeing if disagreeing else None,
-            "chosen_right_in_consensus": chosen_right_kept / kept if kept else None,
-            "rejected_right_in_consensus": rejected_right_kept / kept if kept else None,
+            "preference_regions": {
+                region: _region_figures(self.region_voxels[strategy][region], disagreeing) for region in _NARROW_REGIONS
+            },
         }
+
+
+def _region_figures(counts: np.ndarray, disagreeing: int) -> dict[str, Any]:
+    kept, chosen_right, rejected_right = (int(count) for count in counts)
+    return {
+        "kept_fraction": kept / disagreeing if disagreeing else None,
+        "chosen_right": chosen_right / kept if kept else None,
+        "rejected_right": rejected_right / kept if kept else None,
+    }
 
 
 def rank_curve(scores: np.ndarray, true_dice: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case
 from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, mine_pairs
 from nnunet_rndpo.nnunet_paths import RunLocation
-from nnunet_rndpo.preference_region import check_region, consensus_voxels, ranked_halves
+from nnunet_rndpo.preference_region import check_region, kept_voxels, ranked_halves
 from nnunet_rndpo.proposals.members import ProposalSettings
 from nnunet_rndpo.proposals.model import LoadedModel
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
@@ -351,9 +351,10 @@ def pairs_record(
     preference_region: str = "disagreement",
 ) -> dict:
     """Training items from scores: mined (chosen, rejected) pairs, or the judge's top proposal per case
-    (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file. With preference_region
-    "ranked_consensus" each pair also names the judge's top and bottom halves (`top_half`, `bottom_half`), from
-    which the pair loader narrows the rejected mask, and counts the voxels that keep a preference."""
+    (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file. With a preference_region
+    other than "disagreement" each pair names it (and, for "ranked_consensus", the judge's top and bottom halves,
+    `top_half`, `bottom_half`), from which the pair loader narrows the rejected mask, and counts the voxels that
+    keep a preference (`preference_voxels`)."""
     if selection == JUDGE_TOP:
         items = [
             {"case_id": case_id, "chosen": int(np.argmax(s)), "rejected": int(np.argmax(s))}
@@ -372,14 +373,18 @@ def pairs_record(
         for p in mined.pairs
     ]
     summary = {**mined.summary(), "preference_region": preference_region}
-    if preference_region == "ranked_consensus":
+    if preference_region != "disagreement":
         for item in items:
             top, bottom = ranked_halves(np.asarray(scores[item["case_id"]]), item["chosen"], item["rejected"])
+            if preference_region != "ranked_consensus":
+                top, bottom = (), ()
             proposals = store.load_case(item["case_id"])["proposals"]
-            kept = consensus_voxels(proposals, item["chosen"], item["rejected"], top, bottom)
-            item.update(top_half=list(top), bottom_half=list(bottom), preference_voxels=int(np.count_nonzero(kept)))
-        kept_voxels = np.array([item["preference_voxels"] for item in items], dtype=np.float64)
-        summary["mean_preference_voxels"] = float(kept_voxels.mean()) if kept_voxels.size else 0.0
+            kept = kept_voxels(proposals, item["chosen"], item["rejected"], preference_region, top, bottom)
+            item.update(preference_region=preference_region, preference_voxels=int(np.count_nonzero(kept)))
+            if top:
+                item.update(top_half=list(top), bottom_half=list(bottom))
+        preference_voxels = np.array([item["preference_voxels"] for item in items], dtype=np.float64)
+        summary["mean_preference_voxels"] = float(preference_voxels.mean()) if preference_voxels.size else 0.0
     return {"summary": summary, "items": items}
 
 

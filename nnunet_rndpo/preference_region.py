@@ -2,17 +2,20 @@
 
 A judge ranks whole masks; RN-DPO pushes every voxel where the chosen and rejected masks differ towards the
 chosen label. A better mask is not better everywhere: on one model's mirror members even the exact oracle's
-top_bottom pairs have the true label on the chosen side at only 66% of those voxels (BENCHMARKS.md, the v2
-audit), so a third of the push is wrong whatever the judge.
+top_bottom pairs have the true label on the chosen side at only 64-66% of those voxels (BENCHMARKS.md, the v2
+and v3 audits), so a third of the push is wrong whatever the judge.
 
 - "disagreement" (the default): every voxel where the two masks differ.
 - "ranked_consensus": only the voxels where the preference is shared by the judge's ranking rather than a
   quirk of the two masks: the chosen label is held by a strict majority of the judge's top half of proposals
-  and the rejected label by a strict majority of its bottom half. Elsewhere the rejected mask takes the chosen
-  label, so the voxel leaves the pair's disagreement region (and RN-DPO's normalisation); the SFT term on the
-  chosen mask still sees it. With two proposals the halves are the pair itself and nothing is dropped.
+  and the rejected label by a strict majority of its bottom half. With two proposals the halves are the pair
+  itself and nothing is dropped.
+- "majority": only the voxels where the chosen label is held by a strict majority of all the case's
+  proposals: the push goes where the judge and the proposals' vote agree. The vote carries information of its
+  own (an ensemble of mirror members beats a typical member), which no judge of single masks sees.
 
-Pure: arrays in, arrays out.
+Outside the kept voxels the rejected mask takes the chosen label, so they leave the pair's disagreement region
+(and RN-DPO's normalisation); the SFT term on the chosen mask still sees them. Pure: arrays in, arrays out.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-PREFERENCE_REGIONS = ("disagreement", "ranked_consensus")
+PREFERENCE_REGIONS = ("disagreement", "ranked_consensus", "majority")
 
 
 def check_region(region: str) -> None:
@@ -51,25 +54,43 @@ def holds_majority(masks: np.ndarray, label_map: np.ndarray) -> np.ndarray:
     return 2 * agreeing > masks.shape[0]
 
 
-def consensus_voxels(
-    proposals: np.ndarray, chosen: int, rejected: int, top: Sequence[int], bottom: Sequence[int]
+def kept_voxels(
+    proposals: np.ndarray,
+    chosen: int,
+    rejected: int,
+    region: str = "disagreement",
+    top: Sequence[int] = (),
+    bottom: Sequence[int] = (),
 ) -> np.ndarray:
-    """The disagreeing voxels the ranking agrees on: chosen label = top-half majority, rejected label =
-    bottom-half majority."""
+    """The disagreeing voxels of the pair that `region` keeps (`top` and `bottom`: the judge's halves, from
+    `ranked_halves`, which "ranked_consensus" needs)."""
+    check_region(region)
     chosen_mask, rejected_mask = proposals[chosen], proposals[rejected]
-    return (
-        (chosen_mask != rejected_mask)
-        & holds_majority(proposals[list(top)], chosen_mask)
-        & holds_majority(proposals[list(bottom)], rejected_mask)
-    )
+    disagreement = chosen_mask != rejected_mask
+    if region == "majority":
+        return disagreement & holds_majority(proposals, chosen_mask)
+    if region == "ranked_consensus":
+        if not top or not bottom:
+            raise ValueError("preference_region 'ranked_consensus' needs the judge's top and bottom halves")
+        return (
+            disagreement
+            & holds_majority(proposals[list(top)], chosen_mask)
+            & holds_majority(proposals[list(bottom)], rejected_mask)
+        )
+    return disagreement
 
 
 def preference_rejected(
-    proposals: np.ndarray, chosen: int, rejected: int, top: Sequence[int] = (), bottom: Sequence[int] = ()
+    proposals: np.ndarray,
+    chosen: int,
+    rejected: int,
+    region: str = "disagreement",
+    top: Sequence[int] = (),
+    bottom: Sequence[int] = (),
 ) -> np.ndarray:
-    """The rejected mask a pair trains on: the rejected proposal where the ranking agrees on the preference,
-    the chosen label elsewhere. Empty `top` and `bottom` ("disagreement"): the rejected proposal itself."""
-    if not top and not bottom:
+    """The rejected mask a pair trains on: the rejected proposal on the voxels `region` keeps, the chosen label
+    elsewhere ("disagreement": the rejected proposal itself)."""
+    if region == "disagreement":
         return proposals[rejected]
-    kept = consensus_voxels(proposals, chosen, rejected, top, bottom)
+    kept = kept_voxels(proposals, chosen, rejected, region, top, bottom)
     return np.where(kept, proposals[rejected], proposals[chosen])

@@ -219,6 +219,8 @@ def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(lo
 
     arms = low_label.preference_arms(0)
     assert len({arm.name for arm in arms}) == len(low_label.PREFERENCE_VARIANTS)
+    label_free = low_label.preference_arms(0, ("oracle_reliable", "agreement"))
+    assert "rn_dpo_agreement_majority_s0" in {arm.name for arm in label_free} and len(label_free) == 2 * len(arms)
     defaults = PreferenceSettings()
     for arm in arms:
         assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.name.endswith("_s0")

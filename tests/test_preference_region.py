@@ -1,5 +1,6 @@
-"""preference_region "ranked_consensus": a pair pushes only the disagreeing voxels its judge's ranking agrees on.
-Hand-made arrays; the pairs file, the pair loader, the settings and the audit each carry it."""
+"""preference_region: a pair pushes only the disagreeing voxels its judge's ranking ("ranked_consensus") or the
+proposals' vote ("majority") agrees on. Hand-made arrays; the pairs file, the pair loader, the settings and the
+audit each carry it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from nnunet_rndpo import pipeline
 from nnunet_rndpo.audit import AuditCase, audit_judges
 from nnunet_rndpo.preference_region import (
     check_region,
-    consensus_voxels,
     holds_majority,
+    kept_voxels,
     preference_rejected,
     ranked_halves,
 )
@@ -23,6 +24,7 @@ from nnunet_rndpo.training.settings import PreferenceSettings, SettingsError, va
 # voxel 1: chosen 1 but proposals 1 and 2 say 0 (1 of 3 hold the chosen label): dropped;
 # voxel 2: rejected 2, but proposals 3 and 4 say 1 (1 of 3 hold the rejected label): dropped;
 # voxel 3: chosen 1 held by 2 of 3, rejected 0 held by 2 of 3: kept; voxels 4-5: the pair agrees.
+# "majority" (more than 3 of all 6 hold the chosen label) keeps voxel 2 only (5 of 6); voxels 0, 1, 3: 3 of 6.
 PROPOSALS = np.array(
     [
         [[1, 1, 1, 1, 0, 2]],  # 0: chosen
@@ -56,17 +58,24 @@ def test_holds_majority_needs_more_than_half():
 
 def test_consensus_keeps_the_voxels_both_halves_agree_on():
     top, bottom = ranked_halves(SCORES, 0, 5)
-    kept = consensus_voxels(PROPOSALS, 0, 5, top, bottom)
+    kept = kept_voxels(PROPOSALS, 0, 5, "ranked_consensus", top, bottom)
     assert kept[0].tolist() == [True, False, False, True, False, False]
-    narrowed = preference_rejected(PROPOSALS, 0, 5, top, bottom)
+    narrowed = preference_rejected(PROPOSALS, 0, 5, "ranked_consensus", top, bottom)
     # the rejected label where kept, the chosen label elsewhere
     assert narrowed[0].tolist() == [0, 1, 1, 0, 0, 2]
     assert np.array_equal(preference_rejected(PROPOSALS, 0, 5), PROPOSALS[5])  # "disagreement": as it is
     # two proposals: nothing is dropped
-    assert np.array_equal(preference_rejected(PROPOSALS[[0, 5]], 0, 1, (0,), (1,)), PROPOSALS[5])
+    assert np.array_equal(preference_rejected(PROPOSALS[[0, 5]], 0, 1, "ranked_consensus", (0,), (1,)), PROPOSALS[5])
+    with pytest.raises(ValueError, match="halves"):
+        kept_voxels(PROPOSALS, 0, 5, "ranked_consensus")
     check_region("ranked_consensus")
     with pytest.raises(ValueError, match="ranked_consensus"):
         check_region("consensus")
+
+
+def test_majority_keeps_the_voxels_where_most_proposals_hold_the_chosen_label():
+    assert kept_voxels(PROPOSALS, 0, 5, "majority")[0].tolist() == [False, False, True, False, False, False]
+    assert preference_rejected(PROPOSALS, 0, 5, "majority")[0].tolist() == [1, 1, 2, 1, 0, 2]
 
 
 class OneCaseStore:
@@ -83,7 +92,9 @@ def test_pairs_file_names_the_halves_and_counts_the_kept_voxels():
     (item,) = record["items"]
     assert (item["chosen"], item["rejected"], item["disagreement_voxels"]) == (0, 5, 4)
     assert (item["top_half"], item["bottom_half"], item["preference_voxels"]) == ([0, 1, 2], [3, 4, 5], 2)
-    assert record["summary"]["mean_preference_voxels"] == 2.0
+    assert item["preference_region"] == "ranked_consensus" and record["summary"]["mean_preference_voxels"] == 2.0
+    (majority,) = pipeline.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0, "majority")["items"]
+    assert majority["preference_voxels"] == 1 and "top_half" not in majority
     with pytest.raises(ValueError, match="preference_region"):
         pipeline.PairSettings(preference_region="everywhere")
 
@@ -96,7 +107,7 @@ class ImageReader:
 def test_pair_loader_trains_on_the_narrowed_rejected_mask_and_samples_only_kept_voxels():
     record = pipeline.pairs_record(OneCaseStore(), {"case": SCORES.tolist()}, "top_bottom", 0.0, 0, "ranked_consensus")
     item = TrainingItem.from_record(record["items"][0])
-    assert (item.top_half, item.bottom_half) == ((0, 1, 2), (3, 4, 5))
+    assert (item.region, item.top_half, item.bottom_half) == ("ranked_consensus", (0, 1, 2), (3, 4, 5))
     dataset = PairDataset([item], OneCaseStore(), ImageReader())
     _, seg, _, properties = dataset.load_case(item.key)
     assert seg[0].tolist() == PROPOSALS[0].tolist()
@@ -116,13 +127,14 @@ def test_settings_carry_the_region_to_pair_preparation():
 
 
 def test_audit_reports_the_right_share_on_the_kept_voxels():
-    # truth agrees with the chosen mask at voxels 0 and 3 (both kept), with the rejected one at 1 and 2 (dropped)
+    # truth agrees with the chosen mask at voxels 0 and 3 (the consensus keeps both), with the rejected one at 1, 2
     truth = np.array([[1, 0, 2, 1, 0, 2]], dtype=np.uint8)
     true_dice = np.linspace(0.9, 0.4, 6)  # only the judge's scores decide the pair and the halves
     case = AuditCase("case", true_dice, {"judge": SCORES}, PROPOSALS, true_labels=truth)
     mining = audit_judges([case], strategies=("top_bottom",))["judges"]["judge"]["mining"]["top_bottom"]
     assert mining["chosen_right_in_disagreement"] == pytest.approx(0.5)
     assert mining["rejected_right_in_disagreement"] == pytest.approx(0.5)
-    assert mining["consensus_fraction"] == pytest.approx(0.5)
-    assert mining["chosen_right_in_consensus"] == pytest.approx(1.0)
-    assert mining["rejected_right_in_consensus"] == pytest.approx(0.0)
+    consensus, majority = (mining["preference_regions"][r] for r in ("ranked_consensus", "majority"))
+    assert (consensus["kept_fraction"], consensus["chosen_right"], consensus["rejected_right"]) == (0.5, 1.0, 0.0)
+    # majority keeps voxel 2 only, where the truth is the rejected label
+    assert (majority["kept_fraction"], majority["chosen_right"], majority["rejected_right"]) == (0.25, 0.0, 1.0)

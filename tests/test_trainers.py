@@ -382,7 +382,9 @@ def test_ranked_consensus_trains_on_the_narrowed_pairs(preprocessed_synthetic, t
         )
         item = trainer.training_items[0]
         proposals = trainer._store.load_case(item.case_id)["proposals"]
-        narrowed = preference_rejected(proposals, item.chosen, item.rejected, item.top_half, item.bottom_half)
+        narrowed = preference_rejected(
+            proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half
+        )
         trainer.train_step(next(trainer.dataloader_train))
         assert np.isfinite(trainer.read_preference_statistics()["rewards/margins"])
         assert np.count_nonzero(narrowed != proposals[item.chosen]) == pairs["items"][0]["preference_voxels"]

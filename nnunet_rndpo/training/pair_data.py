@@ -4,9 +4,9 @@ Each item is one (image, chosen, rejected) triple. The two masks ride as two seg
 nnU-Net's spatial transforms and deep-supervision downsampling, which keeps them aligned with the image.
 Self-training items (chosen == rejected) can ride as one channel (`single_mask`), exactly nnU-Net's layout.
 Unlabeled cases have no `class_locations`; we give the loader the voxels where the two masks disagree
-instead, so its foreground oversampling becomes disagreement oversampling. A pair that names the judge's top
-and bottom halves (preference_region "ranked_consensus") trains on a rejected mask narrowed to the voxels the
-ranking agrees on (nnunet_rndpo.preference_region), before either of those is computed.
+instead, so its foreground oversampling becomes disagreement oversampling. A pair with a preference_region
+other than "disagreement" trains on a rejected mask narrowed to the voxels that region keeps
+(nnunet_rndpo.preference_region), before either of those is computed.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ class TrainingItem:
     """One training example: a case and the indices of its chosen and rejected proposals.
 
     For self-training, rejected == chosen and patches are centred on the chosen mask's foreground.
-    top_half / bottom_half: the judge's halves of the case's proposals when the rejected mask is narrowed to
-    their consensus (empty: the rejected proposal as it is).
+    region: the preference_region that narrows the rejected mask ("disagreement": the proposal as it is);
+    top_half / bottom_half: the judge's halves of the case's proposals, which "ranked_consensus" reads.
     """
 
     case_id: str
     chosen: int
     rejected: int
+    region: str = "disagreement"
     top_half: tuple[int, ...] = ()
     bottom_half: tuple[int, ...] = ()
 
@@ -49,6 +50,7 @@ class TrainingItem:
             item["case_id"],
             item["chosen"],
             item["rejected"],
+            item.get("preference_region", "disagreement"),
             tuple(item.get("top_half", ())),
             tuple(item.get("bottom_half", ())),
         )
@@ -124,7 +126,9 @@ class PairDataset:
         if self.single_mask:
             rejected = chosen
         else:
-            rejected = preference_rejected(proposals, item.chosen, item.rejected, item.top_half, item.bottom_half)
+            rejected = preference_rejected(
+                proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half
+            )
             rejected = rejected.astype(np.int16)
         if key not in self._locations:
             # an argwhere over the whole volume: once per item, not once per patch
