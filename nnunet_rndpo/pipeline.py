@@ -375,9 +375,11 @@ def pairs_record(
     summary = {**mined.summary(), "preference_region": preference_region}
     if preference_region != "disagreement":
         for item in items:
-            top, bottom = ranked_halves(np.asarray(scores[item["case_id"]]), item["chosen"], item["rejected"])
-            if preference_region != "ranked_consensus":
-                top, bottom = (), ()
+            top, bottom = (
+                ranked_halves(np.asarray(scores[item["case_id"]]), item["chosen"], item["rejected"])
+                if preference_region == "ranked_consensus"
+                else ((), ())
+            )
             proposals = store.load_case(item["case_id"])["proposals"]
             kept = kept_voxels(proposals, item["chosen"], item["rejected"], preference_region, top, bottom)
             item.update(preference_region=preference_region, preference_voxels=int(np.count_nonzero(kept)))
