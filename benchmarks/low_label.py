@@ -212,6 +212,38 @@ def preference_sweep_table(results: dict, seed: int = 0) -> list[str]:
     return lines
 
 
+# Cross-model proposals (`--cross_seed`): each seed's base is one model of a deep ensemble trained on the same
+# labeled cases from another initialisation, the stand-in here for nnU-Net's 5 fold models (`other_folds`), which
+# 5 labeled cases cannot give. A seed's proposals: its own base's plain pass and mirror members, one plain pass and
+# the mirror members of each other seed's base, and nnU-Net's ensemble of every pass (1 + 7 + 2 + 14 + 1 = 25).
+# Disagreement between models trained from different starts is information that one model's mirror flips lack.
+CROSS_SEED_SOURCES = ("tta", "checkpoint", "checkpoint_tta", "ensemble")
+
+
+def cross_seed_proposals(seed: int, seeds=(0, 1, 2)) -> dict:
+    """The `proposals` setting of a cross-seed arm: the other seeds' base checkpoints as extra proposal sources."""
+    others = [str(base_folder(other) / "checkpoint_final.pth") for other in seeds if other != seed]
+    members_per_network = 8  # the plain pass and 7 mirror flips over 3 axes
+    return {
+        "sources": list(CROSS_SEED_SOURCES),
+        "extra_checkpoints": others,
+        "num_proposals": members_per_network * (1 + len(others)) + 1,
+    }
+
+
+def cross_seed_arms(seed: int, judges: tuple[str, ...], seeds=(0, 1, 2)) -> list[Arm]:
+    """RN-DPO and self-training side by side with each judge, on the cross-seed proposals of `seed`'s base."""
+    proposals = cross_seed_proposals(seed, seeds)
+    return [
+        arm
+        for judge in judges
+        for arm in (
+            Arm(f"rn_dpo_{judge}_seeds_s{seed}", "rn_dpo", seed, judge, settings={"proposals": proposals}),
+            Arm(f"self_train_{judge}_seeds_s{seed}", "self_train", seed, judge, settings={"proposals": proposals}),
+        )
+    ]
+
+
 def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1, 2)) -> list[Arm]:
     """Protocol v2, most important first: the sanity gate, the oracle reliability sweep, every label-free
     judge, then more seeds of the best one. RN-DPO and self-training always side by side."""
@@ -510,9 +542,17 @@ def evaluate_checkpoint(checkpoint: Path, predictions: Path, device: str = "cpu"
 
 
 def audit_on_validation(
-    work: Path, seed: int, threads: int, device: str = "cpu", label_free: tuple[str, ...] = LABEL_FREE
+    work: Path,
+    seed: int,
+    threads: int,
+    device: str = "cpu",
+    label_free: tuple[str, ...] = LABEL_FREE,
+    proposals: Optional[dict] = None,
+    folder: str = "audit",
 ) -> dict:
-    """The judge audit on the validation split: picks the best label-free judge (never the test set)."""
+    """The judge audit on the validation split: picks the best label-free judge (never the test set). `proposals`
+    (a ProposalSettings dict, e.g. `cross_seed_proposals`) audits other proposals than the mirror members, into
+    <work>/<folder>."""
     import torch
 
     from nnunet_rndpo.nnunet_paths import locate
@@ -521,7 +561,7 @@ def audit_on_validation(
     from nnunet_rndpo.proposals.model import load_model
 
     torch.set_num_threads(threads)
-    output = work / "audit"
+    output = work / folder
     if (output / "judge_audit.json").is_file():
         return json.loads((output / "judge_audit.json").read_text())
     location = locate(DATASET_ID, CONFIGURATION, 0)
@@ -535,7 +575,11 @@ def audit_on_validation(
     # every label-free judge and every oracle level of the sweep, each under its benchmark name: the oracles'
     # measured reliability is the x axis of the reliability curve
     specs = [(name, *JUDGES[name]) for name in (*label_free, *ORACLE_SWEEP) if name in JUDGES] + ["oracle"]
-    return run_audit(model, location, specs, ProposalSettings(), output, device=device, margin=0.02, seed=seed)
+    settings = ProposalSettings.from_dict(proposals or {})
+    store = work / "audit_proposals" / folder if proposals else None  # the default store holds mirror members
+    return run_audit(
+        model, location, specs, settings, output, device=device, margin=0.02, seed=seed, store_folder=store
+    )
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -879,6 +923,37 @@ def _plot_curves(grouped: dict, figures: Path) -> None:
         plt.close(figure)
 
 
+def best_label_free(audit: dict, label_free: tuple[str, ...]) -> str:
+    """The label-free judge whose pick beats a typical proposal by most on validation (its top-1 lift)."""
+    audited = [judge for judge in label_free if judge in audit["judges"]]
+    return max(audited, key=lambda judge: audit["judges"][judge].get("top1_lift") or -1)
+
+
+def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -> int:
+    """`--cross_seed`: the seeds' bases (one ensemble), the judge audit on seed 0's cross-seed proposals
+    (validation split), then RN-DPO and self-training on those proposals with the best label-free judge there and
+    with the reliable oracle (the ceiling)."""
+    wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
+    for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
+        if wanted(arm):
+            run(arm)
+    for seed in seeds:
+        _wait_for(base_folder(seed) / "checkpoint_final.pth")
+    if args.part_id == 0:
+        audit_on_validation(
+            work, 0, args.threads, args.device, protocol.label_free, cross_seed_proposals(0, seeds), "audit_seeds"
+        )
+    audit = json.loads(_wait_for(work / "audit_seeds" / "judge_audit.json").read_text())
+    best = best_label_free(audit, protocol.label_free)
+    lift = audit["judges"][best]["top1_lift"]
+    print(f"best label-free judge on the cross-seed proposals: {best} (top-1 lift {lift})", flush=True)
+    arms = [arm for arm in cross_seed_arms(0, (best, "oracle_reliable"), seeds) if wanted(arm)]
+    for arm in arms[args.part_id :: args.num_parts]:
+        run(arm)
+    print(summarise(work))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("bench_output/low_label"))
@@ -908,6 +983,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--ignore_gate", action="store_true", help="v2, v3: run the judge arms even when the sanity gate fails"
+    )
+    parser.add_argument(
+        "--cross_seed",
+        action="store_true",
+        help="v2, v3: the bases of seeds 0-2 as one ensemble: audit the judges on seed 0's cross-seed proposals "
+        "(audit_seeds/), then RN-DPO and self-training with the best label-free judge there and the reliable oracle",
     )
     parser.add_argument(
         "--preference_sweep",
@@ -962,9 +1043,11 @@ def main(argv=None) -> int:
             flush=True,
         )
 
+    seeds = (0, 1, 2)
+    if args.cross_seed:
+        return run_cross_seed(work, args, protocol, run, seeds)
     # Bases first: part 0 trains the seed-0 base and runs the judge audit on the validation split (which picks
     # the best label-free judge for the other arms); the other parts train the other seeds' bases meanwhile.
-    seeds = (0, 1, 2)
     # v2 trains the other seeds' bases after the gate and the seed-0 arms (build_arms_v2)
     bases = [Arm(f"base_s{s}", "base", s) for s in (seeds if not protocol.gated else (0,))]
     for arm in bases[args.part_id :: args.num_parts] if args.num_parts > 1 else bases:
@@ -976,22 +1059,22 @@ def main(argv=None) -> int:
     if args.part_id == 0:
         audit_on_validation(work, 0, args.threads, args.device, protocol.label_free)
     audit = json.loads(_wait_for(audit_file).read_text())
-    audited = [judge for judge in protocol.label_free if judge in audit["judges"]]
     if protocol.name == "v1":
+        audited = [judge for judge in protocol.label_free if judge in audit["judges"]]
         best = max(audited, key=lambda j: audit["judges"][j]["spearman"] or -1)
         print(
             f"best label-free judge on validation: {best} (Spearman {audit['judges'][best]['spearman']:.3f})",
             flush=True,
         )
     else:  # what decides the gain is whether the judge's pick beats a typical proposal (its top-1 lift)
-        best = max(audited, key=lambda j: audit["judges"][j].get("top1_lift") or -1)
+        best = best_label_free(audit, protocol.label_free)
         print(
             f"best label-free judge on validation: {best} (top-1 lift {audit['judges'][best].get('top1_lift')})",
             flush=True,
         )
     if protocol.gated:
         arms = build_arms_v2(best, protocol.label_free, seeds)
-        gate = [a for a in arms if a.name in GATE_ARMS]
+        gate = [a for a in arms if a.name in GATE_ARMS and (args.only is None or a.name in args.only)]
         rest = [a for a in arms if a.name not in GATE_ARMS]
         for arm in gate:
             if arm.kind not in ("base", "upper"):

@@ -521,18 +521,22 @@ def run_audit(
     seed: int = 0,
     reliability_curve: Optional[Path] = None,
     progress: bool = True,
+    store_folder: Optional[Path] = None,
 ) -> dict:
     """Judges against true Dice on labeled cases (default: the fold's validation cases): JSON, PNGs, report.
     judge_specs: judge names (reported under their names), or (label, name, options) to audit one judge with
     several options side by side (e.g. the oracle at several noise levels).
-    `reliability_curve`: a JSON reliability-to-gain curve (docs/judges.md) for each judge's expected gain."""
+    `reliability_curve`: a JSON reliability-to-gain curve (docs/judges.md) for each judge's expected gain.
+    `store_folder`: where the audited proposals go (default: beside the checkpoint's store, `<store>__audit`); give
+    each proposal setting its own, since a store holds the proposals of one setting."""
     from nnunet_rndpo.audit import AuditCase, audit_judges, recommend, write_audit
     from nnunet_rndpo.segmentation_metrics import proposal_dice
 
     pool = location.validation_pool(case_ids)
-    store_folder = location.store_folder(model.checkpoint_path)
-    audit_store_folder = store_folder.parent / f"{store_folder.name}__audit"
-    store, _ = generate_proposals(model, pool, audit_store_folder, proposal_settings, device=device, progress=progress)
+    if store_folder is None:
+        default = location.store_folder(model.checkpoint_path)
+        store_folder = default.parent / f"{default.name}__audit"
+    store, _ = generate_proposals(model, pool, store_folder, proposal_settings, device=device, progress=progress)
     judged = []  # (label, judge, scores)
     for label, spec, options in (
         (item, item, {}) if isinstance(item, str) else (str(item[0]), item[1], dict(item[2])) for item in judge_specs
@@ -549,7 +553,7 @@ def run_audit(
             PairSettings(proposals=proposal_settings, judge=spec, judge_options=options, selection=None, seed=seed),
             device=device,
             pool=pool,
-            store_folder=audit_store_folder,
+            store_folder=store_folder,
             progress=progress,
             log=lambda message: None,
         )

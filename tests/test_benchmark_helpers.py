@@ -290,3 +290,48 @@ def test_validation_noise_computes_nnunets_pseudo_dice_from_summed_counts():
     ]
     assert pseudo_dice(outputs) == pytest.approx(8 / 12)
     assert spread([0.5, 0.7])["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+@pytest.fixture
+def bases_of_seeds(low_label, monkeypatch):
+    monkeypatch.setattr(low_label, "base_folder", lambda seed: Path(f"/results/Bench_base_s{seed}/fold_0"))
+
+
+def test_cross_seed_proposals_are_every_base_of_the_ensemble_and_its_mean(low_label, bases_of_seeds):
+    from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
+
+    proposals = low_label.cross_seed_proposals(1, seeds=(0, 1, 2))
+    assert proposals["extra_checkpoints"] == [
+        "/results/Bench_base_s0/fold_0/checkpoint_final.pth",
+        "/results/Bench_base_s2/fold_0/checkpoint_final.pth",
+    ]
+    members = plan_members(ProposalSettings.from_dict(proposals), mirror_axes=(0, 1, 2))
+    # the own base's 8 mirror members, each other base's 8, and nnU-Net's ensemble of all of them
+    assert len(members) == proposals["num_proposals"] == 25
+    assert sum(m.source == "ensemble" for m in members) == 1
+    assert {m.network_index for m in members if m.source in ("checkpoint", "checkpoint_tta")} == {1, 2}
+    assert sum(m.network_index == 2 for m in members) == 8
+
+
+def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(low_label, bases_of_seeds):
+    arms = low_label.cross_seed_arms(0, ("agreement", "oracle_reliable"))
+    assert [arm.name for arm in arms] == [
+        "rn_dpo_agreement_seeds_s0",
+        "self_train_agreement_seeds_s0",
+        "rn_dpo_oracle_reliable_seeds_s0",
+        "self_train_oracle_reliable_seeds_s0",
+    ]
+    assert all(arm.settings == {"proposals": low_label.cross_seed_proposals(0)} for arm in arms)
+    assert all(arm.judge in low_label.JUDGES for arm in arms)
+
+
+def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most(low_label):
+    audit = {
+        "judges": {
+            "agreement": {"top1_lift": 0.002},
+            "anatomy": {"top1_lift": 0.004},
+            "uncertainty": {"top1_lift": None},
+            "oracle_reliable": {"top1_lift": 0.009},  # reads labels: never a candidate
+        }
+    }
+    assert low_label.best_label_free(audit, ("agreement", "anatomy", "uncertainty", "learned_qc")) == "anatomy"

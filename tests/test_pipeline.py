@@ -234,6 +234,25 @@ def test_the_audit_reports_one_judge_with_several_options_under_their_labels(loc
 
 
 @pytest.mark.slow
+def test_an_audit_of_other_proposals_keeps_them_in_its_own_store(location_and_model, tmp_path):
+    from nnunet_rndpo.pipeline import run_audit
+    from nnunet_rndpo.proposals.store import ProposalStore
+
+    location, model = location_and_model
+    default = location.store_folder(model.checkpoint_path)
+    default_audit = default.parent / f"{default.name}__audit"
+    assert not default_audit.exists()
+    settings = ProposalSettings(num_proposals=3, sources=("tta", "ensemble"))
+    report = run_audit(
+        model, location, ["agreement"], settings, tmp_path / "a", progress=False, store_folder=tmp_path / "store"
+    )
+    assert not default_audit.exists()  # a store holds one setting's proposals: the default one is left alone
+    manifest = ProposalStore(tmp_path / "store").manifest()
+    assert manifest["settings"]["sources"] == ["tta", "ensemble"] and len(manifest["members"]) == 3
+    assert report["proposals_per_case"] == {"min": 3, "max": 3}
+
+
+@pytest.mark.slow
 def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location_and_model, tmp_path):
     location, model = location_and_model
     pool = location.unlabeled_pool()
