@@ -54,6 +54,8 @@ JUDGES = {
     "virtual_annotator": ("virtual_annotator", {}),
     "anatomy": ("anatomy", {}),
     "agreement_anatomy": ("combination", {"judges": ["agreement", "anatomy"]}),
+    # cross-model proposals only (--cross_seed): each proposal against the vote of every other model
+    "agreement_other_models": ("agreement", {"to": "other_models"}),
     **{f"oracle_noise_{noise}": ("oracle", {"noise_std": noise, "seed": 0}) for noise in (0.01, 0.03, 0.1, 0.3)},
 }
 # the oracle at decreasing reliability: the reliable one, then the noise sweep (reliability curve)
@@ -218,6 +220,7 @@ def preference_sweep_table(results: dict, seed: int = 0) -> list[str]:
 # the mirror members of each other seed's base, and nnU-Net's ensemble of every pass (1 + 7 + 2 + 14 + 1 = 25).
 # Disagreement between models trained from different starts is information that one model's mirror flips lack.
 CROSS_SEED_SOURCES = ("tta", "checkpoint", "checkpoint_tta", "ensemble")
+CROSS_MODEL_JUDGES = ("agreement_other_models",)  # judges that need proposals of several models
 
 
 def cross_seed_proposals(seed: int, seeds=(0, 1, 2)) -> dict:
@@ -939,12 +942,12 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
             run(arm)
     for seed in seeds:
         _wait_for(base_folder(seed) / "checkpoint_final.pth")
+    label_free = (*protocol.label_free, *CROSS_MODEL_JUDGES)
     if args.part_id == 0:
-        audit_on_validation(
-            work, 0, args.threads, args.device, protocol.label_free, cross_seed_proposals(0, seeds), "audit_seeds"
-        )
+        proposals = cross_seed_proposals(0, seeds)
+        audit_on_validation(work, 0, args.threads, args.device, label_free, proposals, "audit_seeds")
     audit = json.loads(_wait_for(work / "audit_seeds" / "judge_audit.json").read_text())
-    best = best_label_free(audit, protocol.label_free)
+    best = best_label_free(audit, label_free)
     lift = audit["judges"][best]["top1_lift"]
     print(f"best label-free judge on the cross-seed proposals: {best} (top-1 lift {lift})", flush=True)
     arms = [arm for arm in cross_seed_arms(0, (best, "oracle_reliable"), seeds) if wanted(arm)]
