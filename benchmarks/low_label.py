@@ -994,6 +994,13 @@ def main(argv=None) -> int:
         "(audit_seeds/), then RN-DPO and self-training with the best label-free judge there and the reliable oracle",
     )
     parser.add_argument(
+        "--ensemble_seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="--cross_seed: the seeds whose bases make the ensemble (seed 0's arms; at least two)",
+    )
+    parser.add_argument(
         "--preference_sweep",
         action="store_true",
         help="v2, v3: after the gate arms, RN-DPO with the reliable oracle under each PREFERENCE_VARIANTS setting "
@@ -1048,7 +1055,9 @@ def main(argv=None) -> int:
 
     seeds = (0, 1, 2)
     if args.cross_seed:
-        return run_cross_seed(work, args, protocol, run, seeds)
+        if 0 not in args.ensemble_seeds or len(set(args.ensemble_seeds)) < 2:
+            parser.error(f"--ensemble_seeds {args.ensemble_seeds}: give seed 0 and at least one other seed")
+        return run_cross_seed(work, args, protocol, run, tuple(sorted(set(args.ensemble_seeds))))
     # Bases first: part 0 trains the seed-0 base and runs the judge audit on the validation split (which picks
     # the best label-free judge for the other arms); the other parts train the other seeds' bases meanwhile.
     # v2 trains the other seeds' bases after the gate and the seed-0 arms (build_arms_v2)
