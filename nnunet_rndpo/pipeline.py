@@ -240,7 +240,10 @@ class FittingExamples:
         from nnunet_rndpo.proposals.model import load_model
 
         location, model = self.location, self.model
-        settings = single_model_settings(self.proposal_settings)
+        mirror_axes = model.mirror_axes
+        if mirror_axes is None:  # as store_manifest plans the members
+            mirror_axes = tuple(range(len(model.configuration_manager.patch_size)))
+        settings = single_model_settings(self.proposal_settings, mirror_axes)
         labels = foreground_labels(model)
         fold_models: list[tuple[object, Optional[Path]]] = [(location.fold, None)]
         fold_models += [(checkpoint_fold(path), path) for path in sibling_fold_checkpoints(model.checkpoint_path)]
@@ -292,15 +295,19 @@ class FittingExamples:
         return inputs
 
 
-def single_model_settings(settings: ProposalSettings) -> ProposalSettings:
+def single_model_settings(settings: ProposalSettings, mirror_axes: Optional[Sequence[int]]) -> ProposalSettings:
     """`settings` without members of other networks (for held-out examples: those networks may have trained on
-    the case); only the base model's own sources, TTA when none is left."""
+    the case); only the base model's own sources, TTA when none is left. K shrinks to what those sources give
+    when the other networks' members made up the rest (e.g. 25 cross-model members, 8 of the base's own)."""
     from dataclasses import replace
 
+    from nnunet_rndpo.proposals.members import available_members
     from nnunet_rndpo.proposals.sources import SOURCES
 
     own = tuple(name for name in settings.sources if not SOURCES[name].uses_extra_networks)
-    return replace(settings, sources=own or ("tta",), extra_checkpoints=(), other_folds=False)
+    single = replace(settings, sources=own or ("tta",), extra_checkpoints=(), other_folds=False)
+    available = len(available_members(single, mirror_axes, settings.num_proposals))
+    return replace(single, num_proposals=max(2, available))
 
 
 def score_store(

@@ -275,3 +275,20 @@ def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location
     assert prepared.items == [{"case_id": pool.case_ids[0], "chosen": 1, "rejected": 0}]
     assert prepared.judge is None  # nothing judged: no held-out proposals were made to fit it
     assert not [path for path in tmp_path.iterdir() if "held_out" in path.name]
+
+
+def test_held_out_settings_keep_only_the_base_models_members_and_as_many_as_they_give():
+    from nnunet_rndpo.pipeline import single_model_settings
+
+    cross_model = ProposalSettings(
+        num_proposals=25, sources=("tta", "checkpoint", "checkpoint_tta", "ensemble"), extra_checkpoints=("a", "b")
+    )
+    single = single_model_settings(cross_model, mirror_axes=(0, 1, 2))
+    # the plain pass, 7 mirror flips and the ensemble of them: the 16 other-network members are gone, not refilled
+    assert single.sources == ("tta", "ensemble") and single.extra_checkpoints == () and single.num_proposals == 9
+    # a stochastic source can give K members on its own: K stays
+    dropout = ProposalSettings(num_proposals=12, sources=("dropout", "checkpoint"), extra_checkpoints=("a",))
+    assert single_model_settings(dropout, mirror_axes=(0, 1, 2)).num_proposals == 12
+    # no source of its own left: TTA, at most the plain pass and its flips
+    only_others = ProposalSettings(num_proposals=16, sources=("checkpoint_tta",), other_folds=True)
+    assert single_model_settings(only_others, mirror_axes=(0,)) == ProposalSettings(num_proposals=2, sources=("tta",))

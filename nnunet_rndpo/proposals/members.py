@@ -103,22 +103,31 @@ class ProposalSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def plan_members(settings: ProposalSettings, mirror_axes: Optional[Sequence[int]]) -> list[ProposalMember]:
-    """The plain pass first, then members drawn round-robin from the sources until K are planned."""
+def available_members(
+    settings: ProposalSettings, mirror_axes: Optional[Sequence[int]], limit: int
+) -> list[ProposalMember]:
+    """The plain pass first, then members drawn round-robin from the sources, until `limit` or until the sources
+    are spent (mirror flips and thresholds are finite, stochastic sources are not)."""
     from nnunet_rndpo.proposals.sources import SOURCES
 
     mirror_axes = tuple(mirror_axes or ())
     members = [ProposalMember("plain")]
     generators = {source: SOURCES[source].members(settings, mirror_axes) for source in settings.sources}
-    while len(members) < settings.num_proposals and generators:
+    while len(members) < limit and generators:
         for source in list(generators):
-            if len(members) >= settings.num_proposals:
+            if len(members) >= limit:
                 break
             member = next(generators[source], None)
             if member is None:
                 del generators[source]
             else:
                 members.append(member)
+    return members
+
+
+def plan_members(settings: ProposalSettings, mirror_axes: Optional[Sequence[int]]) -> list[ProposalMember]:
+    """The plain pass first, then members drawn round-robin from the sources until K are planned."""
+    members = available_members(settings, mirror_axes, settings.num_proposals)
     if len(members) < settings.num_proposals:
         raise ValueError(
             f"sources {list(settings.sources)} give at most {len(members)} proposals per case "
