@@ -217,7 +217,7 @@ def preference_sweep_table(results: dict, seed: int = 0) -> list[str]:
 # Cross-model proposals (`--cross_seed`): each seed's base is one model of a deep ensemble trained on the same
 # labeled cases from another initialisation, the stand-in here for nnU-Net's 5 fold models (`other_folds`), which
 # 5 labeled cases cannot give. A seed's proposals: its own base's plain pass and mirror members, one plain pass and
-# the mirror members of each other seed's base, and nnU-Net's ensemble of every pass (1 + 7 + 2 + 14 + 1 = 25).
+# the mirror members of each other seed's base, and nnU-Net's ensemble of every pass (3 seeds: 1 + 7 + 2 + 14 + 1).
 # Disagreement between models trained from different starts is information that one model's mirror flips lack.
 CROSS_SEED_SOURCES = ("tta", "checkpoint", "checkpoint_tta", "ensemble")
 CROSS_MODEL_JUDGES = ("agreement_other_models",)  # judges that need proposals of several models
@@ -943,10 +943,11 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     for seed in seeds:
         _wait_for(base_folder(seed) / "checkpoint_final.pth")
     label_free = (*protocol.label_free, *CROSS_MODEL_JUDGES)
+    folder = "audit_seeds_" + "_".join(str(seed) for seed in seeds)  # one audit per ensemble
     if args.part_id == 0:
         proposals = cross_seed_proposals(0, seeds)
-        audit_on_validation(work, 0, args.threads, args.device, label_free, proposals, "audit_seeds")
-    audit = json.loads(_wait_for(work / "audit_seeds" / "judge_audit.json").read_text())
+        audit_on_validation(work, 0, args.threads, args.device, label_free, proposals, folder)
+    audit = json.loads(_wait_for(work / folder / "judge_audit.json").read_text())
     best = best_label_free(audit, label_free)
     lift = audit["judges"][best]["top1_lift"]
     print(f"best label-free judge on the cross-seed proposals: {best} (top-1 lift {lift})", flush=True)
@@ -990,8 +991,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cross_seed",
         action="store_true",
-        help="v2, v3: the bases of seeds 0-2 as one ensemble: audit the judges on seed 0's cross-seed proposals "
-        "(audit_seeds/), then RN-DPO and self-training with the best label-free judge there and the reliable oracle",
+        help="v2, v3: the bases of --ensemble_seeds as one ensemble: audit the judges on seed 0's cross-seed "
+        "proposals (audit_seeds_<seeds>/), then RN-DPO and self-training with the best label-free judge there and "
+        "the reliable oracle",
     )
     parser.add_argument(
         "--ensemble_seeds",
