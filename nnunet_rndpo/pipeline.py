@@ -240,10 +240,7 @@ class FittingExamples:
         from nnunet_rndpo.proposals.model import load_model
 
         location, model = self.location, self.model
-        mirror_axes = model.mirror_axes
-        if mirror_axes is None:  # as store_manifest plans the members
-            mirror_axes = tuple(range(len(model.configuration_manager.patch_size)))
-        settings = single_model_settings(self.proposal_settings, mirror_axes)
+        settings = single_model_settings(self.proposal_settings, model.proposal_mirror_axes)
         labels = foreground_labels(model)
         fold_models: list[tuple[object, Optional[Path]]] = [(location.fold, None)]
         fold_models += [(checkpoint_fold(path), path) for path in sibling_fold_checkpoints(model.checkpoint_path)]

@@ -49,6 +49,13 @@ class LoadedModel:
     def label_manager(self):
         return self.plans_manager.get_label_manager(self.dataset_json)
 
+    @property
+    def proposal_mirror_axes(self) -> tuple:
+        """The axes proposals mirror over: the trainer's, else every axis of the patch (as ProposalEngine)."""
+        if self.mirror_axes is not None:
+            return tuple(self.mirror_axes)
+        return tuple(range(len(self.configuration_manager.patch_size)))
+
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()

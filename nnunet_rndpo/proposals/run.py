@@ -57,12 +57,7 @@ def with_other_folds(settings: ProposalSettings, checkpoint_path: Path) -> Propo
 
 def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePool, extra_sha256: Sequence[str]) -> dict:
     settings = with_other_folds(settings, model.checkpoint_path)
-    members = plan_members(
-        settings,
-        model.mirror_axes
-        if model.mirror_axes is not None
-        else tuple(range(len(model.configuration_manager.patch_size))),
-    )
+    members = plan_members(settings, model.proposal_mirror_axes)
     return {
         "dataset": model.plans["dataset_name"],
         "plans": model.plans["plans_name"],
