@@ -449,7 +449,7 @@ def prepare_pairs(
     if make_proposals:
         if rank == 0:
             # opening (and, if asked, clearing) the store happens once, before any rank writes into it
-            store.open(store_manifest(model, settings.proposals, pool, []), overwrite=settings.overwrite_proposals)
+            store.open(store_manifest(model, settings.proposals, pool), overwrite=settings.overwrite_proposals)
         barrier()
         store, summary = generate_proposals(
             model,

@@ -515,6 +515,28 @@ def test_generation_resumes_after_a_crash(base_model, unlabeled_pool, tmp_path):
     assert store.verify() == [] and len(store.case_ids()) == 4
 
 
+def test_store_refuses_proposals_of_an_extra_checkpoint_retrained_in_place(base_model, unlabeled_pool, tmp_path):
+    # the trainer opens the store before any network is loaded: the manifest must hash the extra files itself
+    from nnunet_rndpo.proposals.run import store_manifest
+
+    sibling = tmp_path / "fold_1" / "checkpoint_final.pth"
+    sibling.parent.mkdir()
+    sibling.write_bytes(b"the first training of fold 1")
+    settings = ProposalSettings(num_proposals=3, sources=("tta", "checkpoint"), extra_checkpoints=(str(sibling),))
+    first = store_manifest(base_model, settings, unlabeled_pool)
+    assert first["extra_checkpoints_sha256"] == [hashlib.sha256(b"the first training of fold 1").hexdigest()]
+    ProposalStore(tmp_path / "store").open(first)
+    ProposalStore(tmp_path / "store").open(store_manifest(base_model, settings, unlabeled_pool))  # same: reused
+
+    sibling.write_bytes(b"fold 1 trained again")
+    with pytest.raises(StoreError, match=r"different extra_checkpoints_sha256"):
+        ProposalStore(tmp_path / "store").open(store_manifest(base_model, settings, unlabeled_pool))
+    # members of the base alone read no extra file
+    assert (
+        store_manifest(base_model, ProposalSettings(num_proposals=3), unlabeled_pool)["extra_checkpoints_sha256"] == []
+    )
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_configuration_or_labels_is_refused(
     base_checkpoint, preprocessed_synthetic, tiny_configuration

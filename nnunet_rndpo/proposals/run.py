@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from nnunet_rndpo.proposals.engine import ProposalEngine
 from nnunet_rndpo.proposals.members import ProposalSettings, case_seed, plan_members
-from nnunet_rndpo.proposals.model import LoadedModel, load_model
+from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -55,9 +55,11 @@ def with_other_folds(settings: ProposalSettings, checkpoint_path: Path) -> Propo
     return replace(settings, extra_checkpoints=tuple(settings.extra_checkpoints) + tuple(missing))
 
 
-def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePool, extra_sha256: Sequence[str]) -> dict:
+def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePool) -> dict:
     settings = with_other_folds(settings, model.checkpoint_path)
     members = plan_members(settings, model.proposal_mirror_axes)
+    # the extra networks' files, not only their paths: a sibling fold retrained in place makes other proposals
+    extra_sha256 = [file_sha256(path) for path in settings.extra_checkpoints] if settings.uses_extra_networks else []
     return {
         "dataset": model.plans["dataset_name"],
         "plans": model.plans["plans_name"],
@@ -73,10 +75,8 @@ def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePoo
     }
 
 
-def load_extra_networks(
-    model: LoadedModel, settings: ProposalSettings, device
-) -> tuple[list[torch.nn.Module], list[str]]:
-    networks, hashes = [], []
+def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) -> list[torch.nn.Module]:
+    networks = []
     if settings.uses_extra_networks:
         for path in settings.extra_checkpoints:
             extra = load_model(
@@ -87,8 +87,7 @@ def load_extra_networks(
                 expected_dataset_json=model.dataset_json,
             )
             networks.append(extra.network)
-            hashes.append(extra.checkpoint_sha256)
-    return networks, hashes
+    return networks
 
 
 def generate_proposals(
@@ -107,11 +106,11 @@ def generate_proposals(
 ) -> tuple[ProposalStore, GenerationSummary]:
     """Fill `store_folder` with K proposals for this part of the pool; finished cases are reused."""
     settings = with_other_folds(settings, model.checkpoint_path)
-    extra_networks, extra_hashes = load_extra_networks(model, settings, device)
+    extra_networks = load_extra_networks(model, settings, device)
     my_cases = list(case_ids) if case_ids is not None else pool.shard(part_id, num_parts)
     # only this part's stale temporaries are removed: other parts may be writing theirs right now
     store = ProposalStore(store_folder).open(
-        store_manifest(model, settings, pool, extra_hashes), overwrite=overwrite, case_ids=my_cases
+        store_manifest(model, settings, pool), overwrite=overwrite, case_ids=my_cases
     )
     engine = ProposalEngine(
         [model.network, *extra_networks],

@@ -31,6 +31,7 @@ IDENTITY_FIELDS = (
     "configuration",
     "fold",
     "checkpoint_sha256",
+    "extra_checkpoints_sha256",
     "settings",
     "members",
 )
