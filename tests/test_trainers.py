@@ -362,17 +362,23 @@ def _started(trainer_class, dataset, configuration):
 
 
 @pytest.mark.slow
-def test_ranked_consensus_trains_on_the_narrowed_pairs(preprocessed_synthetic, tiny_configuration, settings_file):
+def test_ranked_consensus_trains_on_the_narrowed_pairs(
+    preprocessed_synthetic, tiny_configuration, settings_file, tmp_path
+):
     """preference_region ranked_consensus end to end at the trainer's start: the pairs file names the judge's
-    halves, the loader's rejected channel is the narrowed mask, and a step runs on it."""
+    halves, the loader's rejected channel is the narrowed mask, and a step runs on it. (The same start checks
+    `proposal_store`: the proposals go to the folder given, not to the default store.)"""
     from nnunet_rndpo.preference_region import preference_rejected
 
     class ConsensusRNDPO(named.nnUNetTrainerRNDPO_tiny):
         pass
 
-    settings_file(validate_base=False, preference_region="ranked_consensus")
+    own_store = tmp_path / "proposals_of_this_run"
+    settings_file(validate_base=False, preference_region="ranked_consensus", proposal_store=str(own_store))
     trainer = _started(ConsensusRNDPO, preprocessed_synthetic, tiny_configuration)
     try:
+        assert trainer._store.folder == own_store and (own_store / "manifest.json").is_file()
+        assert sorted(p.stem for p in (own_store / "cases").glob("*.npz")) == sorted(trainer._pool.case_ids)
         pairs = json.loads((Path(trainer.output_folder) / "rndpo_pairs.json").read_text())
         assert pairs["summary"]["preference_region"] == "ranked_consensus"
         assert all(item["top_half"] and item["bottom_half"] for item in pairs["items"])

@@ -71,6 +71,9 @@ class PreferenceSettings:
     # proposals (see ProposalSettings for the keys)
     proposals: dict = field(default_factory=dict)
     overwrite_proposals: bool = False
+    # where the proposals are stored; None: nnUNet_preprocessed/<D>/rndpo_proposals/..., one store per base
+    # checkpoint. A folder of its own keeps the proposals of other settings (a comparison of proposal sources)
+    proposal_store: Optional[str] = None
     # base model
     base_checkpoint: Optional[str] = None  # default: nnUNet_results/<D>/<base_trainer>__<plans>__<config>/fold_F/<name>
     base_trainer: str = "nnUNetTrainer"

@@ -216,6 +216,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             base_model,
             self.settings.pair_settings(overwrite_proposals=self.settings.overwrite_proposals and not self._resumed),
             device=self.device,
+            store_folder=Path(self.settings.proposal_store) if self.settings.proposal_store else None,
             pairs_file=Path(self.output_folder) / PAIRS_FILE_NAME,
             reuse_pairs_file=self._resumed,
             rank=self.local_rank,
