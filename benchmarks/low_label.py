@@ -234,17 +234,31 @@ def cross_seed_proposals(seed: int, seeds=(0, 1, 2)) -> dict:
     }
 
 
-def cross_seed_arms(seed: int, judges: tuple[str, ...], seeds=(0, 1, 2)) -> list[Arm]:
-    """RN-DPO and self-training side by side with each judge, on the cross-seed proposals of `seed`'s base."""
-    proposals = cross_seed_proposals(seed, seeds)
+def ensemble_name(seeds) -> str:
+    """`seeds_0_1_2`: names the arms, the audit and the proposal stores of one ensemble of bases."""
+    return "seeds_" + "_".join(str(seed) for seed in seeds)
+
+
+def cross_seed_arms(seed: int, judges: tuple[str, ...], seeds=(0, 1, 2), stores: Path = Path("proposals")) -> list[Arm]:
+    """RN-DPO and self-training side by side with each judge, on the cross-seed proposals of `seed`'s base, which
+    they share in a store of their own under `stores` (the default store of a base holds its mirror members)."""
+    name = f"{ensemble_name(seeds)}_s{seed}"
+    settings = {"proposals": cross_seed_proposals(seed, seeds), "proposal_store": str(stores / name)}
     return [
         arm
         for judge in judges
         for arm in (
-            Arm(f"rn_dpo_{judge}_seeds_s{seed}", "rn_dpo", seed, judge, settings={"proposals": proposals}),
-            Arm(f"self_train_{judge}_seeds_s{seed}", "self_train", seed, judge, settings={"proposals": proposals}),
+            Arm(f"rn_dpo_{judge}_{name}", "rn_dpo", seed, judge, settings=settings),
+            Arm(f"self_train_{judge}_{name}", "self_train", seed, judge, settings=settings),
         )
     ]
+
+
+def cross_seed_plan(best_label_free: str, seeds=(0, 1, 2), stores: Path = Path("proposals")) -> list[Arm]:
+    """Most important first: the best label-free judge on every seed (each seed's base with the others as its
+    ensemble), then the reliable oracle on seed 0 (the ceiling)."""
+    arms = [arm for seed in seeds for arm in cross_seed_arms(seed, (best_label_free,), seeds, stores)]
+    return arms + cross_seed_arms(seeds[0], ("oracle_reliable",), seeds, stores)
 
 
 def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1, 2)) -> list[Arm]:
@@ -934,8 +948,8 @@ def best_label_free(audit: dict, label_free: tuple[str, ...]) -> str:
 
 def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -> int:
     """`--cross_seed`: the seeds' bases (one ensemble), the judge audit on seed 0's cross-seed proposals
-    (validation split), then RN-DPO and self-training on those proposals with the best label-free judge there and
-    with the reliable oracle (the ceiling)."""
+    (validation split), then RN-DPO and self-training with the best label-free judge there on each seed's
+    cross-seed proposals, and with the reliable oracle on seed 0's (the ceiling): `cross_seed_plan`."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -943,7 +957,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     for seed in seeds:
         _wait_for(base_folder(seed) / "checkpoint_final.pth")
     label_free = (*protocol.label_free, *CROSS_MODEL_JUDGES)
-    folder = "audit_seeds_" + "_".join(str(seed) for seed in seeds)  # one audit per ensemble
+    folder = "audit_" + ensemble_name(seeds)  # one audit per ensemble
     if args.part_id == 0:
         proposals = cross_seed_proposals(0, seeds)
         audit_on_validation(work, 0, args.threads, args.device, label_free, proposals, folder)
@@ -951,7 +965,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     best = best_label_free(audit, label_free)
     lift = audit["judges"][best]["top1_lift"]
     print(f"best label-free judge on the cross-seed proposals: {best} (top-1 lift {lift})", flush=True)
-    arms = [arm for arm in cross_seed_arms(0, (best, "oracle_reliable"), seeds) if wanted(arm)]
+    arms = [arm for arm in cross_seed_plan(best, seeds, work / "proposals") if wanted(arm)]
     for arm in arms[args.part_id :: args.num_parts]:
         run(arm)
     print(summarise(work))
@@ -992,15 +1006,16 @@ def main(argv=None) -> int:
         "--cross_seed",
         action="store_true",
         help="v2, v3: the bases of --ensemble_seeds as one ensemble: audit the judges on seed 0's cross-seed "
-        "proposals (audit_seeds_<seeds>/), then RN-DPO and self-training with the best label-free judge there and "
-        "the reliable oracle",
+        "proposals (audit_seeds_<seeds>/), then RN-DPO and self-training with the best label-free judge there on "
+        "each seed's cross-seed proposals (arms *_seeds_<seeds>_s<seed>), then with the reliable oracle on seed 0's",
     )
     parser.add_argument(
         "--ensemble_seeds",
         type=int,
         nargs="+",
         default=[0, 1, 2],
-        help="--cross_seed: the seeds whose bases make the ensemble (seed 0's arms; at least two)",
+        help="--cross_seed: the seeds whose bases make the ensemble, each fine-tuned with the others as its "
+        "ensemble (at least two, seed 0 among them)",
     )
     parser.add_argument(
         "--preference_sweep",

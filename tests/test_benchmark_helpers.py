@@ -314,15 +314,39 @@ def test_cross_seed_proposals_are_every_base_of_the_ensemble_and_its_mean(low_la
 
 
 def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(low_label, bases_of_seeds):
-    arms = low_label.cross_seed_arms(0, ("agreement", "oracle_reliable"))
+    arms = low_label.cross_seed_arms(0, ("agreement", "oracle_reliable"), stores=Path("/work/proposals"))
     assert [arm.name for arm in arms] == [
-        "rn_dpo_agreement_seeds_s0",
-        "self_train_agreement_seeds_s0",
-        "rn_dpo_oracle_reliable_seeds_s0",
-        "self_train_oracle_reliable_seeds_s0",
+        "rn_dpo_agreement_seeds_0_1_2_s0",
+        "self_train_agreement_seeds_0_1_2_s0",
+        "rn_dpo_oracle_reliable_seeds_0_1_2_s0",
+        "self_train_oracle_reliable_seeds_0_1_2_s0",
     ]
-    assert all(arm.settings == {"proposals": low_label.cross_seed_proposals(0)} for arm in arms)
+    # one store per ensemble and seed, shared by its arms: never the base's default store of mirror members
+    expected = {"proposals": low_label.cross_seed_proposals(0), "proposal_store": "/work/proposals/seeds_0_1_2_s0"}
+    assert all(arm.settings == expected for arm in arms)
     assert all(arm.judge in low_label.JUDGES for arm in arms)
+    # an ensemble of two bases names other arms (and stores) than one of three
+    assert low_label.cross_seed_arms(0, ("agreement",), seeds=(0, 1))[0].name == "rn_dpo_agreement_seeds_0_1_s0"
+
+
+def test_cross_seed_plan_runs_the_best_judge_on_every_seed_before_the_oracle(low_label, bases_of_seeds):
+    arms = low_label.cross_seed_plan("agreement", seeds=(0, 1, 2))
+    assert [(arm.kind, arm.judge, arm.seed) for arm in arms] == [
+        ("rn_dpo", "agreement", 0),
+        ("self_train", "agreement", 0),
+        ("rn_dpo", "agreement", 1),
+        ("self_train", "agreement", 1),
+        ("rn_dpo", "agreement", 2),
+        ("self_train", "agreement", 2),
+        ("rn_dpo", "oracle_reliable", 0),
+        ("self_train", "oracle_reliable", 0),
+    ]
+    # each seed fine-tunes its own base, with the other bases as the rest of its ensemble
+    seed_one = arms[2].settings["proposals"]["extra_checkpoints"]
+    assert seed_one == [
+        str(low_label.base_folder(0) / "checkpoint_final.pth"),
+        str(low_label.base_folder(2) / "checkpoint_final.pth"),
+    ]
 
 
 def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most(low_label):
