@@ -7,6 +7,10 @@ Strategies:
 - top_bottom: the best-scored proposal against the worst-scored one (one pair per case).
 - top_rest: the best-scored proposal against every proposal scored strictly lower (up to K-1 pairs).
 - margin: every two proposals whose score gap is at least `margin` (and > 0); the higher one is chosen.
+- top_plain: the best-scored proposal against the plain one (index 0: the base model's own prediction, which
+  every proposal plan puts first). Its pair covers exactly the voxels where the judge's pick would correct what
+  the model predicts now, where `top_bottom` also pushes voxels the model already labels like the pick (an
+  outlier member's errors). No pair when the plain proposal is the best-scored one.
 - random: a control that ignores the scores: one pair drawn uniformly from the pairs of distinct masks,
   roles by a fair coin; its score_gap (chosen minus rejected) is negative when the coin disagrees with the
   judge. It measures what preference training does without any judgement.
@@ -29,7 +33,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-MINING_STRATEGIES = ("top_bottom", "top_rest", "margin", "random")
+MINING_STRATEGIES = ("top_bottom", "top_rest", "margin", "top_plain", "random")
+PLAIN_PROPOSAL = 0  # nnunet_rndpo.proposals.members.plan_members: the plain pass first
 _MARGIN_TOLERANCE = 1e-9
 
 
@@ -138,6 +143,8 @@ def mine_case_outcome(
         candidates = [(int(order[0]), int(order[-1]))] if count >= 2 else []
     elif strategy == "top_rest":
         candidates = [(int(order[0]), int(other)) for other in order[1:]]
+    elif strategy == "top_plain":
+        candidates = [(int(order[0]), PLAIN_PROPOSAL)] if count >= 2 and order[0] != PLAIN_PROPOSAL else []
     else:
         candidates = [(int(order[a]), int(order[b])) for a in range(count) for b in range(a + 1, count)]
 

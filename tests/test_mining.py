@@ -62,6 +62,21 @@ def test_top_bottom_and_top_rest_take_roles_from_scores():
     assert [(pair.chosen, pair.rejected) for pair in flipped] == [(3, 1)]
 
 
+def test_top_plain_pairs_the_judges_pick_with_the_models_own_prediction():
+    proposals = distinct_proposals(4)  # index 0: the plain pass, what the model predicts now
+    rng = np.random.default_rng(0)
+    pairs = mine_case_pairs("c", np.array([0.2, 0.9, 0.5, 0.1]), proposals, "top_plain", rng=rng)
+    # not the worst member (3): the pair is the voxels where the pick would change the model's prediction
+    assert pairs == [Pair("c", 1, 0, pytest.approx(0.7), 1)]
+    # the model's own prediction is already the judge's best: nothing to correct
+    assert mine_case_pairs("c", np.array([0.9, 0.2, 0.5, 0.1]), proposals, "top_plain", rng=rng) == []
+    # a pick identical to the plain mask is counted, as every strategy counts identical pairs
+    same_as_plain = proposals.copy()
+    same_as_plain[2] = same_as_plain[0]
+    outcome = mine_case_outcome("c", np.array([0.2, 0.1, 0.9, 0.0]), same_as_plain, "top_plain", rng=rng)
+    assert outcome.pairs == () and outcome.identical_pairs_skipped == 1
+
+
 def test_margin_keeps_only_pairs_with_a_large_enough_gap():
     proposals = distinct_proposals(3)
     scores = np.array([0.90, 0.87, 0.50])
