@@ -239,26 +239,43 @@ def ensemble_name(seeds) -> str:
     return "seeds_" + "_".join(str(seed) for seed in seeds)
 
 
-def cross_seed_arms(seed: int, judges: tuple[str, ...], seeds=(0, 1, 2), stores: Path = Path("proposals")) -> list[Arm]:
-    """RN-DPO and self-training side by side with each judge, on the cross-seed proposals of `seed`'s base, which
-    they share in a store of their own under `stores` (the default store of a base holds its mirror members)."""
+def cross_seed_arms(
+    seed: int,
+    judges: tuple[str, ...],
+    seeds=(0, 1, 2),
+    stores: Path = Path("proposals"),
+    minings: tuple[str, ...] = ("top_bottom",),
+) -> list[Arm]:
+    """RN-DPO (one arm per mining strategy) and self-training side by side with each judge, on the cross-seed
+    proposals of `seed`'s base, which they share in a store of their own under `stores` (the default store of a
+    base holds its mirror members)."""
     name = f"{ensemble_name(seeds)}_s{seed}"
     settings = {"proposals": cross_seed_proposals(seed, seeds), "proposal_store": str(stores / name)}
+
+    def rn_dpo(judge, mining):
+        label = "" if mining == "top_bottom" else f"{mining}_"
+        return Arm(f"rn_dpo_{judge}_{label}{name}", "rn_dpo", seed, judge, mining=mining, settings=settings)
+
     return [
         arm
         for judge in judges
         for arm in (
-            Arm(f"rn_dpo_{judge}_{name}", "rn_dpo", seed, judge, settings=settings),
+            *(rn_dpo(judge, mining) for mining in minings),
             Arm(f"self_train_{judge}_{name}", "self_train", seed, judge, settings=settings),
         )
     ]
 
 
-def cross_seed_plan(best_label_free: str, seeds=(0, 1, 2), stores: Path = Path("proposals")) -> list[Arm]:
-    """Most important first: the best label-free judge on every seed (each seed's base with the others as its
-    ensemble), then the reliable oracle on seed 0 (the ceiling)."""
-    arms = [arm for seed in seeds for arm in cross_seed_arms(seed, (best_label_free,), seeds, stores)]
-    return arms + cross_seed_arms(seeds[0], ("oracle_reliable",), seeds, stores)
+# RN-DPO's pairs on the cross-seed proposals: the judge's best against its worst, or against the base's own
+# prediction (only the voxels the pick would change); seed 0's validation chooses for the other seeds
+CROSS_SEED_MININGS = ("top_bottom", "top_plain")
+
+
+def best_mining(results: dict[str, dict]) -> str:
+    """The mining strategy of the RN-DPO arm with the highest final validation Dice (whole cases); top_bottom
+    when no RN-DPO arm has finished."""
+    rn_dpo = [result for result in results.values() if result["arm"]["kind"] == "rn_dpo"]
+    return max(rn_dpo, key=validation_dice)["arm"]["mining"] if rn_dpo else "top_bottom"
 
 
 def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1, 2)) -> list[Arm]:
@@ -948,8 +965,9 @@ def best_label_free(audit: dict, label_free: tuple[str, ...]) -> str:
 
 def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -> int:
     """`--cross_seed`: the seeds' bases (one ensemble), the judge audit on seed 0's cross-seed proposals
-    (validation split), then RN-DPO and self-training with the best label-free judge there on each seed's
-    cross-seed proposals, and with the reliable oracle on seed 0's (the ceiling): `cross_seed_plan`."""
+    (validation split), then RN-DPO (each of CROSS_SEED_MININGS) and self-training with the best label-free judge
+    there on seed 0's cross-seed proposals, the same on the other seeds' with the mining seed 0's validation
+    preferred, and with the reliable oracle on seed 0's (the ceiling)."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -965,9 +983,23 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     best = best_label_free(audit, label_free)
     lift = audit["judges"][best]["top1_lift"]
     print(f"best label-free judge on the cross-seed proposals: {best} (top-1 lift {lift})", flush=True)
-    arms = [arm for arm in cross_seed_plan(best, seeds, work / "proposals") if wanted(arm)]
-    for arm in arms[args.part_id :: args.num_parts]:
-        run(arm)
+    stores = work / "proposals"
+
+    def run_all(arms: list[Arm]) -> dict[str, dict]:
+        """Runs this part's wanted arms, waits for the other parts' ones; returns every finished arm's result."""
+        chosen = [arm for arm in arms if wanted(arm)]
+        for arm in chosen[args.part_id :: args.num_parts]:
+            run(arm)
+        for arm in chosen:
+            _wait_for(work / "arms" / f"{arm.name}.json")
+        files = [work / "arms" / f"{arm.name}.json" for arm in arms]
+        return {file.stem: json.loads(file.read_text()) for file in files if file.is_file()}
+
+    # seed 0 first, with each mining strategy; the other seeds then take the one validation preferred
+    mining = best_mining(run_all(cross_seed_arms(seeds[0], (best,), seeds, stores, CROSS_SEED_MININGS)))
+    print(f"RN-DPO mining chosen on seed {seeds[0]}'s validation: {mining}", flush=True)
+    run_all([arm for seed in seeds[1:] for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
+    run_all(cross_seed_arms(seeds[0], ("oracle_reliable",), seeds, stores))  # the ceiling
     print(summarise(work))
     return 0
 

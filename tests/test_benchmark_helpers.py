@@ -329,24 +329,32 @@ def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(lo
     assert low_label.cross_seed_arms(0, ("agreement",), seeds=(0, 1))[0].name == "rn_dpo_agreement_seeds_0_1_s0"
 
 
-def test_cross_seed_plan_runs_the_best_judge_on_every_seed_before_the_oracle(low_label, bases_of_seeds):
-    arms = low_label.cross_seed_plan("agreement", seeds=(0, 1, 2))
-    assert [(arm.kind, arm.judge, arm.seed) for arm in arms] == [
-        ("rn_dpo", "agreement", 0),
-        ("self_train", "agreement", 0),
-        ("rn_dpo", "agreement", 1),
-        ("self_train", "agreement", 1),
-        ("rn_dpo", "agreement", 2),
-        ("self_train", "agreement", 2),
-        ("rn_dpo", "oracle_reliable", 0),
-        ("self_train", "oracle_reliable", 0),
+def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
+    arms = low_label.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
+    assert [(arm.name, arm.kind, arm.mining) for arm in arms] == [
+        ("rn_dpo_agreement_seeds_0_1_2_s1", "rn_dpo", "top_bottom"),
+        ("rn_dpo_agreement_top_plain_seeds_0_1_2_s1", "rn_dpo", "top_plain"),
+        ("self_train_agreement_seeds_0_1_2_s1", "self_train", "top_bottom"),
     ]
     # each seed fine-tunes its own base, with the other bases as the rest of its ensemble
-    seed_one = arms[2].settings["proposals"]["extra_checkpoints"]
-    assert seed_one == [
+    assert arms[0].settings["proposals"]["extra_checkpoints"] == [
         str(low_label.base_folder(0) / "checkpoint_final.pth"),
         str(low_label.base_folder(2) / "checkpoint_final.pth"),
     ]
+
+    def result(kind, mining, validation):
+        return {
+            "arm": {"kind": kind, "mining": mining},
+            "validation": {"checkpoint_final": {"foreground_mean": validation}},
+        }
+
+    results = {
+        "a": result("rn_dpo", "top_bottom", 0.860),
+        "b": result("rn_dpo", "top_plain", 0.864),
+        "c": result("self_train", "top_bottom", 0.870),  # not an RN-DPO arm: never the choice
+    }
+    assert low_label.best_mining(results) == "top_plain"
+    assert low_label.best_mining({"c": results["c"]}) == "top_bottom"  # nothing finished: the default
 
 
 def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most(low_label):
