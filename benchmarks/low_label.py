@@ -996,10 +996,11 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
         return {file.stem: json.loads(file.read_text()) for file in files if file.is_file()}
 
     # seed 0 first, with each mining strategy; the other seeds then take the one validation preferred
-    mining = best_mining(run_all(cross_seed_arms(seeds[0], (best,), seeds, stores, CROSS_SEED_MININGS)))
-    print(f"RN-DPO mining chosen on seed {seeds[0]}'s validation: {mining}", flush=True)
-    run_all([arm for seed in seeds[1:] for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
-    run_all(cross_seed_arms(seeds[0], ("oracle_reliable",), seeds, stores))  # the ceiling
+    mining = best_mining(run_all(cross_seed_arms(0, (best,), seeds, stores, CROSS_SEED_MININGS)))
+    print(f"RN-DPO mining chosen on seed 0's validation: {mining}", flush=True)
+    others = [seed for seed in seeds if seed != 0]
+    run_all([arm for seed in others for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
+    run_all(cross_seed_arms(0, ("oracle_reliable",), seeds, stores))  # the ceiling
     print(summarise(work))
     return 0
 
