@@ -967,7 +967,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     """`--cross_seed`: the seeds' bases (one ensemble), the judge audit on seed 0's cross-seed proposals
     (validation split), then RN-DPO (each of CROSS_SEED_MININGS) and self-training with the best label-free judge
     there on seed 0's cross-seed proposals, the same on the other seeds' with the mining seed 0's validation
-    preferred, and with the reliable oracle on seed 0's (the ceiling)."""
+    preferred, with the reliable oracle on seed 0's (the ceiling), then with the oracle at each level of
+    ORACLE_SWEEP on seed 0's (the reliability curve)."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1001,6 +1002,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     others = [seed for seed in seeds if seed != 0]
     run_all([arm for seed in others for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
     run_all(cross_seed_arms(0, ("oracle_reliable",), seeds, stores))  # the ceiling
+    run_all(cross_seed_arms(0, ORACLE_SWEEP[1:], seeds, stores))  # the reliability curve on these proposals
     print(summarise(work))
     return 0
 
