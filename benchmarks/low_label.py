@@ -669,14 +669,27 @@ def reliability_points(audit_judges: dict, gains: dict, metric: str) -> list[tup
     return sorted(points, key=lambda point: point[1])
 
 
-def reliability_curves(work: Path, results: dict, figures: Optional[Path] = None) -> list[str]:
-    """Gain over the base (test Dice points, seed 0, final checkpoint) of RN-DPO and self-training with the oracle
-    at each noise level, against that oracle's reliability measured by the validation audit. Writes one curve
-    file per method and metric (<work>/reliability/, the audit's `--reliability_curve` format), a PNG into
-    `figures`, and returns a markdown table."""
-    from nnunet_rndpo.atomic import save_json
+def reliability_arms(judge: str, ensemble: Optional[str] = None) -> dict[str, str]:
+    """The seed-0 arm of each method in RELIABILITY_METHODS with `judge`: on the base's mirror members, or on the
+    cross-seed proposals of `ensemble` (e.g. `seeds_0_1_2`, as `cross_seed_arms` names them)."""
+    if ensemble is None:
+        return {method: f"{pattern.format(judge=judge)}_s0" for method, pattern in RELIABILITY_METHODS.items()}
+    return {method: f"{method}_{judge}_{ensemble}_s0" for method in RELIABILITY_METHODS}
 
-    audit_file = work / "audit" / "judge_audit.json"
+
+def reliability_curves(
+    work: Path, results: dict, figures: Optional[Path] = None, ensemble: Optional[str] = None
+) -> list[str]:
+    """Gain over the base (test Dice points, seed 0, final checkpoint) of RN-DPO and self-training with the oracle
+    at each noise level, against that oracle's reliability measured by the validation audit of the same proposals
+    (the base's mirror members, or `ensemble`'s cross-seed proposals). Writes one curve file per method and metric
+    (<work>/reliability/[<ensemble>/], the audit's `--reliability_curve` format), a PNG into `figures`, and
+    returns a markdown table. Label-free judges trained on the same proposals get a row too: the gain the curve
+    expects from their measured top-1 lift beside the gain they brought, which tests the curve."""
+    from nnunet_rndpo.atomic import save_json
+    from nnunet_rndpo.audit import expected_gain
+
+    audit_file = work / ("audit" if ensemble is None else f"audit_{ensemble}") / "judge_audit.json"
     base = results.get("base_s0")
     if base is None or not audit_file.is_file():
         return []
@@ -685,43 +698,63 @@ def reliability_curves(work: Path, results: dict, figures: Optional[Path] = None
     gains = {
         method: {
             judge: (results[arm]["test"]["checkpoint_final"]["foreground_mean"] - base_dice) * 100
-            for judge in ORACLE_SWEEP
-            if (arm := f"{pattern.format(judge=judge)}_s0") in results
+            for judge in (*ORACLE_SWEEP, *audit_judges)
+            if (arm := reliability_arms(judge, ensemble)[method]) in results
         }
-        for method, pattern in RELIABILITY_METHODS.items()
+        for method in RELIABILITY_METHODS
     }
-    if not any(gains.values()):
+    if not any(judge in ORACLE_SWEEP for method_gains in gains.values() for judge in method_gains):
         return []
-    lines = [
-        "| oracle | noise_std | Spearman (validation audit) | top-1 lift (validation audit) | RN-DPO gain (pts) | self-training gain (pts) |",  # noqa: E501
-        "|---|---|---|---|---|---|",
-    ]
-    for judge in ORACLE_SWEEP:
-        figures_of = audit_judges.get(judge, {})
-        cells = [f"{gains[m][judge]:+.2f}" if judge in gains[m] else "" for m in RELIABILITY_METHODS]
-        spearman, lift = figures_of.get("spearman"), figures_of.get("top1_lift")
-        lines.append(
-            f"| {judge} | {JUDGES[judge][1].get('noise_std')} | {'' if spearman is None else f'{spearman:.3f}'} | "
-            f"{'' if lift is None else f'{lift:.4f}'} | {' | '.join(cells)} |"
-        )
+    folder = work / "reliability" / (ensemble or "")
+    curves = {}
     for method in RELIABILITY_METHODS:
         for metric in ("spearman", "top1_lift"):
             points = reliability_points(audit_judges, gains[method], metric)
             if points:
+                curves[method, metric] = [[reliability, gain] for _, reliability, gain in points]
                 curve = {
                     "metric": metric,
-                    "points": [[reliability, gain] for _, reliability, gain in points],
+                    "points": curves[method, metric],
                     "gain_unit": "test Dice points over the base",
-                    "source": f"benchmarks/low_label.py {work.name}: {method} with the oracle at "
-                    f"{', '.join(judge for judge, _, _ in points)} (seed 0)",
+                    "source": f"benchmarks/low_label.py {work.name} ({ensemble or 'mirror members'}): {method} "
+                    f"with the oracle at {', '.join(judge for judge, _, _ in points)} (seed 0)",
                 }
-                save_json(curve, work / "reliability" / f"reliability_curve_{method}_{metric}.json")
+                save_json(curve, folder / f"reliability_curve_{method}_{metric}.json")
+
+    def cell(value, pattern):
+        return "" if value is None else format(value, pattern)
+
+    lines = [
+        "| judge | noise_std | Spearman (validation audit) | top-1 lift (validation audit) | RN-DPO gain (pts) | self-training gain (pts) | the curve expects from the top-1 lift: RN-DPO / self-training (pts) |",  # noqa: E501
+        "|---|---|---|---|---|---|---|",
+    ]
+    label_free = [judge for judge in audit_judges if judge not in ORACLE_SWEEP and judge != "oracle"]
+    for judge in (*ORACLE_SWEEP, *(judge for judge in label_free if any(judge in g for g in gains.values()))):
+        figures_of = audit_judges.get(judge, {})
+        lift = figures_of.get("top1_lift")
+        measured = [cell(gains[method].get(judge), "+.2f") for method in RELIABILITY_METHODS]
+        expected = ""
+        if judge not in ORACLE_SWEEP:
+            expected = " / ".join(
+                cell(expected_gain(lift, curve), "+.2f")
+                if len(curve := curves.get((method, "top1_lift"), [])) > 1
+                else ""
+                for method in RELIABILITY_METHODS
+            )  # one level is no curve yet: it would "expect" its own gain at any reliability
+        noise = JUDGES[judge][1].get("noise_std") if judge in ORACLE_SWEEP else "label-free"
+        lines.append(
+            f"| {judge} | {noise} | {cell(figures_of.get('spearman'), '.3f')} | {cell(lift, '.4f')} | "
+            f"{' | '.join(measured)} | {expected} |"
+        )
     if figures is not None:
-        _plot_reliability(audit_judges, gains, figures)
+        name = "reliability_curve.png" if ensemble is None else f"reliability_curve_{ensemble}.png"
+        _plot_reliability(audit_judges, gains, figures / name, ensemble or "mirror members")
     return lines
 
 
-def _plot_reliability(audit_judges: dict, gains: dict, figures: Path) -> None:
+def _plot_reliability(audit_judges: dict, gains: dict, path: Path, proposals: str) -> None:
+    """Each method's gain against the oracle's reliability (a line), with the label-free judges trained on the same
+    proposals as single points of the method's colour: on the line where the reliability tells the gain."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -729,19 +762,25 @@ def _plot_reliability(audit_judges: dict, gains: dict, figures: Path) -> None:
 
     from nnunet_rndpo.atomic import atomic_path
 
-    figures.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("spearman", "top1_lift")):
         for method in RELIABILITY_METHODS:
             points = reliability_points(audit_judges, gains[method], metric)
-            axis.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=method)
+            (line,) = axis.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=f"{method}, oracle")
+            for judge, gain in gains[method].items():
+                reliability = audit_judges.get(judge, {}).get(metric)
+                if judge in ORACLE_SWEEP or reliability is None:
+                    continue
+                axis.scatter([reliability], [gain], marker="x", s=60, color=line.get_color(), zorder=3)
+                axis.annotate(judge, (reliability, gain), textcoords="offset points", xytext=(4, 4), fontsize=7)
         axis.axhline(0.0, color="k", lw=0.8)
-        axis.set_xlabel(f"oracle {metric} (validation audit)")
+        axis.set_xlabel(f"judge's {metric} (validation audit)")
         axis.set_ylabel("test Dice gain over the base (points)")
-        axis.legend(loc="best")
-    figure.suptitle("Gain against the judge's reliability (oracle noise sweep, seed 0)")
+        axis.legend(loc="best", fontsize=8)
+    figure.suptitle(f"Gain against the judge's reliability (oracle noise sweep, seed 0, {proposals}; x: label-free)")
     figure.tight_layout()
-    with atomic_path(figures / "reliability_curve.png") as temporary:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=90)
     plt.close(figure)
 
@@ -812,9 +851,14 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
             "",
         ]
         lines += paired
-    reliability = reliability_curves(work, results, figures)
-    if reliability:
-        lines += ["", "Gain against the oracle's reliability (files: `reliability/`):", "", *reliability]
+    # one curve per set of proposals the judges were audited on: the mirror members, each cross-seed ensemble
+    ensembles = [None, *sorted(path.name.removeprefix("audit_") for path in work.glob("audit_seeds_*"))]
+    for ensemble in ensembles:
+        reliability = reliability_curves(work, results, figures, ensemble)
+        if reliability:
+            where = f"`reliability/{ensemble + '/' if ensemble else ''}`"
+            proposals = f"cross-seed proposals of {ensemble}" if ensemble else "mirror members"
+            lines += ["", f"Gain against the judge's reliability, {proposals} (files: {where}):", "", *reliability]
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
         _plot_curves(grouped, figures)

@@ -269,7 +269,8 @@ def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_
         "self_train_oracle_reliable_s0": arm(0.804),
     }
     table = low_label.reliability_curves(tmp_path, results, figures=tmp_path / "figures")
-    assert "| oracle_reliable | 0.005 | 0.950 | 0.0200 | +1.00 | +0.40 |" in table
+    assert "| oracle_reliable | 0.005 | 0.950 | 0.0200 | +1.00 | +0.40 |  |" in table
+    assert not any(line.startswith("| agreement") for line in table)  # audited but never trained
     assert (tmp_path / "figures" / "reliability_curve.png").stat().st_size > 0
     curve = load_reliability_curve(tmp_path / "reliability" / "reliability_curve_rn_dpo_top1_lift.json")
     assert curve.metric == "top1_lift"
@@ -278,6 +279,45 @@ def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_
     assert expected_gain(0.011, curve.points) == pytest.approx(0.0)
     self_training = load_reliability_curve(tmp_path / "reliability" / "reliability_curve_self_train_spearman.json")
     assert [list(point) for point in self_training.points] == [[0.95, pytest.approx(0.4)]]
+
+
+def test_a_cross_seed_reliability_curve_reads_its_audit_and_arms_and_tests_label_free_judges(
+    low_label, bases_of_seeds, tmp_path
+):
+    from nnunet_rndpo.audit import load_reliability_curve
+
+    ensemble = "seeds_0_1_2"
+    audit = {
+        "oracle_reliable": {"spearman": 0.8, "top1_lift": 0.012},
+        "oracle_noise_0.03": {"spearman": 0.2, "top1_lift": 0.004},
+        "agreement": {"spearman": 0.45, "top1_lift": 0.008},
+        "oracle": {"spearman": 1.0, "top1_lift": 0.015},  # the exact oracle is no level and no label-free judge
+    }
+    (tmp_path / f"audit_{ensemble}").mkdir()
+    (tmp_path / f"audit_{ensemble}" / "judge_audit.json").write_text(json.dumps({"judges": audit}))
+
+    def arm(test_dice):
+        return {"test": {"checkpoint_final": {"foreground_mean": test_dice}}}
+
+    names = [arm.name for arm in low_label.cross_seed_arms(0, ("oracle_reliable",), (0, 1, 2))]
+    assert sorted(low_label.reliability_arms("oracle_reliable", ensemble).values()) == sorted(names)
+    results = {
+        "base_s0": arm(0.80),
+        "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.70),  # mirror members: another curve, not read here
+        f"rn_dpo_oracle_reliable_{ensemble}_s0": arm(0.81),
+        f"rn_dpo_oracle_noise_0.03_{ensemble}_s0": arm(0.80),
+        f"rn_dpo_agreement_{ensemble}_s0": arm(0.803),
+        f"self_train_agreement_{ensemble}_s0": arm(0.806),
+    }
+    assert low_label.reliability_curves(tmp_path, results) == []  # no mirror-member audit in this work folder
+    table = low_label.reliability_curves(tmp_path, results, tmp_path / "figures", ensemble)
+    assert "| oracle_reliable | 0.005 | 0.800 | 0.0120 | +1.00 |  |  |" in table
+    # agreement's lift is halfway between the two levels: the curve expects +0.50, it brought +0.30
+    assert "| agreement | label-free | 0.450 | 0.0080 | +0.30 | +0.60 | +0.50 /  |" in table
+    assert not any(line.startswith("| oracle |") for line in table)
+    curve = load_reliability_curve(tmp_path / "reliability" / ensemble / "reliability_curve_rn_dpo_top1_lift.json")
+    assert [list(point) for point in curve.points] == [[0.004, pytest.approx(0.0)], [0.012, pytest.approx(1.0)]]
+    assert (tmp_path / "figures" / f"reliability_curve_{ensemble}.png").stat().st_size > 0
 
 
 def test_validation_noise_computes_nnunets_pseudo_dice_from_summed_counts():
