@@ -531,6 +531,15 @@ def test_store_refuses_proposals_of_an_extra_checkpoint_retrained_in_place(base_
     sibling.write_bytes(b"fold 1 trained again")
     with pytest.raises(StoreError, match=r"different extra_checkpoints_sha256"):
         ProposalStore(tmp_path / "store").open(store_manifest(base_model, settings, unlabeled_pool))
+    # one file is read once while it stays as it is: a run's start hashes each checkpoint in several places
+    from nnunet_rndpo.proposals.model import _sha256_of_file, file_sha256
+
+    reads = _sha256_of_file.cache_info().misses
+    assert file_sha256(sibling) == file_sha256(tmp_path / "fold_1" / ".." / "fold_1" / "checkpoint_final.pth")
+    assert _sha256_of_file.cache_info().misses == reads
+    os.utime(sibling, ns=(0, 0))  # touched, same bytes: read again, same hash
+    assert file_sha256(sibling) == hashlib.sha256(b"fold 1 trained again").hexdigest()
+    assert _sha256_of_file.cache_info().misses == reads + 1
     # members of the base alone read no extra file
     assert (
         store_manifest(base_model, ProposalSettings(num_proposals=3), unlabeled_pool)["extra_checkpoints_sha256"] == []

@@ -7,6 +7,7 @@ checkpoint of a plain-UNet trainer loads without our package being on nnU-Net's 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zipfile
@@ -57,7 +58,17 @@ class LoadedModel:
         return tuple(range(len(self.configuration_manager.patch_size)))
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes. A run's start hashes each checkpoint more than once (the proposal store's
+    identity, then loading the networks): a file whose size, modification time and inode are unchanged since it
+    was last hashed is not read again. Retraining in place or an atomic rename changes at least one of them."""
+    resolved = Path(path).resolve()
+    status = resolved.stat()
+    return _sha256_of_file(str(resolved), status.st_size, status.st_mtime_ns, status.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of_file(path: str, size: int, mtime_ns: int, inode: int, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_bytes), b""):
