@@ -266,6 +266,20 @@ def cross_seed_arms(
     ]
 
 
+def cross_seed_preference_arms(
+    seed: int, judge: str, seeds=(0, 1, 2), stores: Path = Path("proposals"), variants: Optional[dict] = None
+) -> list[Arm]:
+    """RN-DPO with `judge` under each preference setting of `variants` (default PREFERENCE_VARIANTS), on the same
+    cross-seed proposals and store as `cross_seed_arms`: the preference term's settings measured where a label-free
+    judge has something to rank."""
+    proposals = cross_seed_arms(seed, (judge,), seeds, stores)[0].settings
+    name = f"{ensemble_name(seeds)}_s{seed}"
+    return [
+        Arm(f"rn_dpo_{judge}_{variant}_{name}", "rn_dpo", seed, judge, settings={**proposals, **settings})
+        for variant, settings in (PREFERENCE_VARIANTS if variants is None else variants).items()
+    ]
+
+
 # RN-DPO's pairs on the cross-seed proposals: the judge's best against its worst, or against the base's own
 # prediction (only the voxels the pick would change); seed 0's validation chooses for the other seeds
 CROSS_SEED_MININGS = ("top_bottom", "top_plain")
@@ -1012,7 +1026,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     (validation split), then RN-DPO (each of CROSS_SEED_MININGS) and self-training with the best label-free judge
     there on seed 0's cross-seed proposals, the same on the other seeds' with the mining seed 0's validation
     preferred, with the reliable oracle on seed 0's (the ceiling), then with the oracle at each level of
-    ORACLE_SWEEP on seed 0's (the reliability curve)."""
+    ORACLE_SWEEP on seed 0's (the reliability curve); with --preference_sweep, RN-DPO with the label-free judge
+    under each PREFERENCE_VARIANTS setting on seed 0's."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1047,6 +1062,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     run_all([arm for seed in others for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
     run_all(cross_seed_arms(0, ("oracle_reliable",), seeds, stores))  # the ceiling
     run_all(cross_seed_arms(0, ORACLE_SWEEP[1:], seeds, stores))  # the reliability curve on these proposals
+    if args.preference_sweep:  # the preference term's settings with the label-free judge, read on validation
+        run_all(cross_seed_preference_arms(0, best, seeds, stores))
     print(summarise(work))
     return 0
 
@@ -1100,7 +1117,8 @@ def main(argv=None) -> int:
         "--preference_sweep",
         action="store_true",
         help="v2, v3: after the gate arms, RN-DPO with the reliable oracle under each PREFERENCE_VARIANTS setting "
-        "(beta, IPO target margin, SFT weight); prints their validation table and stops",
+        "(beta, IPO target margin, SFT weight); prints their validation table and stops. With --cross_seed: RN-DPO "
+        "with the best label-free judge under each setting on seed 0's cross-seed proposals, after the other arms",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.part_id < args.num_parts:

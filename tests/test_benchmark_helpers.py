@@ -369,6 +369,18 @@ def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(lo
     assert low_label.cross_seed_arms(0, ("agreement",), seeds=(0, 1))[0].name == "rn_dpo_agreement_seeds_0_1_s0"
 
 
+def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(low_label, bases_of_seeds):
+    plain = low_label.cross_seed_arms(0, ("agreement",))[0]
+    arms = low_label.cross_seed_preference_arms(0, "agreement", variants={"sft3": {"sft_weight": 3.0}})
+    assert [(arm.name, arm.kind, arm.judge, arm.mining) for arm in arms] == [
+        ("rn_dpo_agreement_sft3_seeds_0_1_2_s0", "rn_dpo", "agreement", "top_bottom")
+    ]
+    assert arms[0].settings == {**plain.settings, "sft_weight": 3.0}  # same proposals, same store
+    every = low_label.cross_seed_preference_arms(0, "agreement")
+    assert [arm.settings["sft_weight"] for arm in every if "sft_weight" in arm.settings] == [3.0]
+    assert len(every) == len(low_label.PREFERENCE_VARIANTS)
+
+
 def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
     arms = low_label.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
     assert [(arm.name, arm.kind, arm.mining) for arm in arms] == [
