@@ -280,6 +280,13 @@ def cross_seed_preference_arms(
     ]
 
 
+def best_preference_variant(results: dict[str, dict], judge: str) -> str:
+    """The PREFERENCE_VARIANTS setting of the finished `cross_seed_preference_arms` arm with the highest final
+    validation Dice (whole cases)."""
+    chosen = max(results.values(), key=validation_dice)["arm"]["name"]
+    return next(name for name in PREFERENCE_VARIANTS if chosen.startswith(f"rn_dpo_{judge}_{name}_"))
+
+
 # RN-DPO's pairs on the cross-seed proposals: the judge's best against its worst, or against the base's own
 # prediction (only the voxels the pick would change); seed 0's validation chooses for the other seeds
 CROSS_SEED_MININGS = ("top_bottom", "top_plain")
@@ -1027,7 +1034,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     there on seed 0's cross-seed proposals, the same on the other seeds' with the mining seed 0's validation
     preferred, with the reliable oracle on seed 0's (the ceiling), then with the oracle at each level of
     ORACLE_SWEEP on seed 0's (the reliability curve); with --preference_sweep, RN-DPO with the label-free judge
-    under each PREFERENCE_VARIANTS setting on seed 0's."""
+    under each PREFERENCE_VARIANTS setting on seed 0's, and the one its validation prefers on the other seeds'."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1063,7 +1070,12 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     run_all(cross_seed_arms(0, ("oracle_reliable",), seeds, stores))  # the ceiling
     run_all(cross_seed_arms(0, ORACLE_SWEEP[1:], seeds, stores))  # the reliability curve on these proposals
     if args.preference_sweep:  # the preference term's settings with the label-free judge, read on validation
-        run_all(cross_seed_preference_arms(0, best, seeds, stores))
+        swept = run_all(cross_seed_preference_arms(0, best, seeds, stores))
+        if swept:  # the setting seed 0's validation prefers, on the other seeds
+            variant = best_preference_variant(swept, best)
+            print(f"preference setting chosen on seed 0's validation: {variant}", flush=True)
+            variants = {variant: PREFERENCE_VARIANTS[variant]}
+            run_all([arm for seed in others for arm in cross_seed_preference_arms(seed, best, seeds, stores, variants)])
     print(summarise(work))
     return 0
 

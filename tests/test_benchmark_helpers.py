@@ -380,6 +380,16 @@ def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(l
     assert [arm.settings["sft_weight"] for arm in every if "sft_weight" in arm.settings] == [3.0]
     assert len(every) == len(low_label.PREFERENCE_VARIANTS)
 
+    def finished(arm, validation):
+        return {"arm": {"name": arm.name}, "validation": {"checkpoint_final": {"foreground_mean": validation}}}
+
+    by_name = {arm.name: arm for arm in every}
+    results = {
+        "rn_dpo_agreement_beta1_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta1_seeds_0_1_2_s0"], 0.85),
+        "rn_dpo_agreement_beta0.03_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta0.03_seeds_0_1_2_s0"], 0.86),
+    }
+    assert low_label.best_preference_variant(results, "agreement") == "beta0.03"
+
 
 def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
     arms = low_label.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
