@@ -466,6 +466,30 @@ def base_folder(seed: int) -> Path:
     return nnunet_paths.trainer_output_folder(DATASET_ID, CONFIGURATION, 0, trainer_name=f"Bench_base_s{seed}")
 
 
+# The preference settings every arm of these protocols was measured with, where a default has moved since: an arm's
+# result stays what its name and BENCHMARKS.md say it is (the SFT weight default became 3 on these measurements).
+MEASURED_WITH = {"sft_weight": 1.0}
+
+
+def fine_tuning_settings(arm: Arm, schedule: Schedule) -> dict:
+    """The RNDPO_SETTINGS of a fine-tuning arm: its base, judge, mining, seed and schedule, MEASURED_WITH, then the
+    arm's own settings (a preference variant's change wins)."""
+    judge, options = JUDGES[arm.judge]
+    return {
+        "base_checkpoint": str(base_folder(arm.seed) / "checkpoint_final.pth"),
+        "judge": judge,
+        "judge_options": options,
+        "mining": arm.mining,
+        "seed": arm.seed,
+        "num_epochs": schedule.tune_epochs,
+        "iterations_per_epoch": schedule.tune_iterations,
+        "val_iterations_per_epoch": schedule.val_iterations,
+        "initial_lr": schedule.tune_lr,
+        **MEASURED_WITH,
+        **arm.settings,
+    }
+
+
 def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str = "cpu") -> dict:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -497,19 +521,7 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str 
         trainer_class = {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}[
             arm.kind
         ]
-        judge, options = JUDGES[arm.judge]
-        settings = {
-            "base_checkpoint": str(base_folder(arm.seed) / "checkpoint_final.pth"),
-            "judge": judge,
-            "judge_options": options,
-            "mining": arm.mining,
-            "seed": arm.seed,
-            "num_epochs": schedule.tune_epochs,
-            "iterations_per_epoch": schedule.tune_iterations,
-            "val_iterations_per_epoch": schedule.val_iterations,
-            "initial_lr": schedule.tune_lr,
-            **arm.settings,
-        }
+        settings = fine_tuning_settings(arm, schedule)
         settings_file = work / "settings" / f"{arm.name}.json"
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings, indent=2))
@@ -690,23 +702,35 @@ def reliability_points(audit_judges: dict, gains: dict, metric: str) -> list[tup
     return sorted(points, key=lambda point: point[1])
 
 
-def reliability_arms(judge: str, ensemble: Optional[str] = None) -> dict[str, str]:
+def reliability_arms(judge: str, ensemble: Optional[str] = None, variant: Optional[str] = None) -> dict[str, str]:
     """The seed-0 arm of each method in RELIABILITY_METHODS with `judge`: on the base's mirror members, or on the
-    cross-seed proposals of `ensemble` (e.g. `seeds_0_1_2`, as `cross_seed_arms` names them)."""
+    cross-seed proposals of `ensemble` (e.g. `seeds_0_1_2`, as `cross_seed_arms` names them); with `variant`, RN-DPO's
+    arm under that PREFERENCE_VARIANTS setting (`cross_seed_preference_arms`; self-training has no preference term,
+    so its arm is the same)."""
     if ensemble is None:
         return {method: f"{pattern.format(judge=judge)}_s0" for method, pattern in RELIABILITY_METHODS.items()}
-    return {method: f"{method}_{judge}_{ensemble}_s0" for method in RELIABILITY_METHODS}
+    return {
+        method: f"{method}_{judge}_{variant}_{ensemble}_s0"
+        if variant and method == "rn_dpo"
+        else f"{method}_{judge}_{ensemble}_s0"
+        for method in RELIABILITY_METHODS
+    }
 
 
 def reliability_curves(
-    work: Path, results: dict, figures: Optional[Path] = None, ensemble: Optional[str] = None
+    work: Path,
+    results: dict,
+    figures: Optional[Path] = None,
+    ensemble: Optional[str] = None,
+    variant: Optional[str] = None,
 ) -> list[str]:
     """Gain over the base (test Dice points, seed 0, final checkpoint) of RN-DPO and self-training with the oracle
     at each noise level, against that oracle's reliability measured by the validation audit of the same proposals
     (the base's mirror members, or `ensemble`'s cross-seed proposals). Writes one curve file per method and metric
     (<work>/reliability/[<ensemble>/], the audit's `--reliability_curve` format), a PNG into `figures`, and
     returns a markdown table. Label-free judges trained on the same proposals get a row too: the gain the curve
-    expects from their measured top-1 lift beside the gain they brought, which tests the curve."""
+    expects from their measured top-1 lift beside the gain they brought, which tests the curve. `variant` (cross-seed
+    proposals only): RN-DPO under that PREFERENCE_VARIANTS setting (<work>/reliability/<ensemble>/<variant>/)."""
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.audit import expected_gain
 
@@ -720,13 +744,13 @@ def reliability_curves(
         method: {
             judge: (results[arm]["test"]["checkpoint_final"]["foreground_mean"] - base_dice) * 100
             for judge in (*ORACLE_SWEEP, *audit_judges)
-            if (arm := reliability_arms(judge, ensemble)[method]) in results
+            if (arm := reliability_arms(judge, ensemble, variant)[method]) in results
         }
         for method in RELIABILITY_METHODS
     }
     if not any(judge in ORACLE_SWEEP for method_gains in gains.values() for judge in method_gains):
         return []
-    folder = work / "reliability" / (ensemble or "")
+    folder = work / "reliability" / (ensemble or "") / (variant or "")
     curves = {}
     for method in RELIABILITY_METHODS:
         for metric in ("spearman", "top1_lift"):
@@ -738,6 +762,7 @@ def reliability_curves(
                     "points": curves[method, metric],
                     "gain_unit": "test Dice points over the base",
                     "source": f"benchmarks/low_label.py {work.name} ({ensemble or 'mirror members'}): {method} "
+                    f"{'under ' + variant + ' ' if variant and method == 'rn_dpo' else ''}"
                     f"with the oracle at {', '.join(judge for judge, _, _ in points)} (seed 0)",
                 }
                 save_json(curve, folder / f"reliability_curve_{method}_{metric}.json")
@@ -769,7 +794,12 @@ def reliability_curves(
         )
     if figures is not None:
         name = "reliability_curve.png" if ensemble is None else f"reliability_curve_{ensemble}.png"
-        _plot_reliability(audit_judges, gains, figures / name, ensemble or "mirror members")
+        if variant:
+            name = name.replace(".png", f"_{variant}.png")
+        proposals = ensemble or "mirror members"
+        _plot_reliability(
+            audit_judges, gains, figures / name, f"{proposals}, RN-DPO {variant}" if variant else proposals
+        )
     return lines
 
 
@@ -873,13 +903,20 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
         ]
         lines += paired
     # one curve per set of proposals the judges were audited on: the mirror members, each cross-seed ensemble
+    # and, on cross-seed proposals, RN-DPO's curve under each preference setting the oracle sweep was run with
     ensembles = [None, *sorted(path.name.removeprefix("audit_") for path in work.glob("audit_seeds_*"))]
     for ensemble in ensembles:
-        reliability = reliability_curves(work, results, figures, ensemble)
-        if reliability:
-            where = f"`reliability/{ensemble + '/' if ensemble else ''}`"
-            proposals = f"cross-seed proposals of {ensemble}" if ensemble else "mirror members"
-            lines += ["", f"Gain against the judge's reliability, {proposals} (files: {where}):", "", *reliability]
+        variants = [None]
+        if ensemble is not None:
+            variants += [v for v in PREFERENCE_VARIANTS if f"rn_dpo_oracle_reliable_{v}_{ensemble}_s0" in results]
+        for variant in variants:
+            reliability = reliability_curves(work, results, figures, ensemble, variant)
+            if reliability:
+                where = "/".join(["reliability", *(part for part in (ensemble, variant) if part)]) + "/"
+                proposals = f"cross-seed proposals of {ensemble}" if ensemble else "mirror members"
+                setting = f", RN-DPO with {json.dumps(PREFERENCE_VARIANTS[variant])}" if variant else ""
+                lines += ["", f"Gain against the judge's reliability, {proposals}{setting} (files: `{where}`):", ""]
+                lines += reliability
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
         _plot_curves(grouped, figures)
@@ -1034,7 +1071,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     there on seed 0's cross-seed proposals, the same on the other seeds' with the mining seed 0's validation
     preferred, with the reliable oracle on seed 0's (the ceiling), then with the oracle at each level of
     ORACLE_SWEEP on seed 0's (the reliability curve); with --preference_sweep, RN-DPO with the label-free judge
-    under each PREFERENCE_VARIANTS setting on seed 0's, and the one its validation prefers on the other seeds'."""
+    under each PREFERENCE_VARIANTS setting on seed 0's, the one its validation prefers on the other seeds', then
+    RN-DPO under that setting with the oracle at each level on seed 0's (its reliability curve)."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1071,11 +1109,14 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     run_all(cross_seed_arms(0, ORACLE_SWEEP[1:], seeds, stores))  # the reliability curve on these proposals
     if args.preference_sweep:  # the preference term's settings with the label-free judge, read on validation
         swept = run_all(cross_seed_preference_arms(0, best, seeds, stores))
-        if swept:  # the setting seed 0's validation prefers, on the other seeds
+        if swept:  # the setting seed 0's validation prefers, on the other seeds, then RN-DPO's curve under it
             variant = best_preference_variant(swept, best)
             print(f"preference setting chosen on seed 0's validation: {variant}", flush=True)
             variants = {variant: PREFERENCE_VARIANTS[variant]}
             run_all([arm for seed in others for arm in cross_seed_preference_arms(seed, best, seeds, stores, variants)])
+            run_all(
+                [arm for judge in ORACLE_SWEEP for arm in cross_seed_preference_arms(0, judge, seeds, stores, variants)]
+            )
     print(summarise(work))
     return 0
 
@@ -1130,7 +1171,8 @@ def main(argv=None) -> int:
         action="store_true",
         help="v2, v3: after the gate arms, RN-DPO with the reliable oracle under each PREFERENCE_VARIANTS setting "
         "(beta, IPO target margin, SFT weight); prints their validation table and stops. With --cross_seed: RN-DPO "
-        "with the best label-free judge under each setting on seed 0's cross-seed proposals, after the other arms",
+        "with the best label-free judge under each setting on seed 0's cross-seed proposals, after the other arms; "
+        "the setting seed 0's validation prefers on the other seeds, and with the oracle at each level (its curve)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.part_id < args.num_parts:

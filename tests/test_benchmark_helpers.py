@@ -221,7 +221,7 @@ def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(lo
     assert len({arm.name for arm in arms}) == len(low_label.PREFERENCE_VARIANTS)
     label_free = low_label.preference_arms(0, ("oracle_reliable", "agreement"))
     assert "rn_dpo_agreement_majority_s0" in {arm.name for arm in label_free} and len(label_free) == 2 * len(arms)
-    defaults = PreferenceSettings()
+    defaults = PreferenceSettings(**low_label.MEASURED_WITH)  # what the arms run with besides their own setting
     for arm in arms:
         assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.name.endswith("_s0")
         validate(PreferenceSettings(**arm.settings))  # every variant is a valid setting
@@ -320,6 +320,44 @@ def test_a_cross_seed_reliability_curve_reads_its_audit_and_arms_and_tests_label
     assert (tmp_path / "figures" / f"reliability_curve_{ensemble}.png").stat().st_size > 0
 
 
+def test_rn_dpos_curve_under_a_preference_setting_keeps_self_trainings_arms(low_label, bases_of_seeds, tmp_path):
+    from nnunet_rndpo.audit import load_reliability_curve
+
+    ensemble = "seeds_0_1_2"
+    audit = {
+        "oracle_reliable": {"spearman": 0.8, "top1_lift": 0.012},
+        "oracle_noise_0.03": {"spearman": 0.2, "top1_lift": 0.004},
+        "agreement": {"spearman": 0.45, "top1_lift": 0.008},
+    }
+    (tmp_path / f"audit_{ensemble}").mkdir()
+    (tmp_path / f"audit_{ensemble}" / "judge_audit.json").write_text(json.dumps({"judges": audit}))
+    variants = {"sft3": low_label.PREFERENCE_VARIANTS["sft3"]}
+    (sft3,) = low_label.cross_seed_preference_arms(0, "oracle_reliable", (0, 1, 2), variants=variants)
+    arms = low_label.reliability_arms("oracle_reliable", ensemble, "sft3")
+    assert arms == {"rn_dpo": sft3.name, "self_train": f"self_train_oracle_reliable_{ensemble}_s0"}
+
+    def arm(test_dice):
+        return {"test": {"checkpoint_final": {"foreground_mean": test_dice}}}
+
+    results = {
+        "base_s0": arm(0.80),
+        f"rn_dpo_oracle_reliable_{ensemble}_s0": arm(0.81),  # the defaults' curve: not read under sft3
+        f"rn_dpo_oracle_noise_0.03_{ensemble}_s0": arm(0.80),
+        f"rn_dpo_oracle_reliable_sft3_{ensemble}_s0": arm(0.82),
+        f"rn_dpo_oracle_noise_0.03_sft3_{ensemble}_s0": arm(0.805),
+        f"self_train_oracle_reliable_{ensemble}_s0": arm(0.809),
+        f"rn_dpo_agreement_sft3_{ensemble}_s0": arm(0.81),
+    }
+    table = low_label.reliability_curves(tmp_path, results, tmp_path / "figures", ensemble, "sft3")
+    assert "| oracle_reliable | 0.005 | 0.800 | 0.0120 | +2.00 | +0.90 |  |" in table
+    # agreement's lift halfway: RN-DPO's sft3 curve expects +1.25 (between +0.50 and +2.00), it brought +1.00
+    assert "| agreement | label-free | 0.450 | 0.0080 | +1.00 |  | +1.25 /  |" in table
+    folder = tmp_path / "reliability" / ensemble / "sft3"
+    curve = load_reliability_curve(folder / "reliability_curve_rn_dpo_top1_lift.json")
+    assert [list(point) for point in curve.points] == [[0.004, pytest.approx(0.5)], [0.012, pytest.approx(2.0)]]
+    assert (tmp_path / "figures" / f"reliability_curve_{ensemble}_sft3.png").stat().st_size > 0
+
+
 def test_validation_noise_computes_nnunets_pseudo_dice_from_summed_counts():
     from benchmarks.validation_noise import pseudo_dice, spread
 
@@ -389,6 +427,26 @@ def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(l
         "rn_dpo_agreement_beta0.03_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta0.03_seeds_0_1_2_s0"], 0.86),
     }
     assert low_label.best_preference_variant(results, "agreement") == "beta0.03"
+
+
+def test_an_arm_keeps_the_sft_weight_it_was_measured_with_unless_its_variant_changes_it(low_label, bases_of_seeds):
+    from nnunet_rndpo.training.settings import PreferenceSettings, apply_overrides, validate
+
+    schedule = low_label.Schedule(tune_epochs=3, tune_iterations=7, val_iterations=2, tune_lr=5e-4)
+    plain, self_train = low_label.cross_seed_arms(0, ("agreement",))
+    (sft3,) = low_label.cross_seed_preference_arms(0, "agreement", variants={"sft3": {"sft_weight": 3.0}})
+    settings = low_label.fine_tuning_settings(plain, schedule)
+    assert settings["sft_weight"] == 1.0  # BENCHMARKS.md's defaults row, whatever today's default
+    assert low_label.fine_tuning_settings(sft3, schedule)["sft_weight"] == 3.0
+    assert settings["base_checkpoint"] == "/results/Bench_base_s0/fold_0/checkpoint_final.pth"
+    assert (settings["num_epochs"], settings["iterations_per_epoch"], settings["val_iterations_per_epoch"]) == (3, 7, 2)
+    assert (settings["initial_lr"], settings["seed"], settings["mining"]) == (5e-4, 0, "top_bottom")
+    assert settings["proposals"] == plain.settings["proposals"]
+    # every key is a setting the trainer accepts
+    applied = validate(
+        apply_overrides(PreferenceSettings(), low_label.fine_tuning_settings(self_train, schedule), "test")
+    )
+    assert applied.sft_weight == 1.0 and applied.judge == low_label.JUDGES["agreement"][0]
 
 
 def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
