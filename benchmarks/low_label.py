@@ -280,11 +280,11 @@ def cross_seed_preference_arms(
     ]
 
 
-def best_preference_variant(results: dict[str, dict], judge: str) -> str:
+def best_preference_variant(results: dict[str, dict]) -> str:
     """The PREFERENCE_VARIANTS setting of the finished `cross_seed_preference_arms` arm with the highest final
-    validation Dice (whole cases)."""
-    chosen = max(results.values(), key=validation_dice)["arm"]["name"]
-    return next(name for name in PREFERENCE_VARIANTS if chosen.startswith(f"rn_dpo_{judge}_{name}_"))
+    validation Dice (whole cases), read from the settings the arm ran with."""
+    chosen = max(results.values(), key=validation_dice)["arm"]["settings"]
+    return next(name for name, setting in PREFERENCE_VARIANTS.items() if setting.items() <= chosen.items())
 
 
 # RN-DPO's pairs on the cross-seed proposals: the judge's best against its worst, or against the base's own
@@ -1110,7 +1110,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     if args.preference_sweep:  # the preference term's settings with the label-free judge, read on validation
         swept = run_all(cross_seed_preference_arms(0, best, seeds, stores))
         if swept:  # the setting seed 0's validation prefers, on the other seeds, then RN-DPO's curve under it
-            variant = best_preference_variant(swept, best)
+            variant = best_preference_variant(swept)
             print(f"preference setting chosen on seed 0's validation: {variant}", flush=True)
             variants = {variant: PREFERENCE_VARIANTS[variant]}
             run_all([arm for seed in others for arm in cross_seed_preference_arms(seed, best, seeds, stores, variants)])

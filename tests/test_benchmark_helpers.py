@@ -1,6 +1,7 @@
 """The pure parts of benchmarks/low_label.py: the split and the phase timings read from nnU-Net's log."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -419,14 +420,14 @@ def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(l
     assert len(every) == len(low_label.PREFERENCE_VARIANTS)
 
     def finished(arm, validation):
-        return {"arm": {"name": arm.name}, "validation": {"checkpoint_final": {"foreground_mean": validation}}}
+        return {"arm": asdict(arm), "validation": {"checkpoint_final": {"foreground_mean": validation}}}
 
     by_name = {arm.name: arm for arm in every}
     results = {
         "rn_dpo_agreement_beta1_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta1_seeds_0_1_2_s0"], 0.85),
         "rn_dpo_agreement_beta0.03_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta0.03_seeds_0_1_2_s0"], 0.86),
     }
-    assert low_label.best_preference_variant(results, "agreement") == "beta0.03"
+    assert low_label.best_preference_variant(results) == "beta0.03"
 
 
 def test_an_arm_keeps_the_sft_weight_it_was_measured_with_unless_its_variant_changes_it(low_label, bases_of_seeds):
