@@ -1072,7 +1072,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     preferred, with the reliable oracle on seed 0's (the ceiling), then with the oracle at each level of
     ORACLE_SWEEP on seed 0's (the reliability curve); with --preference_sweep, RN-DPO with the label-free judge
     under each PREFERENCE_VARIANTS setting on seed 0's, the one its validation prefers on the other seeds', then
-    RN-DPO under that setting with the oracle at each level on seed 0's (its reliability curve)."""
+    RN-DPO under that setting with the oracle at each level on seed 0's (its reliability curve); last, the reliable
+    oracle's arms on the other seeds' (the ceiling beyond seed 0)."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1107,6 +1108,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
     run_all([arm for seed in others for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
     run_all(cross_seed_arms(0, ("oracle_reliable",), seeds, stores))  # the ceiling
     run_all(cross_seed_arms(0, ORACLE_SWEEP[1:], seeds, stores))  # the reliability curve on these proposals
+    variants = {}
     if args.preference_sweep:  # the preference term's settings with the label-free judge, read on validation
         swept = run_all(cross_seed_preference_arms(0, best, seeds, stores))
         if swept:  # the setting seed 0's validation prefers, on the other seeds, then RN-DPO's curve under it
@@ -1117,6 +1119,16 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
             run_all(
                 [arm for judge in ORACLE_SWEEP for arm in cross_seed_preference_arms(0, judge, seeds, stores, variants)]
             )
+    # last, the ceiling on the other seeds (and under the chosen setting): is the reliable oracle's margin over
+    # self-training more than seed 0's?
+    ceiling = [arm for seed in others for arm in cross_seed_arms(seed, ("oracle_reliable",), seeds, stores)]
+    if variants:
+        ceiling += [
+            arm
+            for seed in others
+            for arm in cross_seed_preference_arms(seed, "oracle_reliable", seeds, stores, variants)
+        ]
+    run_all(ceiling)
     print(summarise(work))
     return 0
 
@@ -1156,7 +1168,8 @@ def main(argv=None) -> int:
         action="store_true",
         help="v2, v3: the bases of --ensemble_seeds as one ensemble: audit the judges on seed 0's cross-seed "
         "proposals (audit_seeds_<seeds>/), then RN-DPO and self-training with the best label-free judge there on "
-        "each seed's cross-seed proposals (arms *_seeds_<seeds>_s<seed>), then with the reliable oracle on seed 0's",
+        "each seed's cross-seed proposals (arms *_seeds_<seeds>_s<seed>), then with the oracle at each level on seed "
+        "0's (the reliability curve); last, with the reliable oracle on the other seeds'",
     )
     parser.add_argument(
         "--ensemble_seeds",
