@@ -280,6 +280,18 @@ def cross_seed_preference_arms(
     ]
 
 
+def step_matched_self_training(
+    seed: int, judge: str, sft_weight: float, schedule: Schedule, seeds=(0, 1, 2), stores: Path = Path("proposals")
+) -> Arm:
+    """Self-training with `judge` on the same cross-seed proposals at `sft_weight` times the learning rate: the
+    control for RN-DPO at that SFT weight. Its SFT term is self-training's Dice+CE times the weight, which under
+    SGD is self-training at the weight times the step (weight decay and gradient clipping aside); without this
+    control, RN-DPO's lead over self-training could be its larger step, not its preference term."""
+    plain = next(arm for arm in cross_seed_arms(seed, (judge,), seeds, stores) if arm.kind == "self_train")
+    name = plain.name.replace(f"self_train_{judge}_", f"self_train_{judge}_lr{sft_weight:g}x_", 1)
+    return replace(plain, name=name, settings={**plain.settings, "initial_lr": schedule.tune_lr * sft_weight})
+
+
 def best_preference_variant(results: dict[str, dict]) -> str:
     """The PREFERENCE_VARIANTS setting of the finished `cross_seed_preference_arms` arm with the highest final
     validation Dice (whole cases), read from the settings the arm ran with."""
@@ -530,11 +542,11 @@ def run_arm(arm: Arm, schedule: Schedule, work: Path, threads: int, device: str 
             DATASET_ID,
             CONFIGURATION,
             0,
-            num_epochs=schedule.tune_epochs,
-            iterations_per_epoch=schedule.tune_iterations,
-            val_iterations=schedule.val_iterations,
+            num_epochs=settings["num_epochs"],
+            iterations_per_epoch=settings["iterations_per_epoch"],
+            val_iterations=settings["val_iterations_per_epoch"],
             trainer_class=unique_trainer(trainer_class, arm.name),
-            initial_lr=schedule.tune_lr,
+            initial_lr=settings["initial_lr"],  # an arm's own (e.g. the step-matched self-training) wins
             seed=arm.seed,
             num_threads=threads,
             device=device,
@@ -1065,14 +1077,15 @@ def best_label_free(audit: dict, label_free: tuple[str, ...]) -> str:
     return max(audited, key=lambda judge: audit["judges"][judge].get("top1_lift") or -1)
 
 
-def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -> int:
+def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run, seeds=(0, 1, 2)) -> int:
     """`--cross_seed`: the seeds' bases (one ensemble), the judge audit on seed 0's cross-seed proposals
     (validation split), then RN-DPO (each of CROSS_SEED_MININGS) and self-training with the best label-free judge
     there on seed 0's cross-seed proposals, the same on the other seeds' with the mining seed 0's validation
     preferred, with the reliable oracle on seed 0's (the ceiling), then with the oracle at each level of
     ORACLE_SWEEP on seed 0's (the reliability curve); with --preference_sweep, RN-DPO with the label-free judge
-    under each PREFERENCE_VARIANTS setting on seed 0's, the one its validation prefers on the other seeds', then
-    RN-DPO under that setting with the oracle at each level on seed 0's (its reliability curve); last, the reliable
+    under each PREFERENCE_VARIANTS setting on seed 0's, the one its validation prefers on the other seeds', the
+    step-matched self-training where that setting is an SFT weight (`step_matched_self_training`), then RN-DPO under
+    that setting with the oracle at each level on seed 0's (its reliability curve); last, the reliable
     oracle's arms on the other seeds' (the ceiling beyond seed 0)."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
@@ -1116,6 +1129,10 @@ def run_cross_seed(work: Path, args, protocol: Protocol, run, seeds=(0, 1, 2)) -
             print(f"preference setting chosen on seed 0's validation: {variant}", flush=True)
             variants = {variant: PREFERENCE_VARIANTS[variant]}
             run_all([arm for seed in others for arm in cross_seed_preference_arms(seed, best, seeds, stores, variants)])
+            sft_weight = variants[variant].get("sft_weight", MEASURED_WITH["sft_weight"])
+            if sft_weight != MEASURED_WITH["sft_weight"]:  # self-training at RN-DPO's step on its pseudo-labels
+                controls = [(0, best), (0, "oracle_reliable"), *((seed, best) for seed in others)]
+                run_all([step_matched_self_training(s, j, sft_weight, schedule, seeds, stores) for s, j in controls])
             run_all(
                 [arm for judge in ORACLE_SWEEP for arm in cross_seed_preference_arms(0, judge, seeds, stores, variants)]
             )
@@ -1238,7 +1255,7 @@ def main(argv=None) -> int:
     if args.cross_seed:
         if 0 not in args.ensemble_seeds or len(set(args.ensemble_seeds)) < 2:
             parser.error(f"--ensemble_seeds {args.ensemble_seeds}: give seed 0 and at least one other seed")
-        return run_cross_seed(work, args, protocol, run, tuple(sorted(set(args.ensemble_seeds))))
+        return run_cross_seed(work, args, protocol, schedule, run, tuple(sorted(set(args.ensemble_seeds))))
     # Bases first: part 0 trains the seed-0 base and runs the judge audit on the validation split (which picks
     # the best label-free judge for the other arms); the other parts train the other seeds' bases meanwhile.
     # v2 trains the other seeds' bases after the gate and the seed-0 arms (build_arms_v2)

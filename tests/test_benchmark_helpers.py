@@ -450,6 +450,21 @@ def test_an_arm_keeps_the_sft_weight_it_was_measured_with_unless_its_variant_cha
     assert applied.sft_weight == 1.0 and applied.judge == low_label.JUDGES["agreement"][0]
 
 
+def test_step_matched_self_training_takes_rn_dpos_sft_step_on_the_same_proposals(low_label, bases_of_seeds):
+    schedule = low_label.Schedule(tune_lr=1e-3)
+    plain = low_label.cross_seed_arms(1, ("agreement",))[1]
+    control = low_label.step_matched_self_training(1, "agreement", 3.0, schedule)
+    assert (control.name, control.kind, control.judge, control.seed) == (
+        "self_train_agreement_lr3x_seeds_0_1_2_s1",
+        "self_train",
+        "agreement",
+        1,
+    )
+    assert control.settings == {**plain.settings, "initial_lr": pytest.approx(3e-3)}  # same proposals and store
+    settings = low_label.fine_tuning_settings(control, schedule)
+    assert settings["initial_lr"] == pytest.approx(3e-3) and settings["num_epochs"] == schedule.tune_epochs
+
+
 def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
     arms = low_label.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
     assert [(arm.name, arm.kind, arm.mining) for arm in arms] == [
