@@ -1202,7 +1202,8 @@ def main(argv=None) -> int:
         help="v2, v3: after the gate arms, RN-DPO with the reliable oracle under each PREFERENCE_VARIANTS setting "
         "(beta, IPO target margin, SFT weight); prints their validation table and stops. With --cross_seed: RN-DPO "
         "with the best label-free judge under each setting on seed 0's cross-seed proposals, after the other arms; "
-        "the setting seed 0's validation prefers on the other seeds, and with the oracle at each level (its curve)",
+        "the setting seed 0's validation prefers on the other seeds, the step-matched self-training where it is an "
+        "SFT weight, and RN-DPO under it with the oracle at each level (its curve)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.part_id < args.num_parts:
