@@ -239,6 +239,13 @@ def ensemble_name(seeds) -> str:
     return "seeds_" + "_".join(str(seed) for seed in seeds)
 
 
+def cross_seed_arm_name(kind: str, judge: str, ensemble: str, seed: int, tag: Optional[str] = None) -> str:
+    """`<kind>_<judge>_[<tag>_]<ensemble>_s<seed>`: the one place a cross-seed arm's name is made (the arms are
+    built, the curve and the report look them up by it). `tag`: a mining other than top_bottom, a preference
+    variant, a step-matched learning rate."""
+    return f"{kind}_{judge}_{tag + '_' if tag else ''}{ensemble}_s{seed}"
+
+
 def cross_seed_arms(
     seed: int,
     judges: tuple[str, ...],
@@ -252,16 +259,19 @@ def cross_seed_arms(
     name = f"{ensemble_name(seeds)}_s{seed}"
     settings = {"proposals": cross_seed_proposals(seed, seeds), "proposal_store": str(stores / name)}
 
+    ensemble = ensemble_name(seeds)
+
     def rn_dpo(judge, mining):
-        label = "" if mining == "top_bottom" else f"{mining}_"
-        return Arm(f"rn_dpo_{judge}_{label}{name}", "rn_dpo", seed, judge, mining=mining, settings=settings)
+        tag = None if mining == "top_bottom" else mining
+        arm_name = cross_seed_arm_name("rn_dpo", judge, ensemble, seed, tag)
+        return Arm(arm_name, "rn_dpo", seed, judge, mining=mining, settings=settings)
 
     return [
         arm
         for judge in judges
         for arm in (
             *(rn_dpo(judge, mining) for mining in minings),
-            Arm(f"self_train_{judge}_{name}", "self_train", seed, judge, settings=settings),
+            Arm(cross_seed_arm_name("self_train", judge, ensemble, seed), "self_train", seed, judge, settings=settings),
         )
     ]
 
@@ -273,9 +283,14 @@ def cross_seed_preference_arms(
     cross-seed proposals and store as `cross_seed_arms`: the preference term's settings measured where a label-free
     judge has something to rank."""
     proposals = cross_seed_arms(seed, (judge,), seeds, stores)[0].settings
-    name = f"{ensemble_name(seeds)}_s{seed}"
     return [
-        Arm(f"rn_dpo_{judge}_{variant}_{name}", "rn_dpo", seed, judge, settings={**proposals, **settings})
+        Arm(
+            cross_seed_arm_name("rn_dpo", judge, ensemble_name(seeds), seed, variant),
+            "rn_dpo",
+            seed,
+            judge,
+            settings={**proposals, **settings},
+        )
         for variant, settings in (PREFERENCE_VARIANTS if variants is None else variants).items()
     ]
 
@@ -288,7 +303,7 @@ def step_matched_self_training(
     SGD is self-training at the weight times the step (weight decay and gradient clipping aside); without this
     control, RN-DPO's lead over self-training could be its larger step, not its preference term."""
     plain = next(arm for arm in cross_seed_arms(seed, (judge,), seeds, stores) if arm.kind == "self_train")
-    name = plain.name.replace(f"self_train_{judge}_", f"self_train_{judge}_lr{sft_weight:g}x_", 1)
+    name = cross_seed_arm_name("self_train", judge, ensemble_name(seeds), seed, f"lr{sft_weight:g}x")
     return replace(plain, name=name, settings={**plain.settings, "initial_lr": schedule.tune_lr * sft_weight})
 
 
@@ -722,9 +737,7 @@ def reliability_arms(judge: str, ensemble: Optional[str] = None, variant: Option
     if ensemble is None:
         return {method: f"{pattern.format(judge=judge)}_s0" for method, pattern in RELIABILITY_METHODS.items()}
     return {
-        method: f"{method}_{judge}_{variant}_{ensemble}_s0"
-        if variant and method == "rn_dpo"
-        else f"{method}_{judge}_{ensemble}_s0"
+        method: cross_seed_arm_name(method, judge, ensemble, 0, variant if method == "rn_dpo" else None)
         for method in RELIABILITY_METHODS
     }
 
@@ -920,7 +933,9 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
     for ensemble in ensembles:
         variants = [None]
         if ensemble is not None:
-            variants += [v for v in PREFERENCE_VARIANTS if f"rn_dpo_oracle_reliable_{v}_{ensemble}_s0" in results]
+            variants += [
+                v for v in PREFERENCE_VARIANTS if reliability_arms(ORACLE_SWEEP[0], ensemble, v)["rn_dpo"] in results
+            ]
         for variant in variants:
             reliability = reliability_curves(work, results, figures, ensemble, variant)
             if reliability:
