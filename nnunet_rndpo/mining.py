@@ -11,6 +11,11 @@ Strategies:
   every proposal plan puts first). Its pair covers exactly the voxels where the judge's pick would correct what
   the model predicts now, where `top_bottom` also pushes voxels the model already labels like the pick (an
   outlier member's errors). No pair when the plain proposal is the best-scored one.
+- halves: one proposal drawn (seeded per case) from the judge's top half against one drawn from its bottom half
+  (the middle one of an odd K in neither). A judge that agrees with the consensus always picks a typical member
+  and rejects the most deviant one, so its `top_bottom` pairs train towards what the model predicts already;
+  drawing from the halves keeps the judge's direction but spreads the chosen masks over the members, as a noisy
+  judge's picks are spread (benchmarks/low_label.py measured what that is worth: BENCHMARKS.md).
 - random: a control that ignores the scores: one pair drawn uniformly from the pairs of distinct masks,
   roles by a fair coin; its score_gap (chosen minus rejected) is negative when the coin disagrees with the
   judge. It measures what preference training does without any judgement.
@@ -33,7 +38,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-MINING_STRATEGIES = ("top_bottom", "top_rest", "margin", "top_plain", "random")
+MINING_STRATEGIES = ("top_bottom", "top_rest", "margin", "top_plain", "halves", "random")
 PLAIN_PROPOSAL = 0  # nnunet_rndpo.proposals.members.plan_members: the plain pass first
 _MARGIN_TOLERANCE = 1e-9
 
@@ -145,6 +150,9 @@ def mine_case_outcome(
         candidates = [(int(order[0]), int(other)) for other in order[1:]]
     elif strategy == "top_plain":
         candidates = [(int(order[0]), PLAIN_PROPOSAL)] if count >= 2 and order[0] != PLAIN_PROPOSAL else []
+    elif strategy == "halves":
+        half = count // 2
+        candidates = [(int(rng.choice(order[:half])), int(rng.choice(order[count - half :])))] if half else []
     else:
         candidates = [(int(order[a]), int(order[b])) for a in range(count) for b in range(a + 1, count)]
 

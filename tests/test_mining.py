@@ -77,6 +77,23 @@ def test_top_plain_pairs_the_judges_pick_with_the_models_own_prediction():
     assert outcome.pairs == () and outcome.identical_pairs_skipped == 1
 
 
+def test_halves_draws_the_chosen_from_the_top_half_and_the_rejected_from_the_bottom_half():
+    proposals = distinct_proposals(5)
+    scores = np.array([0.5, 0.9, 0.1, 0.7, 0.3])  # top half {1, 3}, middle 0, bottom half {4, 2}
+    drawn = set()
+    for seed in range(40):
+        (pair,) = mine_case_pairs("c", scores, proposals, "halves", rng=np.random.default_rng(seed))
+        assert pair.chosen in (1, 3) and pair.rejected in (2, 4)
+        assert pair.score_gap == pytest.approx(scores[pair.chosen] - scores[pair.rejected])
+        drawn.add((pair.chosen, pair.rejected))
+    assert drawn == {(1, 2), (1, 4), (3, 2), (3, 4)}  # every member of each half is drawn, not only the extremes
+    # two proposals: the halves are the top and the bottom one
+    (pair,) = mine_case_pairs("c", np.array([0.1, 0.8]), proposals[:2], "halves", rng=np.random.default_rng(0))
+    assert (pair.chosen, pair.rejected) == (1, 0)
+    # one proposal has no halves
+    assert mine_case_pairs("c", np.array([0.4]), proposals[:1], "halves", rng=np.random.default_rng(0)) == []
+
+
 def test_margin_keeps_only_pairs_with_a_large_enough_gap():
     proposals = distinct_proposals(3)
     scores = np.array([0.90, 0.87, 0.50])
