@@ -277,18 +277,30 @@ def cross_seed_arms(
 
 
 def cross_seed_preference_arms(
-    seed: int, judge: str, seeds=(0, 1, 2), stores: Path = Path("proposals"), variants: Optional[dict] = None
+    seed: int,
+    judge: str,
+    seeds=(0, 1, 2),
+    stores: Path = Path("proposals"),
+    variants: Optional[dict] = None,
+    mining: str = "top_bottom",
 ) -> list[Arm]:
     """RN-DPO with `judge` under each preference setting of `variants` (default PREFERENCE_VARIANTS), on the same
     cross-seed proposals and store as `cross_seed_arms`: the preference term's settings measured where a label-free
-    judge has something to rank."""
+    judge has something to rank. `mining` other than top_bottom is named before the setting."""
     proposals = cross_seed_arms(seed, (judge,), seeds, stores)[0].settings
     return [
         Arm(
-            cross_seed_arm_name("rn_dpo", judge, ensemble_name(seeds), seed, variant),
+            cross_seed_arm_name(
+                "rn_dpo",
+                judge,
+                ensemble_name(seeds),
+                seed,
+                variant if mining == "top_bottom" else f"{mining}_{variant}",
+            ),
             "rn_dpo",
             seed,
             judge,
+            mining=mining,
             settings={**proposals, **settings},
         )
         for variant, settings in (PREFERENCE_VARIANTS if variants is None else variants).items()
@@ -317,6 +329,9 @@ def best_preference_variant(results: dict[str, dict]) -> str:
 # RN-DPO's pairs on the cross-seed proposals: the judge's best against its worst, or against the base's own
 # prediction (only the voxels the pick would change); seed 0's validation chooses for the other seeds
 CROSS_SEED_MININGS = ("top_bottom", "top_plain")
+# tried last, under the preference setting validation chose: pairs drawn from the judge's halves, which spread a
+# consensus judge's picks over the members as a noisy judge's are spread
+SPREAD_MININGS = ("halves",)
 
 
 def best_mining(results: dict[str, dict]) -> str:
@@ -927,6 +942,15 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
             "",
         ]
         lines += paired
+    against = against_self_training_lines(grouped)
+    if against:
+        lines += [
+            "",
+            "RN-DPO against self-training with the same judge on the same proposals, paired by case and seed "
+            "(each case's difference averaged over the seeds both have; mean ± standard error over cases):",
+            "",
+        ]
+        lines += against
     # one curve per set of proposals the judges were audited on: the mirror members, each cross-seed ensemble
     # and, on cross-seed proposals, RN-DPO's curve under each preference setting the oracle sweep was run with
     ensembles = [None, *sorted(path.name.removeprefix("audit_") for path in work.glob("audit_seeds_*"))]
@@ -950,19 +974,14 @@ def summarise(work: Path, figures: Optional[Path] = None) -> str:
     return "\n".join(lines)
 
 
-def paired_case_difference(arm: dict, base: dict, split: str) -> Optional[dict]:
-    """Final checkpoint minus base, per case (mean foreground Dice of each case), on `split` ("test" or
-    "validation"): mean and standard error in Dice points, and how many cases got better. None when either lacks
-    the split."""
-    if split not in arm or split not in base:
-        return None
+def _per_case_dice(result: dict, split: str) -> dict[str, float]:
+    """Final checkpoint's mean foreground Dice of each case on `split`."""
+    cases = result[split]["checkpoint_final"]["per_case"]
+    return {case: float(np.mean(list(dice.values()))) for case, dice in cases.items()}
 
-    def per_case(result):
-        cases = result[split]["checkpoint_final"]["per_case"]
-        return {case: float(np.mean(list(dice.values()))) for case, dice in cases.items()}
 
-    mine, theirs = per_case(arm), per_case(base)
-    differences = np.array([mine[case] - theirs[case] for case in sorted(theirs)]) * 100
+def _difference_figures(differences: np.ndarray) -> dict:
+    """Mean and standard error (Dice points) of per-case differences, and how many cases got better."""
     error = differences.std(ddof=1) / np.sqrt(len(differences)) if len(differences) > 1 else float("nan")
     return {
         "mean": float(differences.mean()),
@@ -970,6 +989,74 @@ def paired_case_difference(arm: dict, base: dict, split: str) -> Optional[dict]:
         "better": int(np.sum(differences > 0)),
         "cases": len(differences),
     }
+
+
+def paired_case_difference(arm: dict, base: dict, split: str) -> Optional[dict]:
+    """Final checkpoint minus base, per case (mean foreground Dice of each case), on `split` ("test" or
+    "validation"): mean and standard error in Dice points, and how many cases got better. None when either lacks
+    the split."""
+    if split not in arm or split not in base:
+        return None
+    mine, theirs = _per_case_dice(arm, split), _per_case_dice(base, split)
+    return _difference_figures(np.array([mine[case] - theirs[case] for case in sorted(theirs)]) * 100)
+
+
+def paired_seed_difference(runs: list[dict], others: list[dict], split: str) -> Optional[dict]:
+    """`runs` minus `others` of the same seed, per case, each case's difference averaged over the seeds both
+    have: mean and standard error over cases (Dice points), cases better, and the seeds. The error is the cases'
+    only (the seeds' own spread is in the summary table). None when no seed has the split on both sides."""
+    theirs_by_seed = {other["arm"]["seed"]: other for other in others if split in other}
+    matched = [
+        (run, theirs_by_seed[run["arm"]["seed"]])
+        for run in runs
+        if split in run and run["arm"]["seed"] in theirs_by_seed
+    ]
+    if not matched:
+        return None
+    per_seed = []
+    for run, other in matched:
+        mine, theirs = _per_case_dice(run, split), _per_case_dice(other, split)
+        per_seed.append([mine[case] - theirs[case] for case in sorted(theirs)])
+    figures = _difference_figures(np.mean(per_seed, axis=0) * 100)
+    return {**figures, "seeds": sorted(run["arm"]["seed"] for run, _ in matched)}
+
+
+def self_training_counterparts(name: str, runs: list[dict]) -> list[str]:
+    """The self-training groups an RN-DPO cross-seed group (`rn_dpo_<judge>_[<tag>_]<ensemble>`) is judged
+    against: self-training with the same judge on the same proposals and, where RN-DPO's SFT weight w is not 1,
+    self-training at w times the learning rate (`step_matched_self_training`). Empty for other groups."""
+    arm = runs[0]["arm"]
+    if arm["kind"] != "rn_dpo" or "_seeds_" not in name:
+        return []
+    ensemble = "seeds_" + name.rsplit("_seeds_", 1)[1]
+    plain = cross_seed_arm_name("self_train", arm["judge"], ensemble, 0).rsplit("_s", 1)[0]
+    sft_weight = arm.get("settings", {}).get("sft_weight", MEASURED_WITH["sft_weight"])
+    if sft_weight == MEASURED_WITH["sft_weight"]:
+        return [plain]
+    return [
+        plain,
+        cross_seed_arm_name("self_train", arm["judge"], ensemble, 0, f"lr{sft_weight:g}x").rsplit("_s", 1)[0],
+    ]
+
+
+def against_self_training_lines(grouped: dict[str, list[dict]]) -> list[str]:
+    """One line per RN-DPO cross-seed group and self-training counterpart that share seeds: what issue 12's
+    "at least self-training + 0.5" reads, paired by case and seed (`paired_seed_difference`)."""
+    lines = []
+    for name, runs in sorted(grouped.items()):
+        for counterpart in self_training_counterparts(name, runs):
+            cells = []
+            for split in ("validation", "test"):
+                figures = paired_seed_difference(runs, grouped.get(counterpart, []), split)
+                if figures is not None:
+                    seeds = ", ".join(str(seed) for seed in figures["seeds"])
+                    cells.append(
+                        f"{split} {figures['mean']:+.2f} ± {figures['standard_error']:.2f} pts "
+                        f"({figures['better']}/{figures['cases']} cases better; seeds {seeds})"
+                    )
+            if cells:
+                lines.append(f"- {name} − {counterpart}: " + "; ".join(cells))
+    return lines
 
 
 def paired_by_case_lines(results: dict) -> list[str]:
@@ -1101,7 +1188,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
     under each PREFERENCE_VARIANTS setting on seed 0's, the one its validation prefers on the other seeds', the
     step-matched self-training where that setting is an SFT weight (`step_matched_self_training`), then RN-DPO under
     that setting with the oracle at each level on seed 0's (its reliability curve); last, the reliable
-    oracle's arms on the other seeds' (the ceiling beyond seed 0)."""
+    oracle's arms on the other seeds' (the ceiling beyond seed 0), then RN-DPO with the label-free judge under the
+    chosen setting with each of SPREAD_MININGS on seed 0's, and on the other seeds' when validation prefers it."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1161,6 +1249,21 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
             for arm in cross_seed_preference_arms(seed, "oracle_reliable", seeds, stores, variants)
         ]
     run_all(ceiling)
+    if variants:  # the label-free judge's pairs spread over its halves, under the chosen setting: seed 0's
+        # validation chooses between them and top_bottom, the other seeds follow
+        candidates = run_all(cross_seed_preference_arms(0, best, seeds, stores, variants))
+        for spread in SPREAD_MININGS:
+            candidates.update(run_all(cross_seed_preference_arms(0, best, seeds, stores, variants, spread)))
+        mining = best_mining(candidates)
+        print(f"RN-DPO mining under {next(iter(variants))} chosen on seed 0's validation: {mining}", flush=True)
+        if mining != "top_bottom":
+            run_all(
+                [
+                    arm
+                    for seed in others
+                    for arm in cross_seed_preference_arms(seed, best, seeds, stores, variants, mining)
+                ]
+            )
     print(summarise(work))
     return 0
 

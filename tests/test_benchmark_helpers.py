@@ -200,6 +200,54 @@ def test_paired_case_difference_by_hand(low_label):
     assert lines == ["- x_s0: test +1.00 ± 1.15 pts (2/3 cases better)"]
 
 
+def test_rn_dpo_is_paired_with_its_self_training_by_case_and_seed(low_label):
+    def arm(kind, seed, cases, tag=None, settings=None):
+        name = low_label.cross_seed_arm_name(kind, "agreement", "seeds_0_1", seed, tag)
+        per_case = {c: {"1": d, "2": d} for c, d in cases.items()}
+        result = {
+            "arm": {"kind": kind, "judge": "agreement", "seed": seed, "settings": settings or {}},
+            "test": {"checkpoint_final": {"per_case": per_case}},
+        }
+        return name.rsplit("_s", 1)[0], result
+
+    sft3 = {"sft_weight": 3.0}
+    rn_dpo = [
+        arm("rn_dpo", 0, {"a": 0.82, "b": 0.80}, "sft3", sft3),
+        arm("rn_dpo", 1, {"a": 0.80, "b": 0.84}, "sft3", sft3),
+    ]
+    self_train = [arm("self_train", 0, {"a": 0.80, "b": 0.80}), arm("self_train", 1, {"a": 0.80, "b": 0.80})]
+    stepped = [arm("self_train", 1, {"a": 0.81, "b": 0.81}, "lr3x")]  # seed 1 only
+    grouped = {}
+    for name, result in rn_dpo + self_train + stepped:
+        grouped.setdefault(name, []).append(result)
+
+    runs = grouped["rn_dpo_agreement_sft3_seeds_0_1"]
+    assert low_label.self_training_counterparts("rn_dpo_agreement_sft3_seeds_0_1", runs) == [
+        "self_train_agreement_seeds_0_1",
+        "self_train_agreement_lr3x_seeds_0_1",
+    ]
+    # case a: (+2 + 0) / 2 = +1, case b: (0 + 4) / 2 = +2 points; mean 1.5, std 0.707, se 0.5
+    figures = low_label.paired_seed_difference(runs, grouped["self_train_agreement_seeds_0_1"], "test")
+    assert figures["mean"] == pytest.approx(1.5)
+    assert figures["standard_error"] == pytest.approx(0.5)
+    assert (figures["better"], figures["cases"], figures["seeds"]) == (2, 2, [0, 1])
+    assert low_label.paired_seed_difference(runs, grouped["self_train_agreement_seeds_0_1"], "validation") is None
+    lines = low_label.against_self_training_lines(grouped)
+    assert lines == [
+        "- rn_dpo_agreement_sft3_seeds_0_1 − self_train_agreement_seeds_0_1: test +1.50 ± 0.50 pts "
+        "(2/2 cases better; seeds 0, 1)",
+        # seed 1 alone: a -1, b +3
+        "- rn_dpo_agreement_sft3_seeds_0_1 − self_train_agreement_lr3x_seeds_0_1: test +1.00 ± 2.00 pts "
+        "(1/2 cases better; seeds 1)",
+    ]
+    # at the SFT weight the arms were measured with there is no step-matched control; self-training has none
+    plain = [{**runs[0], "arm": {**runs[0]["arm"], "settings": {}}}]
+    assert low_label.self_training_counterparts("rn_dpo_agreement_seeds_0_1", plain) == [
+        "self_train_agreement_seeds_0_1"
+    ]
+    assert low_label.self_training_counterparts("self_train_agreement_seeds_0_1", self_train[0][1:]) == []
+
+
 def test_an_arm_is_scored_on_the_validation_cases_once(low_label, tmp_path, monkeypatch):
     calls = []
 
@@ -415,6 +463,11 @@ def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(l
         ("rn_dpo_agreement_sft3_seeds_0_1_2_s0", "rn_dpo", "agreement", "top_bottom")
     ]
     assert arms[0].settings == {**plain.settings, "sft_weight": 3.0}  # same proposals, same store
+    (spread,) = low_label.cross_seed_preference_arms(
+        0, "agreement", variants={"sft3": {"sft_weight": 3.0}}, mining="halves"
+    )
+    assert (spread.name, spread.mining) == ("rn_dpo_agreement_halves_sft3_seeds_0_1_2_s0", "halves")
+    assert spread.settings == arms[0].settings
     every = low_label.cross_seed_preference_arms(0, "agreement")
     assert [arm.settings["sft_weight"] for arm in every if "sft_weight" in arm.settings] == [3.0]
     assert len(every) == len(low_label.PREFERENCE_VARIANTS)
