@@ -1189,7 +1189,8 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
     step-matched self-training where that setting is an SFT weight (`step_matched_self_training`), then RN-DPO under
     that setting with the oracle at each level on seed 0's (its reliability curve); last, the reliable
     oracle's arms on the other seeds' (the ceiling beyond seed 0), then RN-DPO with the label-free judge under the
-    chosen setting with each of SPREAD_MININGS on seed 0's, and on the other seeds' when validation prefers it."""
+    chosen setting with each of SPREAD_MININGS on seed 0's and, when validation prefers one, on the other seeds'
+    and with the reliable oracle on seed 0's."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1256,7 +1257,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
             candidates.update(run_all(cross_seed_preference_arms(0, best, seeds, stores, variants, spread)))
         mining = best_mining(candidates)
         print(f"RN-DPO mining under {next(iter(variants))} chosen on seed 0's validation: {mining}", flush=True)
-        if mining != "top_bottom":
+        if mining != "top_bottom":  # the other seeds, then the reliable oracle with it: does it cost the ceiling?
             run_all(
                 [
                     arm
@@ -1264,6 +1265,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
                     for arm in cross_seed_preference_arms(seed, best, seeds, stores, variants, mining)
                 ]
             )
+            run_all(cross_seed_preference_arms(0, "oracle_reliable", seeds, stores, variants, mining))
     print(summarise(work))
     return 0
 
