@@ -1045,15 +1045,8 @@ def against_self_training_lines(grouped: dict[str, list[dict]]) -> list[str]:
     lines = []
     for name, runs in sorted(grouped.items()):
         for counterpart in self_training_counterparts(name, runs):
-            cells = []
-            for split in ("validation", "test"):
-                figures = paired_seed_difference(runs, grouped.get(counterpart, []), split)
-                if figures is not None:
-                    seeds = ", ".join(str(seed) for seed in figures["seeds"])
-                    cells.append(
-                        f"{split} {figures['mean']:+.2f} ± {figures['standard_error']:.2f} pts "
-                        f"({figures['better']}/{figures['cases']} cases better; seeds {seeds})"
-                    )
+            others = grouped.get(counterpart, [])
+            cells = _difference_cells(lambda split: paired_seed_difference(runs, others, split))
             if cells:
                 lines.append(f"- {name} − {counterpart}: " + "; ".join(cells))
     return lines
@@ -1066,17 +1059,24 @@ def paired_by_case_lines(results: dict) -> list[str]:
         base = results.get(f"base_s{result['arm']['seed']}")
         if base is None or result is base:
             continue
-        cells = []
-        for split in ("validation", "test"):
-            figures = paired_case_difference(result, base, split)
-            if figures is not None:
-                cells.append(
-                    f"{split} {figures['mean']:+.2f} ± {figures['standard_error']:.2f} pts "
-                    f"({figures['better']}/{figures['cases']} cases better)"
-                )
+        cells = _difference_cells(lambda split: paired_case_difference(result, base, split))
         if cells:
             lines.append(f"- {name}: " + "; ".join(cells))
     return lines
+
+
+def _difference_cells(figures_of_split) -> list[str]:
+    """One report cell per split a paired difference has (`figures_of_split(split)` is None where it has not)."""
+    cells = []
+    for split in ("validation", "test"):
+        figures = figures_of_split(split)
+        if figures is not None:
+            seeds = f"; seeds {', '.join(str(seed) for seed in figures['seeds'])}" if "seeds" in figures else ""
+            cells.append(
+                f"{split} {figures['mean']:+.2f} ± {figures['standard_error']:.2f} pts "
+                f"({figures['better']}/{figures['cases']} cases better{seeds})"
+            )
+    return cells
 
 
 def _arm_phases(result: dict) -> dict:
