@@ -15,7 +15,9 @@ Strategies:
   (the middle one of an odd K in neither). A judge that agrees with the consensus always picks a typical member
   and rejects the most deviant one, so its `top_bottom` pairs train towards what the model predicts already;
   drawing from the halves keeps the judge's direction but spreads the chosen masks over the members, as a noisy
-  judge's picks are spread (benchmarks/low_label.py measured what that is worth: BENCHMARKS.md).
+  judge's picks are spread. Measured (BENCHMARKS.md, "Spreading the label-free judge's pairs"): with agreement a
+  little above top_bottom, within noise; with a reliable judge half the gain lost, its information being in the
+  extremes.
 - random: a control that ignores the scores: one pair drawn uniformly from the pairs of distinct masks,
   roles by a fair coin; its score_gap (chosen minus rejected) is negative when the coin disagrees with the
   judge. It measures what preference training does without any judgement.
