@@ -1188,9 +1188,9 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
     under each PREFERENCE_VARIANTS setting on seed 0's, the one its validation prefers on the other seeds', the
     step-matched self-training where that setting is an SFT weight (`step_matched_self_training`), then RN-DPO under
     that setting with the oracle at each level on seed 0's (its reliability curve); last, the reliable
-    oracle's arms on the other seeds' (the ceiling beyond seed 0), then RN-DPO with the label-free judge under the
-    chosen setting with each of SPREAD_MININGS on seed 0's and, when validation prefers one, on the other seeds'
-    and with the reliable oracle on seed 0's."""
+    oracle's arms on the other seeds' (the ceiling beyond seed 0, with its step-matched control), then RN-DPO with
+    the label-free judge under the chosen setting with each of SPREAD_MININGS on seed 0's and, when validation
+    prefers one, on the other seeds' and with the reliable oracle on seed 0's."""
     wanted = (lambda arm: arm.name in args.only) if args.only else (lambda arm: True)
     for arm in [Arm(f"base_s{seed}", "base", seed) for seed in seeds][args.part_id :: args.num_parts]:
         if wanted(arm):
@@ -1249,6 +1249,11 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
             for seed in others
             for arm in cross_seed_preference_arms(seed, "oracle_reliable", seeds, stores, variants)
         ]
+        sft_weight = next(iter(variants.values())).get("sft_weight", MEASURED_WITH["sft_weight"])
+        if sft_weight != MEASURED_WITH["sft_weight"]:  # and the ceiling's step-matched control beyond seed 0
+            ceiling += [
+                step_matched_self_training(s, "oracle_reliable", sft_weight, schedule, seeds, stores) for s in others
+            ]
     run_all(ceiling)
     if variants:  # the label-free judge's pairs spread over its halves, under the chosen setting: seed 0's
         # validation chooses between them and top_bottom, the other seeds follow
