@@ -239,11 +239,16 @@ def ensemble_name(seeds) -> str:
     return "seeds_" + "_".join(str(seed) for seed in seeds)
 
 
+def cross_seed_group_name(kind: str, judge: str, ensemble: str, tag: Optional[str] = None) -> str:
+    """`<kind>_<judge>_[<tag>_]<ensemble>`: the seeds of one cross-seed arm, as the report groups them. `tag`: a
+    mining other than top_bottom, a preference variant, a step-matched learning rate."""
+    return f"{kind}_{judge}_{tag + '_' if tag else ''}{ensemble}"
+
+
 def cross_seed_arm_name(kind: str, judge: str, ensemble: str, seed: int, tag: Optional[str] = None) -> str:
-    """`<kind>_<judge>_[<tag>_]<ensemble>_s<seed>`: the one place a cross-seed arm's name is made (the arms are
-    built, the curve and the report look them up by it). `tag`: a mining other than top_bottom, a preference
-    variant, a step-matched learning rate."""
-    return f"{kind}_{judge}_{tag + '_' if tag else ''}{ensemble}_s{seed}"
+    """`<group>_s<seed>`: the one place a cross-seed arm's name is made (the arms are built, the curve and the
+    report look them up by it); the group is `cross_seed_group_name`."""
+    return f"{cross_seed_group_name(kind, judge, ensemble, tag)}_s{seed}"
 
 
 def cross_seed_arms(
@@ -980,6 +985,12 @@ def _per_case_dice(result: dict, split: str) -> dict[str, float]:
     return {case: float(np.mean(list(dice.values()))) for case, dice in cases.items()}
 
 
+def _case_differences(arm: dict, other: dict, split: str) -> np.ndarray:
+    """`arm`'s final per-case Dice minus `other`'s on `split`, in Dice points, over `other`'s cases sorted."""
+    mine, theirs = _per_case_dice(arm, split), _per_case_dice(other, split)
+    return np.array([mine[case] - theirs[case] for case in sorted(theirs)]) * 100
+
+
 def _difference_figures(differences: np.ndarray) -> dict:
     """Mean and standard error (Dice points) of per-case differences, and how many cases got better."""
     error = differences.std(ddof=1) / np.sqrt(len(differences)) if len(differences) > 1 else float("nan")
@@ -997,8 +1008,7 @@ def paired_case_difference(arm: dict, base: dict, split: str) -> Optional[dict]:
     the split."""
     if split not in arm or split not in base:
         return None
-    mine, theirs = _per_case_dice(arm, split), _per_case_dice(base, split)
-    return _difference_figures(np.array([mine[case] - theirs[case] for case in sorted(theirs)]) * 100)
+    return _difference_figures(_case_differences(arm, base, split))
 
 
 def paired_seed_difference(runs: list[dict], others: list[dict], split: str) -> Optional[dict]:
@@ -1013,11 +1023,7 @@ def paired_seed_difference(runs: list[dict], others: list[dict], split: str) -> 
     ]
     if not matched:
         return None
-    per_seed = []
-    for run, other in matched:
-        mine, theirs = _per_case_dice(run, split), _per_case_dice(other, split)
-        per_seed.append([mine[case] - theirs[case] for case in sorted(theirs)])
-    figures = _difference_figures(np.mean(per_seed, axis=0) * 100)
+    figures = _difference_figures(np.mean([_case_differences(run, other, split) for run, other in matched], axis=0))
     return {**figures, "seeds": sorted(run["arm"]["seed"] for run, _ in matched)}
 
 
@@ -1029,14 +1035,11 @@ def self_training_counterparts(name: str, runs: list[dict]) -> list[str]:
     if arm["kind"] != "rn_dpo" or "_seeds_" not in name:
         return []
     ensemble = "seeds_" + name.rsplit("_seeds_", 1)[1]
-    plain = cross_seed_arm_name("self_train", arm["judge"], ensemble, 0).rsplit("_s", 1)[0]
+    plain = cross_seed_group_name("self_train", arm["judge"], ensemble)
     sft_weight = arm.get("settings", {}).get("sft_weight", MEASURED_WITH["sft_weight"])
     if sft_weight == MEASURED_WITH["sft_weight"]:
         return [plain]
-    return [
-        plain,
-        cross_seed_arm_name("self_train", arm["judge"], ensemble, 0, f"lr{sft_weight:g}x").rsplit("_s", 1)[0],
-    ]
+    return [plain, cross_seed_group_name("self_train", arm["judge"], ensemble, f"lr{sft_weight:g}x")]
 
 
 def against_self_training_lines(grouped: dict[str, list[dict]]) -> list[str]:
@@ -1225,7 +1228,7 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
     run_all([arm for seed in others for arm in cross_seed_arms(seed, (best,), seeds, stores, (mining,))])
     run_all(cross_seed_arms(0, ("oracle_reliable",), seeds, stores))  # the ceiling
     run_all(cross_seed_arms(0, ORACLE_SWEEP[1:], seeds, stores))  # the reliability curve on these proposals
-    variants = {}
+    variants, sft_weight = {}, MEASURED_WITH["sft_weight"]
     if args.preference_sweep:  # the preference term's settings with the label-free judge, read on validation
         swept = run_all(cross_seed_preference_arms(0, best, seeds, stores))
         if swept:  # the setting seed 0's validation prefers, on the other seeds, then RN-DPO's curve under it
@@ -1249,7 +1252,6 @@ def run_cross_seed(work: Path, args, protocol: Protocol, schedule: Schedule, run
             for seed in others
             for arm in cross_seed_preference_arms(seed, "oracle_reliable", seeds, stores, variants)
         ]
-        sft_weight = next(iter(variants.values())).get("sft_weight", MEASURED_WITH["sft_weight"])
         if sft_weight != MEASURED_WITH["sft_weight"]:  # and the ceiling's step-matched control beyond seed 0
             ceiling += [
                 step_matched_self_training(s, "oracle_reliable", sft_weight, schedule, seeds, stores) for s in others

@@ -202,13 +202,13 @@ def test_paired_case_difference_by_hand(low_label):
 
 def test_rn_dpo_is_paired_with_its_self_training_by_case_and_seed(low_label):
     def arm(kind, seed, cases, tag=None, settings=None):
-        name = low_label.cross_seed_arm_name(kind, "agreement", "seeds_0_1", seed, tag)
+        group = low_label.cross_seed_group_name(kind, "agreement", "seeds_0_1", tag)
         per_case = {c: {"1": d, "2": d} for c, d in cases.items()}
         result = {
             "arm": {"kind": kind, "judge": "agreement", "seed": seed, "settings": settings or {}},
             "test": {"checkpoint_final": {"per_case": per_case}},
         }
-        return name.rsplit("_s", 1)[0], result
+        return group, result
 
     sft3 = {"sft_weight": 3.0}
     rn_dpo = [
