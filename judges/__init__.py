@@ -1,13 +1,15 @@
 """Judges: score the K proposals of a case, higher = better (installed as `nnunet_rndpo.judges`).
 
 Built-in judges by registry name: agreement, uncertainty, learned_qc, virtual_annotator, anatomy (a density
-of anatomical features fitted on the labeled cases' true labels), combination (a weighted sum of other judges'
+of anatomical features fitted on the labeled cases' true labels), atlas (overlap with the labeled cases'
+labels registered onto the case's image), combination (a weighted sum of other judges'
 within-case ranks), and the research-only oracle (reads the true labels). A user's own judge is a `Judge`
 subclass, given to `get_judge` as a dotted path "package.module:ClassName" or registered with `register_judge`.
 """
 
 from .agreement import AgreementJudge
 from .anatomy import AnatomyJudge
+from .atlas import AtlasJudge
 from .base import (
     Judge,
     JudgeError,
@@ -29,6 +31,7 @@ for _judge_class in (
     LearnedQCJudge,
     VirtualAnnotatorJudge,
     AnatomyJudge,
+    AtlasJudge,
     CombinationJudge,
     OracleJudge,
 ):
@@ -40,6 +43,7 @@ load_judge = Judge.load
 __all__ = [
     "AgreementJudge",
     "AnatomyJudge",
+    "AtlasJudge",
     "CombinationJudge",
     "Judge",
     "JudgeError",

@@ -105,6 +105,8 @@ class Judge(abc.ABC):
     # False for judges whose `fit` reads only the references (e.g. anatomy): a caller may then pass labeled
     # cases whose proposals are placeholders instead of running the model on them.
     fit_reads_proposals: ClassVar[bool] = True
+    # True for judges that read the labeled cases' images in `fit` (atlas): only then are the images loaded.
+    fit_reads_images: ClassVar[bool] = False
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Learn from labeled cases (proposals + reference). Most judges have nothing to learn."""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_AUDIT_JUDGES = ("agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "oracle")
+DEFAULT_AUDIT_JUDGES = ("agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "atlas", "oracle")
 
 
 # ------------------------------------------------------------------------------------------ shared arguments

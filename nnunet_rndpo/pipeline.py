@@ -195,7 +195,7 @@ def fit_judge(judge: Judge, examples: "FittingExamples") -> None:
             if part.learns:
                 fit_judge(part, examples)
         return
-    judge.fit(examples.held_out() if judge.fit_reads_proposals else examples.true_label_maps())
+    judge.fit(examples.held_out() if judge.fit_reads_proposals else examples.true_label_maps(judge.fit_reads_images))
 
 
 class FittingExamples:
@@ -205,23 +205,31 @@ class FittingExamples:
         self.location, self.model, self.store = location, model, store
         self.proposal_settings, self.device, self.progress, self.log = proposal_settings, device, progress, log
         self.exclude = frozenset(exclude_case_ids)
-        self._true_label_maps: Optional[list[JudgeInput]] = None
+        self._true_label_maps: dict[bool, list[JudgeInput]] = {}
         self._held_out: Optional[list[JudgeInput]] = None
 
-    def true_label_maps(self) -> list[JudgeInput]:
-        """The fold's labeled training cases, each as its true label map (one 'proposal'): for judges of anatomy,
-        which learn what labels look like and need no model."""
-        if self._true_label_maps is None:
+    def true_label_maps(self, with_images: bool = False) -> list[JudgeInput]:
+        """The fold's labeled training cases, each as its true label map (one 'proposal'), with its preprocessed
+        image if `with_images`: for judges of anatomy (which learn what labels look like) and atlases."""
+        if with_images not in self._true_label_maps:
             pool = self.location.labeled_training_pool()
             pool.case_ids = [case_id for case_id in pool.case_ids if case_id not in self.exclude]
             self.log(f"fitting on the true label maps of {len(pool.case_ids)} labeled training cases")
             labels = foreground_labels(self.model)
             true_labels = TrueLabelLoader(self.model, self.location).for_pool(pool)
-            self._true_label_maps = [
-                JudgeInput(case_id, (truth := true_labels(case_id))[None], labels, true_labels=truth)
+            model = self.model
+            reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+            self._true_label_maps[with_images] = [
+                JudgeInput(
+                    case_id,
+                    (truth := true_labels(case_id))[None],
+                    labels,
+                    image=reader.load(case_id)[0] if with_images else None,
+                    true_labels=truth,
+                )
                 for case_id in pool.case_ids
             ]
-        return self._true_label_maps
+        return self._true_label_maps[with_images]
 
     def held_out(self) -> list[JudgeInput]:
         """Honest (proposals, true labels) examples: each fold model's proposals for the labeled cases held out of

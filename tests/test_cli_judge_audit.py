@@ -72,7 +72,15 @@ def test_audit_reports_every_judge_against_true_dice(
     printed = capsys.readouterr().out
     report = json.loads((output / "judge_audit.json").read_text())
     assert (output / "judge_audit.png").stat().st_size > 0
-    assert set(report["judges"]) == {"agreement", "uncertainty", "learned_qc", "virtual_annotator", "anatomy", "oracle"}
+    assert set(report["judges"]) == {
+        "agreement",
+        "uncertainty",
+        "learned_qc",
+        "virtual_annotator",
+        "anatomy",
+        "atlas",
+        "oracle",
+    }
     assert (output / "judge_audit_pairs.png").stat().st_size > 0 and (
         output / "judge_audit_ranks.png"
     ).stat().st_size > 0
