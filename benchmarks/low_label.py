@@ -54,8 +54,15 @@ JUDGES = {
     "virtual_annotator": ("virtual_annotator", {}),
     "anatomy": ("anatomy", {}),
     "agreement_anatomy": ("combination", {"judges": ["agreement", "anatomy"]}),
+    # the labeled cases registered onto each case: information by a route outside the network
+    "atlas": ("atlas", {}),
+    "agreement_atlas": ("combination", {"judges": ["agreement", "atlas"]}),
     # cross-model proposals only (--cross_seed): each proposal against the vote of every other model
     "agreement_other_models": ("agreement", {"to": "other_models"}),
+    "agreement_other_models_atlas": (
+        "combination",
+        {"judges": ["agreement", "atlas"], "judge_options": {"agreement": {"to": "other_models"}}},
+    ),
     **{f"oracle_noise_{noise}": ("oracle", {"noise_std": noise, "seed": 0}) for noise in (0.01, 0.03, 0.1, 0.3)},
 }
 # the oracle at decreasing reliability: the reliable one, then the noise sweep (reliability curve)
@@ -115,7 +122,16 @@ PROTOCOL_V2 = Protocol(
     "v2",
     (16, 32, 64, 128),
     Schedule(base_epochs=100, base_iterations=50, tune_epochs=40, tune_iterations=50, val_iterations=20),
-    ("agreement", "anatomy", "agreement_anatomy", "learned_qc", "virtual_annotator", "uncertainty"),
+    (
+        "agreement",
+        "anatomy",
+        "agreement_anatomy",
+        "learned_qc",
+        "virtual_annotator",
+        "uncertainty",
+        "atlas",
+        "agreement_atlas",
+    ),
 )
 PROTOCOLS = {
     "v1": Protocol("v1", (8, 16, 32, 64), Schedule(), LABEL_FREE),
@@ -220,7 +236,7 @@ def preference_sweep_table(results: dict, seed: int = 0) -> list[str]:
 # the mirror members of each other seed's base, and nnU-Net's ensemble of every pass (3 seeds: 1 + 7 + 2 + 14 + 1).
 # Disagreement between models trained from different starts is information that one model's mirror flips lack.
 CROSS_SEED_SOURCES = ("tta", "checkpoint", "checkpoint_tta", "ensemble")
-CROSS_MODEL_JUDGES = ("agreement_other_models",)  # judges that need proposals of several models
+CROSS_MODEL_JUDGES = ("agreement_other_models", "agreement_other_models_atlas")  # need several models' proposals
 
 
 def cross_seed_proposals(seed: int, seeds=(0, 1, 2)) -> dict:
