@@ -556,3 +556,60 @@ def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most(low_label):
         }
     }
     assert low_label.best_label_free(audit, ("agreement", "anatomy", "uncertainty", "learned_qc")) == "anatomy"
+
+
+def test_run_cross_seed_follows_validation_from_step_to_step(low_label, tmp_path, monkeypatch):
+    """The whole --cross_seed --preference_sweep plan with a fake training: every choice (judge, mining, preference
+    setting, spread mining) is read from seed 0's validation and carried to the other seeds and the oracle."""
+    from argparse import Namespace
+
+    for seed in (0, 1, 2):
+        (tmp_path / f"base_s{seed}").mkdir()
+        (tmp_path / f"base_s{seed}" / "checkpoint_final.pth").write_bytes(b"")
+    monkeypatch.setattr(low_label, "base_folder", lambda seed: tmp_path / f"base_s{seed}")
+    audited = {"agreement": 0.001, "atlas": 0.004, "agreement_other_models": 0.007, "oracle_reliable": 0.01}
+
+    def fake_audit(work, seed, threads, device, label_free, proposals, folder):
+        assert seed == 0 and proposals == low_label.cross_seed_proposals(0, (0, 1, 2))
+        (work / folder).mkdir(parents=True)
+        judges = {judge: {"top1_lift": lift} for judge, lift in audited.items()}
+        (work / folder / "judge_audit.json").write_text(json.dumps({"judges": judges}))
+
+    monkeypatch.setattr(low_label, "audit_on_validation", fake_audit)
+    monkeypatch.setattr(low_label, "summarise", lambda work: "")
+    # seed 0's validation prefers top_plain among the minings, SFT 3 among the settings, then halves under SFT 3
+    judge, ensemble = "agreement_other_models", "seeds_0_1_2"
+    preferred = {f"rn_dpo_{judge}_{tag}_{ensemble}_s0": 0.9 for tag in ("top_plain", "sft3", "halves_sft3")}
+    preferred[f"rn_dpo_{judge}_halves_sft3_{ensemble}_s0"] = 0.92
+    ran = []
+
+    def fake_run(arm):  # as the real one: an arm already finished is skipped
+        if (tmp_path / "arms" / f"{arm.name}.json").is_file():
+            return
+        ran.append(arm.name)
+        result = {
+            "arm": asdict(arm),
+            "validation": {"checkpoint_final": {"foreground_mean": preferred.get(arm.name, 0.8)}},
+        }
+        (tmp_path / "arms").mkdir(exist_ok=True)
+        (tmp_path / "arms" / f"{arm.name}.json").write_text(json.dumps(result))
+
+    args = Namespace(only=None, part_id=0, num_parts=1, threads=1, device="cpu", preference_sweep=True)
+    protocol, schedule = low_label.PROTOCOLS["v3"], low_label.PROTOCOLS["v3"].schedule
+    assert low_label.run_cross_seed(tmp_path, args, protocol, schedule, fake_run) == 0
+    assert ran[:3] == ["base_s0", "base_s1", "base_s2"] and len(ran) == len(set(ran))
+    # seed 0 tries each mining; the other seeds take the one its validation preferred, top_plain, only
+    assert {f"rn_dpo_{judge}_{ensemble}_s0", f"rn_dpo_{judge}_top_plain_{ensemble}_s0"} <= set(ran)
+    assert f"rn_dpo_{judge}_top_plain_{ensemble}_s1" in ran and f"rn_dpo_{judge}_{ensemble}_s1" not in ran
+    # SFT 3 chosen: the other seeds under it, step-matched self-training beside it (label-free and the oracle)
+    assert {f"rn_dpo_{judge}_sft3_{ensemble}_s1", f"rn_dpo_{judge}_sft3_{ensemble}_s2"} <= set(ran)
+    assert f"rn_dpo_{judge}_beta0.03_{ensemble}_s1" not in ran
+    assert {f"self_train_{judge}_lr3x_{ensemble}_s0", f"self_train_oracle_reliable_lr3x_{ensemble}_s2"} <= set(ran)
+    assert f"rn_dpo_oracle_noise_0.1_sft3_{ensemble}_s0" in ran and f"rn_dpo_oracle_reliable_sft3_{ensemble}_s1" in ran
+    # halves preferred under SFT 3 (after the ceiling): the other seeds, then the oracle with it, last
+    assert ran.index(f"rn_dpo_{judge}_halves_sft3_{ensemble}_s0") > ran.index(f"rn_dpo_oracle_reliable_{ensemble}_s2")
+    assert ran[-3:] == [
+        f"rn_dpo_{judge}_halves_sft3_{ensemble}_s1",
+        f"rn_dpo_{judge}_halves_sft3_{ensemble}_s2",
+        f"rn_dpo_oracle_reliable_halves_sft3_{ensemble}_s0",
+    ]
