@@ -362,9 +362,13 @@ def best_mining(results: dict[str, dict]) -> str:
     return max(rn_dpo, key=validation_dice)["arm"]["mining"] if rn_dpo else "top_bottom"
 
 
-def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1, 2)) -> list[Arm]:
+def build_arms_v2(
+    best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1, 2), recommended_mining: Optional[str] = None
+) -> list[Arm]:
     """Protocol v2, most important first: the sanity gate, the oracle reliability sweep, every label-free
-    judge, then more seeds of the best one. RN-DPO and self-training always side by side."""
+    judge, then more seeds of the best one. RN-DPO and self-training always side by side. `recommended_mining`:
+    the mining the audit recommends for the best label-free judge (`audit_mining`), if not top_bottom, is tried
+    with it on seed 0 right after its top_bottom arm."""
 
     def pair(judge, seed):
         return [
@@ -377,6 +381,8 @@ def build_arms_v2(best_label_free: str, label_free: tuple[str, ...], seeds=(0, 1
         arms += pair(judge, 0)
     for judge in label_free:
         arms += pair(judge, 0)
+        if judge == best_label_free and recommended_mining not in (None, "top_bottom"):
+            arms.append(Arm(f"rn_dpo_{judge}_{recommended_mining}_s0", "rn_dpo", 0, judge, recommended_mining))
     for seed in seeds[1:]:
         arms.append(Arm(f"base_s{seed}", "base", seed))
         arms += pair(best_label_free, seed) + pair("oracle_reliable", seed)
@@ -1192,6 +1198,12 @@ def _plot_curves(grouped: dict, figures: Path) -> None:
         plt.close(figure)
 
 
+def audit_mining(audit: dict, judge: str) -> Optional[str]:
+    """The mining strategy the audit recommends (`audit.recommend`) if it recommends `judge`, else None."""
+    recommendation = audit.get("recommendation") or {}
+    return recommendation.get("mining") if recommendation.get("judge") == judge else None
+
+
 def best_label_free(audit: dict, label_free: tuple[str, ...]) -> str:
     """The label-free judge whose pick beats a typical proposal by most on validation (its top-1 lift)."""
     audited = [judge for judge in label_free if judge in audit["judges"]]
@@ -1427,7 +1439,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     if protocol.gated:
-        arms = build_arms_v2(best, protocol.label_free, seeds)
+        arms = build_arms_v2(best, protocol.label_free, seeds, audit_mining(audit, best))
         gate = [a for a in arms if a.name in GATE_ARMS and (args.only is None or a.name in args.only)]
         rest = [a for a in arms if a.name not in GATE_ARMS]
         for arm in gate:

@@ -146,6 +146,13 @@ def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_
     assert sum(name.startswith("rn_dpo_oracle_noise_") for name in names) == 4  # the reliability sweep
     schedule = low_label.PROTOCOLS["v2"].schedule
     assert schedule.tune_epochs * schedule.tune_iterations >= 2000
+    # the audit's recommended mining for the best judge: one more RN-DPO arm, right after its top_bottom one
+    audit = {"recommendation": {"judge": "anatomy", "mining": "margin"}}
+    assert low_label.audit_mining(audit, "agreement") is None
+    with_margin = [arm.name for arm in low_label.build_arms_v2("anatomy", ("agreement", "anatomy"), (0,), "margin")]
+    assert with_margin == names[: names.index("self_train_anatomy_s0") + 1] + ["rn_dpo_anatomy_margin_s0"]
+    margin = low_label.build_arms_v2("anatomy", ("anatomy",), (0,), low_label.audit_mining(audit, "anatomy"))[-1]
+    assert (margin.judge, margin.mining) == ("anatomy", "margin")
 
 
 def test_protocol_v3_has_fewer_labels_more_validation_and_refuses_another_protocols_split(low_label, tmp_path):
