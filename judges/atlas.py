@@ -87,7 +87,7 @@ class AtlasJudge(Judge):
     def fitted_state(self) -> dict[str, Any]:
         if self.labels is None:
             return {}
-        return {"labels": list(self.labels), "atlases": [(c, image, labels) for c, image, labels in self.atlases]}
+        return {"labels": list(self.labels), "atlases": list(self.atlases)}
 
     def load_fitted_state(self, fitted: dict[str, Any]) -> None:
         if not fitted:
