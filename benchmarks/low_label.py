@@ -370,11 +370,11 @@ def build_arms_v2(
     the mining the audit recommends for the best label-free judge (`audit_mining`), if not top_bottom, is tried
     with it on seed 0 right after its top_bottom arm."""
 
+    def rn_dpo(judge, seed, mining="top_bottom"):
+        return Arm(f"rn_dpo_{judge}_{mining}_s{seed}", "rn_dpo", seed, judge, mining)
+
     def pair(judge, seed):
-        return [
-            Arm(f"rn_dpo_{judge}_top_bottom_s{seed}", "rn_dpo", seed, judge),
-            Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge),
-        ]
+        return [rn_dpo(judge, seed), Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge)]
 
     arms = [Arm("base_s0", "base", 0), Arm("upper_s0", "upper", 0), *pair("oracle_reliable", 0)]
     for judge in ORACLE_SWEEP[1:]:
@@ -382,7 +382,7 @@ def build_arms_v2(
     for judge in label_free:
         arms += pair(judge, 0)
         if judge == best_label_free and recommended_mining not in (None, "top_bottom"):
-            arms.append(Arm(f"rn_dpo_{judge}_{recommended_mining}_s0", "rn_dpo", 0, judge, recommended_mining))
+            arms.append(rn_dpo(judge, 0, recommended_mining))
     for seed in seeds[1:]:
         arms.append(Arm(f"base_s{seed}", "base", seed))
         arms += pair(best_label_free, seed) + pair("oracle_reliable", seed)
