@@ -204,6 +204,30 @@ def preference_arms(seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",
     ]
 
 
+def preference_controls(seed: int, judges: tuple[str, ...], schedule: Schedule) -> list[Arm]:
+    """For each PREFERENCE_VARIANTS setting that raises the SFT weight, self-training with each judge at that weight
+    times the learning rate (`at_larger_step`): its control on the mirror-member proposals, run when --only names
+    it (e.g. self_train_atlas_lr3x_s0)."""
+    return [
+        at_larger_step(
+            Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge),
+            weight,
+            schedule,
+            f"self_train_{judge}_lr{weight:g}x_s{seed}",
+        )
+        for judge in judges
+        for weight in sorted({v["sft_weight"] for v in PREFERENCE_VARIANTS.values() if "sft_weight" in v})
+    ]
+
+
+def at_larger_step(plain: Arm, sft_weight: float, schedule: Schedule, name: str) -> Arm:
+    """`plain` self-training at `sft_weight` times the learning rate, as arm `name`: the control
+    for RN-DPO at that SFT weight. Its SFT term is self-training's Dice+CE times the weight, which under SGD is
+    self-training at the weight times the step (weight decay and gradient clipping aside); without this control,
+    RN-DPO's lead over self-training could be its larger step, not its preference term."""
+    return replace(plain, name=name, settings={**plain.settings, "initial_lr": schedule.tune_lr * sft_weight})
+
+
 def preference_sweep_table(results: dict, seed: int = 0) -> list[str]:
     """Each preference variant beside the base, the default RN-DPO and self-training with the reliable oracle, by
     the final checkpoint's Dice on the whole validation cases (what the choice of defaults reads)."""
@@ -331,13 +355,11 @@ def cross_seed_preference_arms(
 def step_matched_self_training(
     seed: int, judge: str, sft_weight: float, schedule: Schedule, seeds=(0, 1, 2), stores: Path = Path("proposals")
 ) -> Arm:
-    """Self-training with `judge` on the same cross-seed proposals at `sft_weight` times the learning rate: the
-    control for RN-DPO at that SFT weight. Its SFT term is self-training's Dice+CE times the weight, which under
-    SGD is self-training at the weight times the step (weight decay and gradient clipping aside); without this
-    control, RN-DPO's lead over self-training could be its larger step, not its preference term."""
+    """Self-training with `judge` on the same cross-seed proposals at `sft_weight` times the learning rate
+    (`at_larger_step`): the control for RN-DPO at that SFT weight."""
     plain = next(arm for arm in cross_seed_arms(seed, (judge,), seeds, stores) if arm.kind == "self_train")
     name = cross_seed_arm_name("self_train", judge, ensemble_name(seeds), seed, f"lr{sft_weight:g}x")
-    return replace(plain, name=name, settings={**plain.settings, "initial_lr": schedule.tune_lr * sft_weight})
+    return at_larger_step(plain, sft_weight, schedule, name)
 
 
 def best_preference_variant(results: dict[str, dict]) -> str:
@@ -1449,9 +1471,15 @@ def main(argv=None) -> int:
         results = scored_results(work, args.device)
         passed, verdict = gate_verdict(results)
         print(verdict, flush=True)
-        if args.preference_sweep:
-            for arm in preference_arms(0, ("oracle_reliable", *protocol.label_free)):
-                if (args.only is None and arm.judge == "oracle_reliable") or (args.only and arm.name in args.only):
+        if args.preference_sweep:  # the sweep itself on seed 0; any seed's variant or control when --only names it
+            judges = ("oracle_reliable", *protocol.label_free)
+            for arm in [a for seed in seeds for a in preference_arms(seed, judges)] + [
+                a for seed in seeds for a in preference_controls(seed, protocol.label_free, schedule)
+            ]:
+                named = args.only is not None and arm.name in args.only
+                if named or (args.only is None and arm.judge == "oracle_reliable" and arm.seed == 0):
+                    if arm.seed != 0:
+                        _wait_for(base_folder(arm.seed) / "checkpoint_final.pth")
                     run(arm)
             print("\n".join(preference_sweep_table(scored_results(work, args.device))), flush=True)
             return 0

@@ -525,6 +525,23 @@ def test_step_matched_self_training_takes_rn_dpos_sft_step_on_the_same_proposals
     assert settings["initial_lr"] == pytest.approx(3e-3) and settings["num_epochs"] == schedule.tune_epochs
 
 
+def test_preference_controls_are_self_training_at_each_larger_sft_weight_times_the_step(low_label, bases_of_seeds):
+    schedule = low_label.Schedule(tune_lr=1e-3)
+    (control,) = low_label.preference_controls(2, ("atlas",), schedule)  # the sweep raises the SFT weight once: 3
+    assert (control.name, control.kind, control.judge, control.seed, control.mining) == (
+        "self_train_atlas_lr3x_s2",
+        "self_train",
+        "atlas",
+        2,
+        "top_bottom",
+    )
+    settings = low_label.fine_tuning_settings(control, schedule)
+    assert settings["initial_lr"] == pytest.approx(3e-3) and settings["sft_weight"] == 1.0
+    assert "Bench_base_s2" in settings["base_checkpoint"]  # from its own seed's base
+    variants = {arm.name: arm for arm in low_label.preference_arms(2, ("atlas",))}
+    assert variants["rn_dpo_atlas_sft3_s2"].settings == {"sft_weight": 3.0}  # the RN-DPO arm it controls
+
+
 def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
     arms = low_label.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
     assert [(arm.name, arm.kind, arm.mining) for arm in arms] == [
