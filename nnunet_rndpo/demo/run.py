@@ -163,9 +163,9 @@ def make_deterministic(seed: int) -> None:
     """Every random source seeded, deterministic torch algorithms, a fixed thread count: the same figures on a
     rerun on the same machine. (Trainings are seeded again at their start: nnunet_steps.train_supervised.)"""
     # MKL picks its code path per call (data alignment among others): without strict conditional numerical
-    # reproducibility, two runs of the quick demo on one idle machine differed in the 7th digit of the first epoch's
-    # loss about every other run, and in the 4th decimal of the final table. Read when MKL first computes, so set
-    # before any training; AUTO keeps the fastest path of the processor. A user's own setting wins.
+    # reproducibility, 12 runs of the quick demo on one idle machine gave two first-epoch losses (5 and 7 runs,
+    # apart in the 7th digit) and tables apart in the 4th decimal. Read when MKL first computes, so set before any
+    # training; AUTO keeps the fastest path of the processor. A user's own setting wins.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     import random
 
