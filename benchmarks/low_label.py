@@ -1406,6 +1406,8 @@ def main(argv=None) -> int:
     (work / "arms").mkdir(exist_ok=True)
 
     def run(arm: Arm) -> None:
+        if arm.kind not in ("base", "upper"):  # a fine-tuning arm starts from its seed's base
+            _wait_for(base_folder(arm.seed) / "checkpoint_final.pth")
         target = work / "arms" / f"{arm.name}.json"
         if target.is_file():
             print(f"skip {arm.name} (finished)", flush=True)
@@ -1465,8 +1467,6 @@ def main(argv=None) -> int:
         gate = [a for a in arms if a.name in GATE_ARMS and (args.only is None or a.name in args.only)]
         rest = [a for a in arms if a.name not in GATE_ARMS]
         for arm in gate:
-            if arm.kind not in ("base", "upper"):
-                _wait_for(base_folder(arm.seed) / "checkpoint_final.pth")
             run(arm)
         results = scored_results(work, args.device)
         passed, verdict = gate_verdict(results)
@@ -1478,8 +1478,6 @@ def main(argv=None) -> int:
             ]:
                 named = args.only is not None and arm.name in args.only
                 if named or (args.only is None and arm.judge == "oracle_reliable" and arm.seed == 0):
-                    if arm.seed != 0:
-                        _wait_for(base_folder(arm.seed) / "checkpoint_final.pth")
                     run(arm)
             print("\n".join(preference_sweep_table(scored_results(work, args.device))), flush=True)
             return 0
@@ -1504,8 +1502,6 @@ def main(argv=None) -> int:
         arms = [a for a in arms if a.name in set(args.only)]
     arms = arms[args.part_id :: args.num_parts]
     for arm in arms:
-        if arm.kind not in ("base", "upper"):
-            _wait_for(base_folder(arm.seed) / "checkpoint_final.pth")
         run(arm)
     print(summarise(work))
     return 0
