@@ -204,17 +204,18 @@ def preference_arms(seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",
     ]
 
 
+def self_train_arm(judge: str, seed: int) -> Arm:
+    """Self-training with `judge`'s pick on the seed's mirror-member proposals (the arm every RN-DPO arm of the
+    v2/v3 plan is compared with)."""
+    return Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge)
+
+
 def preference_controls(seed: int, judges: tuple[str, ...], schedule: Schedule) -> list[Arm]:
     """For each PREFERENCE_VARIANTS setting that raises the SFT weight, self-training with each judge at that weight
     times the learning rate (`at_larger_step`): its control on the mirror-member proposals, run when --only names
     it (e.g. self_train_atlas_lr3x_s0)."""
     return [
-        at_larger_step(
-            Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge),
-            weight,
-            schedule,
-            f"self_train_{judge}_lr{weight:g}x_s{seed}",
-        )
+        at_larger_step(self_train_arm(judge, seed), weight, schedule, f"self_train_{judge}_lr{weight:g}x_s{seed}")
         for judge in judges
         for weight in sorted({v["sft_weight"] for v in PREFERENCE_VARIANTS.values() if "sft_weight" in v})
     ]
@@ -396,7 +397,7 @@ def build_arms_v2(
         return Arm(f"rn_dpo_{judge}_{mining}_s{seed}", "rn_dpo", seed, judge, mining)
 
     def pair(judge, seed):
-        return [rn_dpo(judge, seed), Arm(f"self_train_{judge}_s{seed}", "self_train", seed, judge)]
+        return [rn_dpo(judge, seed), self_train_arm(judge, seed)]
 
     arms = [Arm("base_s0", "base", 0), Arm("upper_s0", "upper", 0), *pair("oracle_reliable", 0)]
     for judge in ORACLE_SWEEP[1:]:
