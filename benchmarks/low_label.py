@@ -191,7 +191,18 @@ PREFERENCE_VARIANTS = {
     # bottom halves agree on, or those where most of the case's proposals hold the chosen label
     "consensus": {"preference_region": "ranked_consensus"},
     "majority": {"preference_region": "majority"},
+    # only where the judge's own voxel probabilities side with the chosen label (judges that have them: atlas),
+    # at the package's SFT weight
+    "sft3_voxels": {"sft_weight": 3.0, "preference_region": "judge_voxels"},
 }
+
+
+def variant_applies(judge: str, settings: dict) -> bool:
+    """Whether a PREFERENCE_VARIANTS setting can run with `judge` (a JUDGES key): the judge_voxels region needs a
+    judge with per-voxel probabilities of its own."""
+    from nnunet_rndpo.judges import judges_with_voxel_probabilities
+
+    return settings.get("preference_region") != "judge_voxels" or JUDGES[judge][0] in judges_with_voxel_probabilities()
 
 
 def preference_arms(seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",)) -> list[Arm]:
@@ -201,6 +212,7 @@ def preference_arms(seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",
         Arm(f"rn_dpo_{judge}_{name}_s{seed}", "rn_dpo", seed, judge, settings=dict(settings))
         for judge in judges
         for name, settings in PREFERENCE_VARIANTS.items()
+        if variant_applies(judge, settings)
     ]
 
 
@@ -236,7 +248,11 @@ def preference_sweep_table(results: dict, seed: int = 0) -> list[str]:
         ("base", f"base_s{seed}"),
         ("defaults (sigmoid, beta 0.1, SFT 1)", f"rn_dpo_oracle_reliable_top_bottom_s{seed}"),
         ("self-training", f"self_train_oracle_reliable_s{seed}"),
-        *((json.dumps(s), f"rn_dpo_oracle_reliable_{n}_s{seed}") for n, s in PREFERENCE_VARIANTS.items()),
+        *(
+            (json.dumps(s), f"rn_dpo_oracle_reliable_{n}_s{seed}")
+            for n, s in PREFERENCE_VARIANTS.items()
+            if variant_applies("oracle_reliable", s)
+        ),
     ]
     base = validation_dice(results[f"base_s{seed}"]) if f"base_s{seed}" in results else None
     lines = [
@@ -350,6 +366,7 @@ def cross_seed_preference_arms(
             settings={**proposals, **settings},
         )
         for variant, settings in (PREFERENCE_VARIANTS if variants is None else variants).items()
+        if variant_applies(judge, settings)
     ]
 
 
@@ -365,9 +382,11 @@ def step_matched_self_training(
 
 def best_preference_variant(results: dict[str, dict]) -> str:
     """The PREFERENCE_VARIANTS setting of the finished `cross_seed_preference_arms` arm with the highest final
-    validation Dice (whole cases), read from the settings the arm ran with."""
+    validation Dice (whole cases), read from the settings the arm ran with (the most specific variant they hold:
+    sft3_voxels holds sft3's setting too)."""
     chosen = max(results.values(), key=validation_dice)["arm"]["settings"]
-    return next(name for name, setting in PREFERENCE_VARIANTS.items() if setting.items() <= chosen.items())
+    held = [name for name, setting in PREFERENCE_VARIANTS.items() if setting.items() <= chosen.items()]
+    return max(held, key=lambda name: len(PREFERENCE_VARIANTS[name]))
 
 
 # RN-DPO's pairs on the cross-seed proposals: the judge's best against its worst, or against the base's own

@@ -16,8 +16,10 @@ from .base import (
     JudgeInput,
     available_judges,
     get_judge,
+    judges_with_voxel_probabilities,
     register_judge,
     score_case,
+    score_case_with_voxels,
 )
 from .combination import CombinationJudge
 from .learned_qc import LearnedQCJudge
@@ -54,7 +56,9 @@ __all__ = [
     "VirtualAnnotatorJudge",
     "available_judges",
     "get_judge",
+    "judges_with_voxel_probabilities",
     "load_judge",
     "register_judge",
     "score_case",
+    "score_case_with_voxels",
 ]

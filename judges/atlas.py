@@ -47,6 +47,7 @@ class AtlasJudge(Judge):
     name = "atlas"
     fit_reads_proposals = False  # fit reads the labeled images and true label maps only
     fit_reads_images = True
+    gives_voxel_probabilities = True  # the fused atlas labels
 
     def __init__(
         self,
@@ -123,6 +124,11 @@ class AtlasJudge(Judge):
         ]
 
     def score(self, case: JudgeInput) -> np.ndarray:
+        return self.score_with_voxels(case)[0]
+
+    def score_with_voxels(self, case: JudgeInput) -> tuple[np.ndarray, np.ndarray]:
+        """The scores and the fused atlas labels as (max label + 1, *spatial) class probabilities (channel index =
+        label value, background = the atlases that put the voxel in no judged class)."""
         if self.labels is None:
             raise JudgeError("atlas judge is not fitted: call fit() on labeled cases (or load a fitted judge) first")
         if case.labels != self.labels:
@@ -137,7 +143,10 @@ class AtlasJudge(Judge):
             demons_iterations=self.demons_iterations,
             demons_smoothing=self.demons_smoothing,
         )
-        return soft_dice_scores(case.proposals, probabilities, self.labels)
+        by_label = np.zeros((max(self.labels) + 1, *probabilities.shape[1:]), dtype=np.float32)
+        by_label[list(self.labels)] = probabilities
+        by_label[0] = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)
+        return soft_dice_scores(case.proposals, probabilities, self.labels), by_label
 
 
 def soft_dice_scores(proposals: np.ndarray, probabilities: np.ndarray, labels: Sequence[int]) -> np.ndarray:

@@ -107,6 +107,9 @@ class Judge(abc.ABC):
     fit_reads_proposals: ClassVar[bool] = True
     # True for judges that read the labeled cases' images in `fit` (atlas): only then are the images loaded.
     fit_reads_images: ClassVar[bool] = False
+    # True for judges whose scores come from per-voxel class probabilities of their own (atlas), which
+    # `score_with_voxels` returns: the `judge_voxels` preference region pushes only where they side with the pick.
+    gives_voxel_probabilities: ClassVar[bool] = False
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Learn from labeled cases (proposals + reference). Most judges have nothing to learn."""
@@ -120,6 +123,11 @@ class Judge(abc.ABC):
     @abc.abstractmethod
     def score(self, case: JudgeInput) -> np.ndarray:
         """(K,) float scores for the case's proposals, higher = better."""
+
+    def score_with_voxels(self, case: JudgeInput) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scores and, for a judge that `gives_voxel_probabilities`, the (num_classes, *spatial) per-voxel
+        class probabilities (channel index = label value) they were computed from; None for the others."""
+        return self.score(case), None
 
     def options(self) -> dict[str, Any]:
         """Constructor keywords that rebuild this judge (unfitted)."""
@@ -182,11 +190,39 @@ class Judge(abc.ABC):
 
 def score_case(judge: Judge, case: JudgeInput) -> np.ndarray:
     """Score one case and check the result: (K,) finite floats, else a JudgeError naming judge and case."""
+    return _checked_scores(judge, case, _call(judge, case, judge.score))
+
+
+def score_case_with_voxels(judge: Judge, case: JudgeInput) -> tuple[np.ndarray, np.ndarray | None]:
+    """`score_case` and the judge's per-voxel class probabilities (`Judge.score_with_voxels`), checked: None, or
+    finite float32 of shape (num_classes, *spatial) with a channel for every label."""
+    raw_scores, raw_probabilities = _call(judge, case, judge.score_with_voxels)
+    scores = _checked_scores(judge, case, raw_scores)
+    if raw_probabilities is None:
+        return scores, None
     where = f"judge {judge.display_name!r} on case {case.case_id!r}"
+    probabilities = np.asarray(raw_probabilities, dtype=np.float32)
+    if probabilities.shape[1:] != case.spatial_shape or probabilities.shape[0] <= max(case.labels):
+        raise JudgeError(
+            f"{where} returned voxel probabilities of shape {probabilities.shape}, expected "
+            f"(at least {max(case.labels) + 1}, *{case.spatial_shape})"
+        )
+    if not np.all(np.isfinite(probabilities)):
+        raise JudgeError(f"{where} returned non-finite voxel probabilities")
+    return scores, probabilities
+
+
+def _call(judge: Judge, case: JudgeInput, method) -> Any:
     try:
-        raw_scores = judge.score(case)
+        return method(case)
     except Exception as error:
-        raise JudgeError(f"{where} failed: {type(error).__name__}: {error}") from error
+        raise JudgeError(
+            f"judge {judge.display_name!r} on case {case.case_id!r} failed: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _checked_scores(judge: Judge, case: JudgeInput, raw_scores: Any) -> np.ndarray:
+    where = f"judge {judge.display_name!r} on case {case.case_id!r}"
     try:
         scores = np.asarray(raw_scores, dtype=np.float64)
     except (TypeError, ValueError) as error:
@@ -218,6 +254,11 @@ def register_judge(name: str, judge_class: type[Judge], *, replace: bool = False
 
 def available_judges() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def judges_with_voxel_probabilities() -> list[str]:
+    """Registered judges that `gives_voxel_probabilities` (what the `judge_voxels` preference region needs)."""
+    return sorted(name for name, judge_class in _REGISTRY.items() if judge_class.gives_voxel_probabilities)
 
 
 def get_judge(spec: str, **options: Any) -> Judge:

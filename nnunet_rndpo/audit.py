@@ -24,7 +24,8 @@ What decides the gain of preference training (figures beyond the rank correlatio
   the fraction of those voxels where the chosen label is the true one is the share of the push that is right
   (pooled over the pairs' voxels; the rejected mask's share beside it, the rest is neither); the same shares
   on the voxels each other `preference_region` keeps (`mining.<strategy>.preference_regions.<region>`: the
-  part of the disagreeing voxels kept, and the shares there);
+  part of the disagreeing voxels kept, and the shares there; `judge_voxels` only for a judge whose per-voxel
+  probabilities the case carries, `AuditCase.judge_voxel_probabilities`, else its figures are None);
 - the rank curve: true Dice relative to the case mean at each judge rank (1 = the judge's top; tied
   proposals share their mean), averaged over cases; a perfect ranking is a monotone decreasing curve, the
   oracle's curve is drawn beside it (`judge_audit_ranks.png`);
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Sequence
 
@@ -85,6 +86,8 @@ class AuditCase:
     proposals: np.ndarray
     image: np.ndarray | None = None
     true_labels: np.ndarray | None = None  # the true label map on the proposals' grid (voxel-level pair figures)
+    # per judge that has them: its own (num_classes, *spatial) voxel probabilities (the judge_voxels region)
+    judge_voxel_probabilities: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def disagreement_correctness(chosen: np.ndarray, rejected: np.ndarray, true_labels: np.ndarray) -> tuple[int, int, int]:
@@ -176,6 +179,7 @@ class _JudgeTally:
         self.pair_voxels: dict[str, np.ndarray] = {strategy: np.zeros(3, dtype=np.int64) for strategy in strategies}
         # the same on the voxels each narrower preference_region keeps (kept, chosen right, rejected right)
         self.region_voxels = {s: {r: np.zeros(3, dtype=np.int64) for r in _NARROW_REGIONS} for s in strategies}
+        self.has_voxel_probabilities = False  # the judge_voxels region is measured only for such a judge
         self.montage_strategy = next((s for s in _MONTAGE_STRATEGIES if s in strategies), None)
         self.montage_pairs = montage_pairs
         self.pair_examples: list[PairExample] = []
@@ -189,7 +193,9 @@ class _JudgeTally:
         disagreement: np.ndarray,
         image: np.ndarray | None,
         true_labels: np.ndarray | None = None,
+        judge_probabilities: np.ndarray | None = None,
     ) -> None:
+        self.has_voxel_probabilities |= judge_probabilities is not None
         if scores.size < 2 or np.ptp(scores) == 0 or np.ptp(true_dice) == 0:
             self.cases_skipped_constant += 1
         else:
@@ -210,7 +216,11 @@ class _JudgeTally:
                     )
                     top, bottom = ranked_halves(scores, pair.chosen, pair.rejected)
                     for region in _NARROW_REGIONS:
-                        kept = kept_voxels(proposals, pair.chosen, pair.rejected, region, top, bottom)
+                        if region == "judge_voxels" and judge_probabilities is None:
+                            continue
+                        kept = kept_voxels(
+                            proposals, pair.chosen, pair.rejected, region, top, bottom, judge_probabilities
+                        )
                         self.region_voxels[strategy][region] += (
                             np.count_nonzero(kept),
                             np.count_nonzero(kept & (proposals[pair.chosen] == true_labels)),
@@ -272,7 +282,11 @@ class _JudgeTally:
             "chosen_right_in_disagreement": chosen_right / disagreeing if disagreeing else None,
             "rejected_right_in_disagreement": rejected_right / disagreeing if disagreeing else None,
             "preference_regions": {
-                region: _region_figures(self.region_voxels[strategy][region], disagreeing) for region in _NARROW_REGIONS
+                region: _region_figures(
+                    self.region_voxels[strategy][region],
+                    disagreeing if region != "judge_voxels" or self.has_voxel_probabilities else 0,
+                )
+                for region in _NARROW_REGIONS
             },
         }
 
@@ -474,7 +488,14 @@ def audit_judges(
             if scores.shape != (count,) or not np.all(np.isfinite(scores)):
                 raise ValueError(f"case {case.case_id!r}: judge {name!r} scores must be {count} finite numbers")
             tallies[name].add(
-                str(case.case_id), true_dice, scores, proposals, disagreement, case.image, case.true_labels
+                str(case.case_id),
+                true_dice,
+                scores,
+                proposals,
+                disagreement,
+                case.image,
+                case.true_labels,
+                case.judge_voxel_probabilities.get(name),
             )
             scores_of_case[name] = scores.tolist()
         mean_proposal_dice.append(float(true_dice.mean()))

@@ -18,7 +18,14 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_rndpo.atomic import save_json
-from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case
+from nnunet_rndpo.judges import (
+    Judge,
+    JudgeInput,
+    get_judge,
+    judges_with_voxel_probabilities,
+    score_case,
+    score_case_with_voxels,
+)
 from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, mine_pairs
 from nnunet_rndpo.nnunet_paths import RunLocation
 from nnunet_rndpo.preference_region import check_region, kept_voxels, ranked_halves
@@ -323,12 +330,22 @@ def score_store(
     labels: tuple[int, ...],
     true_labels: Optional[Callable[[str], Optional[np.ndarray]]] = None,
     progress: bool = True,
+    keep_voxel_probabilities: bool = False,
 ) -> dict[str, list[float]]:
-    """Scores of every case, written to <store>/judges/<judge>.scores.json (reused when complete)."""
-    scores_file = store.folder / "judges" / f"{_judge_key(judge)}.scores.json"
+    """Scores of every case, written to <store>/judges/<judge>.scores.json (reused when complete).
+    `keep_voxel_probabilities`: also save the judge's own per-voxel class probabilities of every case in the store
+    (`Judge.score_with_voxels`; the `judge_voxels` preference region reads them); the scores are then reused only
+    when those files are complete too."""
+    key = _judge_key(judge)
+    if keep_voxel_probabilities and not judge.gives_voxel_probabilities:
+        raise ValueError(f"{judge.describe()} has no per-voxel class probabilities of its own to keep")
+    scores_file = store.folder / "judges" / f"{key}.scores.json"
     if scores_file.is_file():
         saved = json.loads(scores_file.read_text())
-        if saved.get("judge") == judge.describe() and set(case_ids) <= set(saved["scores"]):
+        complete = saved.get("judge") == judge.describe() and set(case_ids) <= set(saved["scores"])
+        if complete and keep_voxel_probabilities:
+            complete = all(store.voxel_probabilities_path(key, case_id).is_file() for case_id in case_ids)
+        if complete:
             return {case_id: saved["scores"][case_id] for case_id in case_ids}
     if judge.needs_labels and true_labels is None:
         raise ValueError(f"{judge.describe()} needs true labels; none are available for this pool")
@@ -337,7 +354,12 @@ def score_store(
     for case in tqdm(
         inputs, total=len(case_ids), desc=f"judge {judge.display_name}", unit="case", disable=not progress
     ):
-        scores[case.case_id] = [float(s) for s in score_case(judge, case)]
+        if keep_voxel_probabilities:
+            case_scores, probabilities = score_case_with_voxels(judge, case)
+            store.save_voxel_probabilities(key, case.case_id, probabilities)
+        else:
+            case_scores = score_case(judge, case)
+        scores[case.case_id] = [float(s) for s in case_scores]
     save_json(
         {"judge": judge.describe(), "research_only_uses_labels": bool(judge.needs_labels), "scores": scores},
         scores_file,
@@ -361,18 +383,22 @@ def pairs_record(
     margin: float,
     seed: int,
     preference_region: str = "disagreement",
+    voxel_judge_key: Optional[str] = None,
 ) -> dict:
     """Training items from scores: mined (chosen, rejected) pairs, or the judge's top proposal per case
     (JUDGE_TOP, self-training: chosen == rejected). The content of a pairs file. With a preference_region
-    other than "disagreement" each pair names it (and, for "ranked_consensus", the judge's top and bottom halves,
-    `top_half`, `bottom_half`), from which the pair loader narrows the rejected mask, and counts the voxels that
-    keep a preference (`preference_voxels`)."""
+    other than "disagreement" each pair names it (and what the region reads: for "ranked_consensus" the judge's
+    top and bottom halves, `top_half`, `bottom_half`; for "judge_voxels" the key under which the store holds the
+    judge's per-voxel probabilities, `voxel_judge_key`), from which the pair loader narrows the rejected mask,
+    and counts the voxels that keep a preference (`preference_voxels`)."""
     if selection == JUDGE_TOP:
         items = [
             {"case_id": case_id, "chosen": int(np.argmax(s)), "rejected": int(np.argmax(s))}
             for case_id, s in sorted(scores.items())
         ]
         return {"summary": {"strategy": JUDGE_TOP, "pairs": len(items), "cases_total": len(scores)}, "items": items}
+    if preference_region == "judge_voxels" and voxel_judge_key is None:
+        raise ValueError("preference_region 'judge_voxels' needs the key of the judge's per-voxel probabilities")
     mined = mine_store(store, scores, selection, margin, seed)
     items = [
         {
@@ -387,16 +413,26 @@ def pairs_record(
     summary = {**mined.summary(), "preference_region": preference_region}
     if preference_region != "disagreement":
         for item in items:
+            case_id = item["case_id"]
             top, bottom = (
-                ranked_halves(np.asarray(scores[item["case_id"]]), item["chosen"], item["rejected"])
+                ranked_halves(np.asarray(scores[case_id]), item["chosen"], item["rejected"])
                 if preference_region == "ranked_consensus"
                 else ((), ())
             )
-            proposals = store.load_case(item["case_id"])["proposals"]
-            kept = kept_voxels(proposals, item["chosen"], item["rejected"], preference_region, top, bottom)
+            judge_probabilities = (
+                store.load_voxel_probabilities(voxel_judge_key, case_id)
+                if preference_region == "judge_voxels"
+                else None
+            )
+            proposals = store.load_case(case_id)["proposals"]
+            kept = kept_voxels(
+                proposals, item["chosen"], item["rejected"], preference_region, top, bottom, judge_probabilities
+            )
             item.update(preference_region=preference_region, preference_voxels=int(np.count_nonzero(kept)))
             if top:
                 item.update(top_half=list(top), bottom_half=list(bottom))
+            if judge_probabilities is not None:
+                item.update(voxel_judge_key=voxel_judge_key)
         preference_voxels = np.array([item["preference_voxels"] for item in items], dtype=np.float64)
         summary["mean_preference_voxels"] = float(preference_voxels.mean()) if preference_voxels.size else 0.0
     return {"summary": summary, "items": items}
@@ -438,6 +474,13 @@ def prepare_pairs(
         log(f"pool: {len(pool.case_ids)} cases from {pool.source}; proposal store {store_folder}")
     # the judge as configured (every rank): whether it learns, and the name of its pairs file
     configured_judge = get_judge(settings.judge, **settings.judge_options)
+    voxel_region = settings.preference_region == "judge_voxels"
+    if voxel_region and not configured_judge.gives_voxel_probabilities:
+        raise PairPreparationError(
+            f"preference_region 'judge_voxels' pushes where the judge's own per-voxel class probabilities side with "
+            f"the chosen mask; judge {settings.judge!r} has none. Judges that have them: "
+            f"{', '.join(judges_with_voxel_probabilities())}"
+        )
     if pool.in_sample:
         if judge_learns(configured_judge):
             raise PairPreparationError(
@@ -498,10 +541,18 @@ def prepare_pairs(
             log(f"WARNING: {judge.describe()} reads true labels: research use only")
         reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
         true_labels = TrueLabelLoader(model, location).for_pool(pool)
-        scores = score_store(judge, store, reader, pool.case_ids, foreground_labels(model), true_labels, progress)
+        scores = score_store(
+            judge, store, reader, pool.case_ids, foreground_labels(model), true_labels, progress, voxel_region
+        )
         if settings.selection is not None:
             record = pairs_record(
-                store, scores, settings.selection, settings.mining_margin, settings.seed, settings.preference_region
+                store,
+                scores,
+                settings.selection,
+                settings.mining_margin,
+                settings.seed,
+                settings.preference_region,
+                _judge_key(judge) if voxel_region else None,
             )
             record.update(judge=judge.describe(), store=str(store.folder), pool=pool.source)
             save_json(record, pairs_file)
@@ -553,16 +604,26 @@ def run_audit(
     for label, spec, options in (
         (item, item, {}) if isinstance(item, str) else (str(item[0]), item[1], dict(item[2])) for item in judge_specs
     ):
-        if cross_fitted_in_audit(get_judge(spec, **options)):
+        configured = get_judge(spec, **options)
+        if cross_fitted_in_audit(configured):
             judge, scores = cross_fitted_scores(
                 spec, model, location, store, pool, device=device, progress=progress, options=options
             )
             judged.append((label, judge, scores))
             continue
+        # a judge with voxel probabilities of its own keeps them, for the judge_voxels region's figures
+        region = "judge_voxels" if configured.gives_voxel_probabilities else "disagreement"
         prepared = prepare_pairs(
             location,
             model,
-            PairSettings(proposals=proposal_settings, judge=spec, judge_options=options, selection=None, seed=seed),
+            PairSettings(
+                proposals=proposal_settings,
+                judge=spec,
+                judge_options=options,
+                selection=None,
+                seed=seed,
+                preference_region=region,
+            ),
             device=device,
             pool=pool,
             store_folder=store_folder,
@@ -585,6 +646,11 @@ def run_audit(
                 proposals=proposals,
                 image=reader.load(case_id)[0],
                 true_labels=truth,
+                judge_voxel_probabilities={
+                    label: store.load_voxel_probabilities(_judge_key(judge), case_id)
+                    for label, judge, _ in judged
+                    if judge.gives_voxel_probabilities
+                },
             )
         )
     report = audit_judges(

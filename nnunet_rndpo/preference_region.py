@@ -13,6 +13,12 @@ and v3 audits), so a third of the push is wrong whatever the judge.
 - "majority": only the voxels where the chosen label is held by a strict majority of all the case's
   proposals: the push goes where the judge and the proposals' vote agree. The vote carries information of its
   own (an ensemble of mirror members beats a typical member), which no judge of single masks sees.
+- "judge_voxels": only the voxels where the judge's own per-voxel class probabilities give the chosen label
+  more than the rejected one (judges that have them, `Judge.gives_voxel_probabilities`: atlas). A judge ranks
+  whole masks, but its information is often local: the atlas's fused labels are right in some places and wrong
+  in others, and where they side with the rejected mask the chosen one is right less often than not. Measured
+  on Hippocampus (BENCHMARKS.md, "The atlas's own voxels"): the atlas's top_bottom pairs are right on 62% of
+  their disagreeing voxels, on 73% of the two thirds this region keeps.
 
 Outside the kept voxels the rejected mask takes the chosen label, so they leave the pair's disagreement region
 (and RN-DPO's normalisation); the SFT term on the chosen mask still sees them. Pure: arrays in, arrays out.
@@ -24,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-PREFERENCE_REGIONS = ("disagreement", "ranked_consensus", "majority")
+PREFERENCE_REGIONS = ("disagreement", "ranked_consensus", "majority", "judge_voxels")
 
 
 def check_region(region: str) -> None:
@@ -54,6 +60,22 @@ def holds_majority(masks: np.ndarray, label_map: np.ndarray) -> np.ndarray:
     return 2 * agreeing > masks.shape[0]
 
 
+def judge_favours(judge_probabilities: np.ndarray, chosen_mask: np.ndarray, rejected_mask: np.ndarray) -> np.ndarray:
+    """Where the judge's per-voxel class probabilities (num_classes, *spatial; channel index = label value) give
+    the chosen mask's label more than the rejected mask's label."""
+    highest_label = int(max(chosen_mask.max(), rejected_mask.max()))
+    if judge_probabilities.shape[1:] != chosen_mask.shape or judge_probabilities.shape[0] <= highest_label:
+        raise ValueError(
+            f"judge probabilities of shape {judge_probabilities.shape} do not cover masks of shape "
+            f"{chosen_mask.shape} with labels up to {highest_label}"
+        )
+
+    def probability_of(mask: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(judge_probabilities, mask[None].astype(np.intp), axis=0)[0]
+
+    return probability_of(chosen_mask) > probability_of(rejected_mask)
+
+
 def kept_voxels(
     proposals: np.ndarray,
     chosen: int,
@@ -61,12 +83,18 @@ def kept_voxels(
     region: str = "disagreement",
     top: Sequence[int] = (),
     bottom: Sequence[int] = (),
+    judge_probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
     """The disagreeing voxels of the pair that `region` keeps (`top` and `bottom`: the judge's halves, from
-    `ranked_halves`, which "ranked_consensus" needs)."""
+    `ranked_halves`, which "ranked_consensus" needs; `judge_probabilities`: the judge's per-voxel class
+    probabilities of the case, which "judge_voxels" needs)."""
     check_region(region)
     chosen_mask, rejected_mask = proposals[chosen], proposals[rejected]
     disagreement = chosen_mask != rejected_mask
+    if region == "judge_voxels":
+        if judge_probabilities is None:
+            raise ValueError("preference_region 'judge_voxels' needs the judge's per-voxel class probabilities")
+        return disagreement & judge_favours(np.asarray(judge_probabilities), chosen_mask, rejected_mask)
     if region == "majority":
         return disagreement & holds_majority(proposals, chosen_mask)
     if region == "ranked_consensus":
@@ -87,10 +115,11 @@ def preference_rejected(
     region: str = "disagreement",
     top: Sequence[int] = (),
     bottom: Sequence[int] = (),
+    judge_probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
     """The rejected mask a pair trains on: the rejected proposal on the voxels `region` keeps, the chosen label
     elsewhere ("disagreement": the rejected proposal itself)."""
     if region == "disagreement":
         return proposals[rejected]
-    kept = kept_voxels(proposals, chosen, rejected, region, top, bottom)
+    kept = kept_voxels(proposals, chosen, rejected, region, top, bottom, judge_probabilities)
     return np.where(kept, proposals[rejected], proposals[chosen])

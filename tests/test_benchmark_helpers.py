@@ -274,9 +274,18 @@ def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(lo
     from nnunet_rndpo.training.settings import PreferenceSettings, validate
 
     arms = low_label.preference_arms(0)
-    assert len({arm.name for arm in arms}) == len(low_label.PREFERENCE_VARIANTS)
+    # every variant but the one that reads the judge's own voxel probabilities, which the oracle has not
+    assert {arm.name for arm in arms} == {f"rn_dpo_oracle_reliable_{n}_s0" for n in low_label.PREFERENCE_VARIANTS} - {
+        "rn_dpo_oracle_reliable_sft3_voxels_s0"
+    }
     label_free = low_label.preference_arms(0, ("oracle_reliable", "agreement"))
     assert "rn_dpo_agreement_majority_s0" in {arm.name for arm in label_free} and len(label_free) == 2 * len(arms)
+    (voxels,) = [arm for arm in low_label.preference_arms(0, ("atlas",)) if "voxels" in arm.name]
+    assert (voxels.name, voxels.settings) == (
+        "rn_dpo_atlas_sft3_voxels_s0",
+        {"sft_weight": 3.0, "preference_region": "judge_voxels"},
+    )
+    validate(PreferenceSettings(judge="atlas", **voxels.settings))
     defaults = PreferenceSettings(**low_label.MEASURED_WITH)  # what the arms run with besides their own setting
     for arm in arms:
         assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.name.endswith("_s0")
@@ -477,7 +486,7 @@ def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(l
     assert spread.settings == arms[0].settings
     every = low_label.cross_seed_preference_arms(0, "agreement")
     assert [arm.settings["sft_weight"] for arm in every if "sft_weight" in arm.settings] == [3.0]
-    assert len(every) == len(low_label.PREFERENCE_VARIANTS)
+    assert len(every) == len(low_label.PREFERENCE_VARIANTS) - 1  # agreement has no voxel probabilities
 
     def finished(arm, validation):
         return {"arm": asdict(arm), "validation": {"checkpoint_final": {"foreground_mean": validation}}}
@@ -488,6 +497,12 @@ def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(l
         "rn_dpo_agreement_beta0.03_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta0.03_seeds_0_1_2_s0"], 0.86),
     }
     assert low_label.best_preference_variant(results) == "beta0.03"
+    # an arm whose settings hold two variants' (sft3_voxels holds sft3's) is the more specific one
+    (voxels,) = low_label.cross_seed_preference_arms(
+        0, "atlas", variants={"sft3_voxels": low_label.PREFERENCE_VARIANTS["sft3_voxels"]}
+    )
+    results[voxels.name] = finished(voxels, 0.87)
+    assert low_label.best_preference_variant(results) == "sft3_voxels"
 
 
 def test_an_arm_keeps_the_sft_weight_it_was_measured_with_unless_its_variant_changes_it(low_label, bases_of_seeds):

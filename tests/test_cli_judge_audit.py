@@ -91,3 +91,9 @@ def test_audit_reports_every_judge_against_true_dice(
     assert report["recommendation"]["judge"] != "oracle"
     assert "recommendation:" in printed and "agreement" in printed
     assert report["cases"] == 2  # fold 0's validation cases of the 10 labeled ones
+    # the judge_voxels region is measured for the atlas (it keeps its fused labels), for no judge without them
+    regions = {
+        name: figures["mining"]["top_bottom"]["preference_regions"] for name, figures in report["judges"].items()
+    }
+    assert regions["atlas"]["judge_voxels"]["kept_fraction"] is not None
+    assert regions["agreement"]["judge_voxels"]["kept_fraction"] is None

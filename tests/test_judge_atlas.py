@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from nnunet_rndpo.judges import AtlasJudge, JudgeError, JudgeInput, get_judge, load_judge, score_case
+from nnunet_rndpo.judges import (
+    AtlasJudge,
+    JudgeError,
+    JudgeInput,
+    get_judge,
+    load_judge,
+    score_case,
+    score_case_with_voxels,
+)
 from nnunet_rndpo.judges.atlas import fused_atlas_probabilities, soft_dice_scores
 from nnunet_rndpo.segmentation_metrics import mean_dice
 
@@ -101,3 +109,15 @@ def test_needs_images_and_says_what_is_missing():
         get_judge("atlas", registration="rigid")
     with pytest.raises(JudgeError, match="max_atlases"):
         get_judge("atlas", max_atlases=0)
+
+
+def test_voxel_probabilities_are_the_fused_labels_by_label_value():
+    judge = AtlasJudge(registration="affine")
+    judge.fit(atlases())
+    case, _ = target_case()
+    scores, probabilities = score_case_with_voxels(judge, case)
+    assert judge.gives_voxel_probabilities and probabilities.shape == (3, SIZE, SIZE, SIZE)
+    assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-5) and probabilities.min() >= 0
+    assert scores == pytest.approx(score_case(judge, case))
+    # the fused labels of the target sit on its truth: class-by-class argmax against the true map
+    assert mean_dice(np.argmax(probabilities, axis=0), case.proposals[0], LABELS) > 0.85

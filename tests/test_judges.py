@@ -482,3 +482,28 @@ def test_label_free_judges_score_each_class(name):
     case = JudgeInput("two_class", proposals, (1, 2), mean_probabilities=smoothed_probabilities(truth, (1, 2)))
     scores = score_case(get_judge(name), case)
     assert scores[0] == scores[1] > scores[2]
+
+
+def test_voxel_probabilities_are_checked_and_absent_for_judges_of_whole_masks():
+    from nnunet_rndpo.judges import judges_with_voxel_probabilities, score_case_with_voxels
+
+    case = ordered_case("case_v")
+    scores, probabilities = score_case_with_voxels(AgreementJudge(), case)
+    assert probabilities is None and np.array_equal(scores, score_case(AgreementJudge(), case))
+    assert judges_with_voxel_probabilities() == ["atlas"]
+
+    class FlatVoxels(AgreementJudge):
+        gives_voxel_probabilities = True
+
+        def score_with_voxels(self, case):
+            return self.score(case), self.voxels
+
+    judge = FlatVoxels()
+    judge.voxels = np.full((2, SIZE, SIZE, SIZE), 0.5)
+    assert score_case_with_voxels(judge, case)[1].dtype == np.float32
+    judge.voxels = np.full((1, SIZE, SIZE, SIZE), 0.5)  # no channel for label 1
+    with pytest.raises(JudgeError, match=r"case 'case_v' returned voxel probabilities of shape \(1, 16, 16, 16\)"):
+        score_case_with_voxels(judge, case)
+    judge.voxels = np.full((2, SIZE, SIZE, SIZE), np.nan)
+    with pytest.raises(JudgeError, match="non-finite voxel probabilities"):
+        score_case_with_voxels(judge, case)

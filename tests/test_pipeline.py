@@ -292,3 +292,51 @@ def test_held_out_settings_keep_only_the_base_models_members_and_as_many_as_they
     # no source of its own left: TTA, at most the plain pass and its flips
     only_others = ProposalSettings(num_proposals=16, sources=("checkpoint_tta",), other_folds=True)
     assert single_model_settings(only_others, mirror_axes=(0,)) == ProposalSettings(num_proposals=2, sources=("tta",))
+
+
+@pytest.mark.slow
+def test_judge_voxels_pairs_read_the_atlas_labels_kept_in_the_store(location_and_model, tmp_path, monkeypatch):
+    """preference_region judge_voxels from pool to pairs file: the atlas judge's fused labels are kept beside its
+    scores, each pair names them and keeps only voxels where they side with the chosen label; a second call reuses
+    them (no registration); a judge without voxel probabilities is refused before any proposal is made."""
+    import numpy as np
+
+    from nnunet_rndpo.judges import AtlasJudge
+    from nnunet_rndpo.preference_region import kept_voxels
+
+    location, model = location_and_model
+    atlas = {"registration": "affine", "max_atlases": 2}
+    settings = PairSettings(
+        proposals=ProposalSettings(num_proposals=3),
+        judge="atlas",
+        judge_options=atlas,
+        preference_region="judge_voxels",
+    )
+    prepared = prepare_pairs(
+        location, model, settings, pool=location.unlabeled_pool(), store_folder=tmp_path / "store", progress=False
+    )
+    store, items = prepared.store, prepared.items
+    assert items and prepared.record["summary"]["preference_region"] == "judge_voxels"
+    for item in items:
+        assert item["preference_voxels"] <= item["disagreement_voxels"]
+        probabilities = store.load_voxel_probabilities(item["voxel_judge_key"], item["case_id"])
+        assert probabilities.shape[0] == 3 and np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-2)
+        proposals = store.load_case(item["case_id"])["proposals"]
+        kept = kept_voxels(
+            proposals, item["chosen"], item["rejected"], "judge_voxels", judge_probabilities=probabilities
+        )
+        assert np.count_nonzero(kept) == item["preference_voxels"]
+
+    def no_registration(self, case):
+        raise AssertionError("the kept scores and voxel probabilities should have been reused")
+
+    monkeypatch.setattr(AtlasJudge, "score_with_voxels", no_registration)
+    again = prepare_pairs(
+        location, model, settings, pool=location.unlabeled_pool(), store_folder=tmp_path / "store", progress=False
+    )
+    assert again.items == items
+
+    refused = PairSettings(judge="agreement", preference_region="judge_voxels")
+    with pytest.raises(PairPreparationError, match="judge 'agreement' has none. Judges that have them: atlas"):
+        prepare_pairs(location, model, refused, pool=location.unlabeled_pool(), store_folder=tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -138,3 +138,84 @@ def test_audit_reports_the_right_share_on_the_kept_voxels():
     assert (consensus["kept_fraction"], consensus["chosen_right"], consensus["rejected_right"]) == (0.5, 1.0, 0.0)
     # majority keeps voxel 2 only, where the truth is the rejected label
     assert (majority["kept_fraction"], majority["chosen_right"], majority["rejected_right"]) == (0.25, 0.0, 1.0)
+
+
+# The judge's own voxel probabilities for PROPOSALS (channel index = label value): at voxels 0-3, where the pair
+# disagrees, they favour the chosen label at voxels 0 and 2 (1 over 0, 1 over 2) and the rejected one at 1 and 3.
+JUDGE_PROBABILITIES = np.array(
+    [
+        [[0.2, 0.6, 0.1, 0.5, 0.9, 0.0]],  # background
+        [[0.8, 0.4, 0.6, 0.4, 0.1, 0.0]],  # label 1
+        [[0.0, 0.0, 0.3, 0.1, 0.0, 1.0]],  # label 2
+    ],
+    dtype=np.float32,
+)
+
+
+def test_judge_voxels_keeps_the_voxels_where_the_judge_favours_the_chosen_label():
+    kept = kept_voxels(PROPOSALS, 0, 5, "judge_voxels", judge_probabilities=JUDGE_PROBABILITIES)
+    assert kept[0].tolist() == [True, False, True, False, False, False]
+    narrowed = preference_rejected(PROPOSALS, 0, 5, "judge_voxels", judge_probabilities=JUDGE_PROBABILITIES)
+    assert narrowed[0].tolist() == [0, 1, 2, 1, 0, 2]
+    # a tie (0.5 against 0.5) is no preference: dropped
+    tied = JUDGE_PROBABILITIES.copy()
+    tied[:2, 0, 0] = 0.5
+    assert not kept_voxels(PROPOSALS, 0, 5, "judge_voxels", judge_probabilities=tied)[0, 0]
+    with pytest.raises(ValueError, match="per-voxel class probabilities"):
+        kept_voxels(PROPOSALS, 0, 5, "judge_voxels")
+    with pytest.raises(ValueError, match=r"labels up to 2"):
+        kept_voxels(PROPOSALS, 0, 5, "judge_voxels", judge_probabilities=JUDGE_PROBABILITIES[:2])
+
+
+class VoxelStore(OneCaseStore):
+    """OneCaseStore with a judge's voxel probabilities saved under key 'atlas'."""
+
+    def load_voxel_probabilities(self, judge_key, case_id):
+        assert (judge_key, case_id) == ("atlas", "case")
+        return JUDGE_PROBABILITIES
+
+
+def test_pairs_file_and_pair_loader_read_the_judges_voxels():
+    scores = {"case": SCORES.tolist()}
+    with pytest.raises(ValueError, match="key of the judge's per-voxel probabilities"):
+        pipeline.pairs_record(VoxelStore(), scores, "top_bottom", 0.0, 0, "judge_voxels")
+    record = pipeline.pairs_record(VoxelStore(), scores, "top_bottom", 0.0, 0, "judge_voxels", "atlas")
+    (entry,) = record["items"]
+    assert (entry["preference_region"], entry["voxel_judge_key"], entry["preference_voxels"]) == (
+        "judge_voxels",
+        "atlas",
+        2,
+    )
+    assert "top_half" not in entry
+    item = TrainingItem.from_record(entry)
+    _, seg, _, properties = PairDataset([item], VoxelStore(), ImageReader()).load_case(item.key)
+    assert seg[1].tolist() == [[0, 1, 2, 1, 0, 2]]
+    assert sorted(properties["class_locations"][LOCATIONS_KEY][:, 2].tolist()) == [0, 2]
+
+
+def test_settings_refuse_judge_voxels_with_a_judge_without_voxel_probabilities():
+    settings = validate(PreferenceSettings(judge="atlas", preference_region="judge_voxels"))
+    assert settings.pair_settings(overwrite_proposals=False).preference_region == "judge_voxels"
+    with pytest.raises(
+        SettingsError, match=r"judge \(for preference_region 'judge_voxels'\)='agreement'.*valid: atlas"
+    ):
+        validate(PreferenceSettings(judge="agreement", preference_region="judge_voxels"))
+
+
+def test_audit_reports_judge_voxels_only_for_a_judge_that_has_them():
+    truth = np.array([[1, 0, 2, 1, 0, 2]], dtype=np.uint8)  # chosen right at voxels 0 and 3, rejected at 1 and 2
+    true_dice = np.linspace(0.9, 0.4, 6)
+    case = AuditCase(
+        "case",
+        true_dice,
+        {"atlas": SCORES, "other": SCORES},
+        PROPOSALS,
+        true_labels=truth,
+        judge_voxel_probabilities={"atlas": JUDGE_PROBABILITIES},
+    )
+    judges = audit_judges([case], strategies=("top_bottom",))["judges"]
+    voxels = judges["atlas"]["mining"]["top_bottom"]["preference_regions"]["judge_voxels"]
+    # kept: voxels 0 (chosen right) and 2 (rejected right)
+    assert (voxels["kept_fraction"], voxels["chosen_right"], voxels["rejected_right"]) == (0.5, 0.5, 0.5)
+    other = judges["other"]["mining"]["top_bottom"]["preference_regions"]["judge_voxels"]
+    assert other == {"kept_fraction": None, "chosen_right": None, "rejected_right": None}

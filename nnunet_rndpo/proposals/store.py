@@ -4,6 +4,8 @@ Layout:
     manifest.json          what made the proposals: checkpoint hash, settings, members with provenance
     cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed
     judges/, pairs/        judge scores and mined pairs (written by later steps)
+    judges/<judge>.voxels/<case>.npz
+                           a judge's own per-voxel class probabilities (float16), for judges that have them
 Every file is written under a temporary name and renamed, so a killed run never leaves a case that reads as
 whole; a rerun skips finished cases. A store made by another checkpoint or other settings is refused with a
 message instead of being mixed with new proposals.
@@ -163,6 +165,27 @@ class ProposalStore:
                 f"proposal file {path} holds {case['proposals'].shape[0]} proposals, the manifest {expected}"
             )
         return case
+
+    # ---------------------------------------------------------------- a judge's per-voxel probabilities
+    def voxel_probabilities_path(self, judge_key: str, case_id: str) -> Path:
+        return self.folder / "judges" / f"{judge_key}.voxels" / f"{case_id}.npz"
+
+    def save_voxel_probabilities(self, judge_key: str, case_id: str, probabilities: np.ndarray) -> None:
+        save_npz(self.voxel_probabilities_path(judge_key, case_id), probabilities=probabilities.astype(np.float16))
+
+    def load_voxel_probabilities(self, judge_key: str, case_id: str) -> np.ndarray:
+        """(num_classes, *spatial) float32: what the judge `judge_key` saved for the case."""
+        path = self.voxel_probabilities_path(judge_key, case_id)
+        if not path.is_file():
+            raise StoreError(
+                f"no voxel probabilities of judge {judge_key!r} for case {case_id!r} in {path.parent}: score the "
+                "pool again with the judge (its scores file is reused only when these files are complete)"
+            )
+        try:
+            with np.load(path) as archive:
+                return archive["probabilities"].astype(np.float32)
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
+            raise StoreError(f"voxel probabilities file {path} is corrupt ({type(error).__name__}: {error})") from error
 
     def member_models(self) -> tuple:
         """Which model made each proposal: 0 = the base, i = extra network i, "ensemble" = their ensemble."""

@@ -33,7 +33,8 @@ class TrainingItem:
 
     For self-training, rejected == chosen and patches are centred on the chosen mask's foreground.
     region: the preference_region that narrows the rejected mask ("disagreement": the proposal as it is);
-    top_half / bottom_half: the judge's halves of the case's proposals, which "ranked_consensus" reads.
+    top_half / bottom_half: the judge's halves of the case's proposals, which "ranked_consensus" reads;
+    voxel_judge_key: under which key the store holds the judge's per-voxel probabilities ("judge_voxels").
     """
 
     case_id: str
@@ -42,6 +43,7 @@ class TrainingItem:
     region: str = "disagreement"
     top_half: tuple[int, ...] = ()
     bottom_half: tuple[int, ...] = ()
+    voxel_judge_key: str = ""
 
     @classmethod
     def from_record(cls, item: dict) -> "TrainingItem":
@@ -53,6 +55,7 @@ class TrainingItem:
             item.get("preference_region", "disagreement"),
             tuple(item.get("top_half", ())),
             tuple(item.get("bottom_half", ())),
+            item.get("voxel_judge_key", ""),
         )
 
     @property
@@ -126,8 +129,13 @@ class PairDataset:
         if self.single_mask:
             rejected = chosen
         else:
+            judge_probabilities = (
+                self.store.load_voxel_probabilities(item.voxel_judge_key, item.case_id)
+                if item.region == "judge_voxels"
+                else None
+            )
             rejected = preference_rejected(
-                proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half
+                proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half, judge_probabilities
             )
             rejected = rejected.astype(np.int16)
         if key not in self._locations:

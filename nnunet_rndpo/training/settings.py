@@ -64,8 +64,9 @@ class PreferenceSettings:
     judge_options: dict = field(default_factory=dict)
     mining: str = "top_bottom"
     mining_margin: float = 0.02
-    # which voxels of a pair the preference term pushes: every disagreeing voxel, or only those where the judge's
-    # top and bottom halves agree with the chosen and rejected labels (nnunet_rndpo/preference_region.py)
+    # which voxels of a pair the preference term pushes: every disagreeing voxel, or only some of them, e.g. where
+    # the judge's top and bottom halves agree with the chosen and rejected labels, or where the judge's own voxel
+    # probabilities side with the chosen label (nnunet_rndpo/preference_region.py)
     preference_region: str = "disagreement"
     # patches
     disagreement_sampling: float = 0.67  # fraction of patches centred on a disagreeing voxel
@@ -118,7 +119,7 @@ def _valid_names() -> list[str]:
 
 
 def validate(settings: PreferenceSettings) -> PreferenceSettings:
-    from nnunet_rndpo.judges import available_judges
+    from nnunet_rndpo.judges import available_judges, judges_with_voxel_probabilities
 
     def choose(name: str, value: Any, valid) -> None:
         if value not in valid:
@@ -150,6 +151,9 @@ def validate(settings: PreferenceSettings) -> PreferenceSettings:
     choose("preference_region", settings.preference_region, PREFERENCE_REGIONS)
     if ":" not in settings.judge:  # dotted paths are checked when the judge is built
         choose("judge", settings.judge, available_judges())
+        if settings.preference_region == "judge_voxels":
+            # the region reads the judge's own voxel probabilities: say so before the base model is loaded
+            choose("judge (for preference_region 'judge_voxels')", settings.judge, judges_with_voxel_probabilities())
     if settings.beta <= 0:
         raise SettingsError(f"setting beta must be > 0, got {settings.beta}")
     if not 0 <= settings.label_smoothing < 0.5:
