@@ -194,13 +194,18 @@ def score_case(judge: Judge, case: JudgeInput) -> np.ndarray:
 
 
 def score_case_with_voxels(judge: Judge, case: JudgeInput) -> tuple[np.ndarray, np.ndarray | None]:
-    """`score_case` and the judge's per-voxel class probabilities (`Judge.score_with_voxels`), checked: None, or
-    finite float32 of shape (num_classes, *spatial) with a channel for every label."""
+    """`score_case` and the judge's per-voxel class probabilities (`Judge.score_with_voxels`), checked: None for a
+    judge without them, else finite float32 of shape (num_classes, *spatial) with a channel for every label."""
     raw_scores, raw_probabilities = _call(judge, case, judge.score_with_voxels)
     scores = _checked_scores(judge, case, raw_scores)
-    if raw_probabilities is None:
-        return scores, None
     where = f"judge {judge.display_name!r} on case {case.case_id!r}"
+    if raw_probabilities is None:
+        if judge.gives_voxel_probabilities:
+            raise JudgeError(
+                f"{where} says it gives voxel probabilities (gives_voxel_probabilities) but score_with_voxels "
+                "returned none: override score_with_voxels to return (scores, probabilities)"
+            )
+        return scores, None
     probabilities = np.asarray(raw_probabilities, dtype=np.float32)
     if probabilities.shape[1:] != case.spatial_shape or probabilities.shape[0] <= max(case.labels):
         raise JudgeError(

@@ -507,3 +507,6 @@ def test_voxel_probabilities_are_checked_and_absent_for_judges_of_whole_masks():
     judge.voxels = np.full((2, SIZE, SIZE, SIZE), np.nan)
     with pytest.raises(JudgeError, match="non-finite voxel probabilities"):
         score_case_with_voxels(judge, case)
+    judge.voxels = None  # the flag set, the method not giving them: said, not saved as None later
+    with pytest.raises(JudgeError, match="says it gives voxel probabilities .* returned none"):
+        score_case_with_voxels(judge, case)
