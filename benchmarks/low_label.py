@@ -205,11 +205,15 @@ def variant_applies(judge: str, settings: dict) -> bool:
     return settings.get("preference_region") != "judge_voxels" or JUDGES[judge][0] in judges_with_voxel_probabilities()
 
 
-def preference_arms(seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",)) -> list[Arm]:
+def preference_arms(
+    seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",), mining: str = "top_bottom"
+) -> list[Arm]:
     """RN-DPO under each PREFERENCE_VARIANTS setting, with each judge (the sweep itself uses the reliable oracle;
-    a label-free judge's variants run when --only names them)."""
+    a label-free judge's variants run when --only names them). `mining` other than top_bottom is named before the
+    setting (`rn_dpo_atlas_margin_sft3_s0`), as `cross_seed_preference_arms` names it."""
+    tag = "" if mining == "top_bottom" else f"{mining}_"
     return [
-        Arm(f"rn_dpo_{judge}_{name}_s{seed}", "rn_dpo", seed, judge, settings=dict(settings))
+        Arm(f"rn_dpo_{judge}_{tag}{name}_s{seed}", "rn_dpo", seed, judge, mining=mining, settings=dict(settings))
         for judge in judges
         for name, settings in PREFERENCE_VARIANTS.items()
         if variant_applies(judge, settings)
@@ -231,6 +235,18 @@ def preference_controls(seed: int, judges: tuple[str, ...], schedule: Schedule) 
         for judge in judges
         for weight in sorted({v["sft_weight"] for v in PREFERENCE_VARIANTS.values() if "sft_weight" in v})
     ]
+
+
+def preference_sweep_arms(
+    seeds, label_free: tuple[str, ...], best: str, recommended_mining: Optional[str], schedule: Schedule
+) -> list[Arm]:
+    """Every arm `--preference_sweep` can run on the v2/v3 plan, in order: each PREFERENCE_VARIANTS setting with
+    the reliable oracle and each label-free judge, the best judge's settings with the mining its audit recommends
+    (when that is not top_bottom), then the step-matched controls (`preference_controls`)."""
+    arms = [arm for seed in seeds for arm in preference_arms(seed, ("oracle_reliable", *label_free))]
+    if recommended_mining not in (None, "top_bottom"):
+        arms += [arm for seed in seeds for arm in preference_arms(seed, (best,), recommended_mining)]
+    return arms + [arm for seed in seeds for arm in preference_controls(seed, label_free, schedule)]
 
 
 def at_larger_step(plain: Arm, sft_weight: float, schedule: Schedule, name: str) -> Arm:
@@ -1492,10 +1508,8 @@ def main(argv=None) -> int:
         passed, verdict = gate_verdict(results)
         print(verdict, flush=True)
         if args.preference_sweep:  # the sweep itself on seed 0; any seed's variant or control when --only names it
-            judges = ("oracle_reliable", *protocol.label_free)
-            for arm in [a for seed in seeds for a in preference_arms(seed, judges)] + [
-                a for seed in seeds for a in preference_controls(seed, protocol.label_free, schedule)
-            ]:
+            swept = preference_sweep_arms(seeds, protocol.label_free, best, audit_mining(audit, best), schedule)
+            for arm in swept:
                 named = args.only is not None and arm.name in args.only
                 if named or (args.only is None and arm.judge == "oracle_reliable" and arm.seed == 0):
                     run(arm)

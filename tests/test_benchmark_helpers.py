@@ -291,6 +291,7 @@ def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(lo
         assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.name.endswith("_s0")
         validate(PreferenceSettings(**arm.settings))  # every variant is a valid setting
         assert any(getattr(defaults, key) != value for key, value in arm.settings.items()), arm.name
+    assert all(arm.mining == "top_bottom" for arm in arms)
 
     def arm(validation, test):
         return {
@@ -538,6 +539,24 @@ def test_step_matched_self_training_takes_rn_dpos_sft_step_on_the_same_proposals
     assert control.settings == {**plain.settings, "initial_lr": pytest.approx(3e-3)}  # same proposals and store
     settings = low_label.fine_tuning_settings(control, schedule)
     assert settings["initial_lr"] == pytest.approx(3e-3) and settings["num_epochs"] == schedule.tune_epochs
+
+
+def test_the_sweep_adds_the_best_judges_settings_with_the_mining_its_audit_recommends(low_label, bases_of_seeds):
+    schedule = low_label.Schedule()
+    plain = low_label.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", None, schedule)
+    assert plain == low_label.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", "top_bottom", schedule)
+    assert {arm.mining for arm in plain} == {"top_bottom"}
+    swept = low_label.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", "margin", schedule)
+    margin = {arm.name: arm for arm in swept if arm.mining == "margin"}
+    # the best judge only, each setting on each seed, named before the setting; nothing else changes
+    assert len(margin) == 2 * len(low_label.preference_arms(0, ("atlas",)))
+    assert {arm.judge for arm in margin.values()} == {"atlas"}
+    sft3 = margin["rn_dpo_atlas_margin_sft3_s1"]
+    assert (sft3.kind, sft3.seed, sft3.settings) == ("rn_dpo", 1, {"sft_weight": 3.0})
+    assert low_label.fine_tuning_settings(sft3, schedule)["mining"] == "margin"
+    assert [arm for arm in swept if arm.mining != "margin"] == plain
+    # the step-matched controls come last, as before
+    assert [arm.kind for arm in swept[-4:]] == ["self_train"] * 4 and swept[-1].name == "self_train_atlas_lr3x_s1"
 
 
 def test_preference_controls_are_self_training_at_each_larger_sft_weight_times_the_step(low_label, bases_of_seeds):
