@@ -205,15 +205,27 @@ def variant_applies(judge: str, settings: dict) -> bool:
     return settings.get("preference_region") != "judge_voxels" or JUDGES[judge][0] in judges_with_voxel_probabilities()
 
 
+def variant_tag(variant: str, mining: str = "top_bottom") -> str:
+    """How a preference arm's name says its PREFERENCE_VARIANTS setting: the variant, after the mining when that is
+    not top_bottom (`margin_sft3`)."""
+    return variant if mining == "top_bottom" else f"{mining}_{variant}"
+
+
 def preference_arms(
     seed: int = 0, judges: tuple[str, ...] = ("oracle_reliable",), mining: str = "top_bottom"
 ) -> list[Arm]:
     """RN-DPO under each PREFERENCE_VARIANTS setting, with each judge (the sweep itself uses the reliable oracle;
     a label-free judge's variants run when --only names them). `mining` other than top_bottom is named before the
-    setting (`rn_dpo_atlas_margin_sft3_s0`), as `cross_seed_preference_arms` names it."""
-    tag = "" if mining == "top_bottom" else f"{mining}_"
+    setting (`variant_tag`: `rn_dpo_atlas_margin_sft3_s0`)."""
     return [
-        Arm(f"rn_dpo_{judge}_{tag}{name}_s{seed}", "rn_dpo", seed, judge, mining=mining, settings=dict(settings))
+        Arm(
+            f"rn_dpo_{judge}_{variant_tag(name, mining)}_s{seed}",
+            "rn_dpo",
+            seed,
+            judge,
+            mining=mining,
+            settings=dict(settings),
+        )
         for judge in judges
         for name, settings in PREFERENCE_VARIANTS.items()
         if variant_applies(judge, settings)
@@ -373,7 +385,7 @@ def cross_seed_preference_arms(
                 judge,
                 ensemble_name(seeds),
                 seed,
-                variant if mining == "top_bottom" else f"{mining}_{variant}",
+                variant_tag(variant, mining),
             ),
             "rn_dpo",
             seed,
