@@ -209,8 +209,8 @@ def run_benchmark(args) -> dict:
     from nnunet_rndpo.nnunet_env import ensure_ext_trainer
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.proposals.engine import ProposalEngine
-    from nnunet_rndpo.proposals.members import ProposalSettings, case_seed
     from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed
     from nnunet_rndpo.proposals.pool import CasePool, PoolReader
     from nnunet_rndpo.proposals.store import ProposalStore
 

@@ -82,7 +82,7 @@ def _judges_help() -> str:
 
 
 def _proposal_settings(args):
-    from nnunet_rndpo.proposals.members import ProposalSettings
+    from nnunet_rndpo.proposals.plan import ProposalSettings
 
     return ProposalSettings(
         num_proposals=args.num_proposals,
@@ -123,10 +123,11 @@ def run_env(args) -> int:
 
 
 def run_propose(args) -> int:
+    from nnunet_rndpo.proposals.pool import unlabeled_pool
     from nnunet_rndpo.proposals.run import generate_proposals
 
     location, model = _load(args)
-    pool = location.unlabeled_pool()
+    pool = unlabeled_pool(location)
     store, summary = generate_proposals(
         model,
         pool,

@@ -41,7 +41,7 @@ from typing import Any, Iterable
 import numpy as np
 
 MINING_STRATEGIES = ("top_bottom", "top_rest", "margin", "top_plain", "halves", "random")
-PLAIN_PROPOSAL = 0  # nnunet_rndpo.proposals.members.plan_members: the plain pass first
+PLAIN_PROPOSAL = 0  # nnunet_rndpo.proposals.plan.plan_members: the plain pass first
 _MARGIN_TOLERANCE = 1e-9
 
 

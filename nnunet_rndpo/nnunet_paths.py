@@ -1,5 +1,7 @@
-"""Where nnU-Net keeps a dataset's plans, data, models and our proposal stores: the one place that knows
-nnU-Net's folders (the subcommands, the trainers' start, the pipeline and the demo all ask `locate`).
+"""Where nnU-Net keeps a dataset's plans, data, splits, models and our proposal stores: the one place that knows
+nnU-Net's folders (the subcommands, the trainers' start, the pipeline and the demo all ask `locate`). The bottom
+layer of the package: it imports no other module of it but the atomic writer and the environment check; the pools
+of cases built from these folders live in nnunet_rndpo/proposals/pool.py.
 
 Reads nnunetv2.paths at call time (nnU-Net reads the environment at import).
 """
@@ -11,6 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from nnunet_rndpo.atomic import save_json
+from nnunet_rndpo.nnunet_env import require_nnunet_folders
 
 
 @dataclass
@@ -37,8 +42,6 @@ class RunLocation:
         return self.model_folder(trainer) / f"fold_{self.fold}" / checkpoint
 
     def store_folder(self, checkpoint_path: Path) -> Path:
-        from nnunet_rndpo.proposals.store import default_store_folder
-
         return default_store_folder(
             self.preprocessed_base.parent,
             self.dataset_name,
@@ -50,62 +53,51 @@ class RunLocation:
 
     def fold_split(self, fold=None) -> tuple[list[str], list[str]]:
         """nnU-Net's (training, validation) case ids of this fold (or of `fold`)."""
-        from nnunet_rndpo.proposals.pool import fold_split
-
         return fold_split(self.preprocessed_base, self.preprocessed_data_folder, self.fold if fold is None else fold)
 
-    def unlabeled_pool(self):
-        """imagesUnlabeled when present, else the fold's training cases (marked in-sample)."""
-        from nnunet_rndpo.proposals.pool import discover_pool
 
-        return discover_pool(
-            self.raw_dataset_folder.parent if self.raw_dataset_folder else None,
-            self.preprocessed_base.parent,
-            self.dataset_name,
-            self.dataset_json,
-            self.preprocessed_data_folder.name,
-            self.fold,
-        )
+def default_store_folder(
+    preprocessed_root: Path, dataset_name: str, plans_name: str, configuration: str, fold, checkpoint_path: Path
+) -> Path:
+    """nnUNet_preprocessed/<Dataset>/rndpo_proposals/<plans>__<config>/fold_<F>/<base trainer folder>__<checkpoint>:
+    the proposal store of one base checkpoint, outside nnU-Net's per-configuration data folder (every file there is
+    taken for a case)."""
+    checkpoint_path = Path(checkpoint_path)
+    model_name = f"{checkpoint_path.parent.parent.name}__{checkpoint_path.parent.name}__{checkpoint_path.stem}"
+    return (
+        Path(preprocessed_root)
+        / dataset_name
+        / "rndpo_proposals"
+        / f"{plans_name}__{configuration}"
+        / f"fold_{fold}"
+        / model_name
+    )
 
-    def labeled_training_pool(self):
-        """The fold's labeled training cases (for fitting learning judges: in-sample for the base model)."""
-        from nnunet_rndpo.proposals.pool import CasePool
 
-        train, _ = self.fold_split()
-        return CasePool(
-            dataset_name=self.dataset_name,
-            source=f"labeled training cases of fold {self.fold} (for fitting judges)",
-            case_ids=sorted(train),
-            preprocessed_folder=self.preprocessed_data_folder,
-            in_sample=True,
-        )
+def fold_split(preprocessed_base: Path, data_folder: Path, fold) -> tuple[list[str], list[str]]:
+    """nnU-Net's split of the labeled cases for `fold` (creating splits_final.json as nnU-Net would)."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    def held_out_pool(self, fold, exclude=()):
-        """The labeled cases that fold `fold`'s model never trained on (its validation cases, minus `exclude`):
-        honest examples of that model's proposals, for fitting judges that learn from proposals."""
-        from nnunet_rndpo.proposals.pool import CasePool
-
-        train, validation = self.fold_split(fold)
-        return CasePool(
-            dataset_name=self.dataset_name,
-            source=f"validation cases of fold {fold} (held out of its model's training)",
-            case_ids=sorted(set(validation) - set(train) - set(exclude)),
-            preprocessed_folder=self.preprocessed_data_folder,
-        )
-
-    def validation_pool(self, case_ids=None):
-        """The fold's labeled validation cases (or the given labeled cases), for the audit."""
-        from nnunet_rndpo.proposals.pool import CasePool
-
-        cases = sorted(case_ids if case_ids is not None else self.fold_split()[1])
-        if not cases:
-            raise ValueError(f"no labeled cases to audit for fold {self.fold}")
-        return CasePool(
-            dataset_name=self.dataset_name,
-            source=f"labeled validation cases of fold {self.fold} (audit)",
-            case_ids=cases,
-            preprocessed_folder=self.preprocessed_data_folder,
-        )
+    identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    if fold == "all":
+        return identifiers, identifiers
+    splits_file = Path(preprocessed_base) / "splits_final.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text())
+    else:
+        splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
+        save_json(splits, splits_file)
+    fold = int(fold)
+    if fold >= len(splits):
+        # nnU-Net's own fallback for folds beyond the split file: a seeded random 80:20 split
+        rng = np.random.RandomState(seed=12345 + fold)
+        keys = np.sort(identifiers)
+        train_index = rng.choice(len(keys), int(len(keys) * 0.8), replace=False)
+        train = [keys[i] for i in train_index]
+        return train, [k for k in keys if k not in train]
+    return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
 def set_nnunet_folders(root: Path) -> None:
@@ -172,8 +164,6 @@ def parse_fold(fold: str):
 def locate(dataset: str | int, configuration: str, fold, plans_name: str = "nnUNetPlans") -> RunLocation:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    from nnunet_rndpo.nnunet_env import require_nnunet_folders
 
     require_nnunet_folders()
     try:

@@ -27,11 +27,18 @@ from nnunet_rndpo.judges import (
     score_case_with_voxels,
 )
 from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, mine_pairs
-from nnunet_rndpo.nnunet_paths import RunLocation
+from nnunet_rndpo.nnunet_paths import RunLocation, checkpoint_fold, sibling_fold_checkpoints
 from nnunet_rndpo.preference_region import check_region, kept_voxels, ranked_halves
-from nnunet_rndpo.proposals.members import ProposalSettings
 from nnunet_rndpo.proposals.model import LoadedModel
-from nnunet_rndpo.proposals.pool import CasePool, PoolReader
+from nnunet_rndpo.proposals.plan import ProposalSettings
+from nnunet_rndpo.proposals.pool import (
+    CasePool,
+    PoolReader,
+    held_out_pool,
+    labeled_training_pool,
+    unlabeled_pool,
+    validation_pool,
+)
 from nnunet_rndpo.proposals.run import generate_proposals, store_manifest
 from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -219,7 +226,7 @@ class FittingExamples:
         """The fold's labeled training cases, each as its true label map (one 'proposal'), with its preprocessed
         image if `with_images`: for judges of anatomy (which learn what labels look like) and atlases."""
         if with_images not in self._true_label_maps:
-            pool = self.location.labeled_training_pool()
+            pool = labeled_training_pool(self.location)
             pool.case_ids = [case_id for case_id in pool.case_ids if case_id not in self.exclude]
             self.log(f"fitting on the true label maps of {len(pool.case_ids)} labeled training cases")
             labels = foreground_labels(self.model)
@@ -251,7 +258,6 @@ class FittingExamples:
 
     def _make_held_out(self) -> list[JudgeInput]:
         from nnunet_rndpo.judges.learned_qc import check_held_out
-        from nnunet_rndpo.nnunet_paths import checkpoint_fold, sibling_fold_checkpoints
         from nnunet_rndpo.proposals.model import load_model
 
         location, model = self.location, self.model
@@ -264,7 +270,7 @@ class FittingExamples:
         for fold, checkpoint in fold_models:
             if fold is None:
                 continue
-            pool = location.held_out_pool(fold, exclude=self.exclude)
+            pool = held_out_pool(location, fold, exclude=self.exclude)
             if not pool.case_ids:
                 continue
             training_cases = {fold: set(location.fold_split(fold)[0])}
@@ -313,7 +319,7 @@ def single_model_settings(settings: ProposalSettings, mirror_axes: Optional[Sequ
     when the other networks' members made up the rest (e.g. 25 cross-model members, 8 of the base's own)."""
     from dataclasses import replace
 
-    from nnunet_rndpo.proposals.members import available_members
+    from nnunet_rndpo.proposals.plan import available_members
     from nnunet_rndpo.proposals.sources import SOURCES
 
     own = tuple(name for name in settings.sources if not SOURCES[name].uses_extra_networks)
@@ -468,7 +474,7 @@ def prepare_pairs(
     make_proposals=False: refuse, instead of generating, when the store lacks cases.
     rank / world_size / barrier: DDP; every rank makes proposals for its shard, rank 0 judges and writes.
     """
-    pool = pool if pool is not None else location.unlabeled_pool()
+    pool = pool if pool is not None else unlabeled_pool(location)
     store_folder = store_folder if store_folder is not None else location.store_folder(model.checkpoint_path)
     if rank == 0:
         log(f"pool: {len(pool.case_ids)} cases from {pool.source}; proposal store {store_folder}")
@@ -595,7 +601,7 @@ def run_audit(
     from nnunet_rndpo.audit import AuditCase, audit_judges, recommend, write_audit
     from nnunet_rndpo.segmentation_metrics import proposal_dice
 
-    pool = location.validation_pool(case_ids)
+    pool = validation_pool(location, case_ids)
     if store_folder is None:
         default = location.store_folder(model.checkpoint_path)
         store_folder = default.parent / f"{default.name}__audit"

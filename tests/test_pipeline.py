@@ -7,7 +7,8 @@ import json
 import pytest
 
 from nnunet_rndpo.pipeline import JUDGE_TOP, PairPreparationError, PairSettings, prepare_pairs
-from nnunet_rndpo.proposals.members import ProposalSettings
+from nnunet_rndpo.proposals.plan import ProposalSettings
+from nnunet_rndpo.proposals.pool import labeled_training_pool, unlabeled_pool, validation_pool
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def location_and_model(preprocessed_synthetic, tiny_configuration, base_checkpoi
 
 def in_sample_pool(location, cases: int = 2):
     """The fallback pool: the fold's own training cases (what discover_pool gives without imagesUnlabeled)."""
-    pool = location.labeled_training_pool()
+    pool = labeled_training_pool(location)
     pool.case_ids = pool.case_ids[:cases]
     pool.source = "training cases of fold 0 (labels ignored)"
     return pool
@@ -82,7 +83,7 @@ def test_pair_settings_refuse_an_unknown_selection():
 def test_another_rank_reads_the_pairs_file_that_rank_0_wrote(location_and_model, tmp_path):
     location, model = location_and_model
     settings = PairSettings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection="top_rest")
-    pool = location.validation_pool()
+    pool = validation_pool(location)
     first = prepare_pairs(location, model, settings, pool=pool, store_folder=tmp_path / "store", progress=False)
     other = prepare_pairs(
         location,
@@ -172,7 +173,7 @@ def test_the_audit_scores_each_case_with_a_learned_judge_fitted_without_it(locat
     from nnunet_rndpo.proposals.run import generate_proposals
 
     location, model = location_and_model
-    pool = location.validation_pool()
+    pool = validation_pool(location)
     store, _ = generate_proposals(model, pool, tmp_path / "audit", ProposalSettings(num_proposals=2), progress=False)
     fits = []
     real_ready_judge = pipeline.ready_judge
@@ -203,7 +204,7 @@ def test_proposals_of_other_folds_carry_their_model_to_the_judge(location_and_mo
 
     location, _ = location_and_model
     model = load_model(two_fold_base)
-    pool = location.validation_pool(location.fold_split(0)[1][:1])
+    pool = validation_pool(location, location.fold_split(0)[1][:1])
     settings = ProposalSettings(num_proposals=4, sources=("tta", "checkpoint_tta", "ensemble"), other_folds=True)
     store, _ = generate_proposals(model, pool, tmp_path / "store", settings, progress=False)
     models = store.member_models()
@@ -255,7 +256,7 @@ def test_an_audit_of_other_proposals_keeps_them_in_its_own_store(location_and_mo
 @pytest.mark.slow
 def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location_and_model, tmp_path):
     location, model = location_and_model
-    pool = location.unlabeled_pool()
+    pool = unlabeled_pool(location)
     pool.case_ids = pool.case_ids[:1]
     pairs_file = tmp_path / "rndpo_pairs.json"
     record = {"summary": {"pairs": 1}, "judge": "learned_qc (first start)", "items": [{"case_id": pool.case_ids[0]}]}
@@ -313,7 +314,7 @@ def test_judge_voxels_pairs_read_the_atlas_labels_kept_in_the_store(location_and
         preference_region="judge_voxels",
     )
     prepared = prepare_pairs(
-        location, model, settings, pool=location.unlabeled_pool(), store_folder=tmp_path / "store", progress=False
+        location, model, settings, pool=unlabeled_pool(location), store_folder=tmp_path / "store", progress=False
     )
     store, items = prepared.store, prepared.items
     assert items and prepared.record["summary"]["preference_region"] == "judge_voxels"
@@ -332,11 +333,11 @@ def test_judge_voxels_pairs_read_the_atlas_labels_kept_in_the_store(location_and
 
     monkeypatch.setattr(AtlasJudge, "score_with_voxels", no_registration)
     again = prepare_pairs(
-        location, model, settings, pool=location.unlabeled_pool(), store_folder=tmp_path / "store", progress=False
+        location, model, settings, pool=unlabeled_pool(location), store_folder=tmp_path / "store", progress=False
     )
     assert again.items == items
 
     refused = PairSettings(judge="agreement", preference_region="judge_voxels")
     with pytest.raises(PairPreparationError, match="judge 'agreement' has none. Judges that have them: atlas"):
-        prepare_pairs(location, model, refused, pool=location.unlabeled_pool(), store_folder=tmp_path / "other")
+        prepare_pairs(location, model, refused, pool=unlabeled_pool(location), store_folder=tmp_path / "other")
     assert not (tmp_path / "other").exists()

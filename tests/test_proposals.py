@@ -20,15 +20,11 @@ import pytest
 import torch
 
 from nnunet_rndpo.proposals.dropout import RowDropout, dropout_hooks, dropout_target_modules
-from nnunet_rndpo.proposals.members import (
-    ProposalMember,
-    ProposalSettings,
-    case_seed,
-    plan_members,
-)
+from nnunet_rndpo.proposals.members import ProposalMember
 from nnunet_rndpo.proposals.model import CheckpointError, load_model, read_checkpoint
+from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolError, discover_pool
-from nnunet_rndpo.proposals.sources import flip_combinations
+from nnunet_rndpo.proposals.sources import flip_combinations, needs_forward
 from nnunet_rndpo.proposals.store import ProposalStore, StoreError
 
 ALL_AXES = (0, 1, 2)
@@ -609,7 +605,7 @@ def test_training_case_pool_is_voxel_aligned_with_preprocessed_data(base_model, 
 @pytest.fixture
 def cli_checkpoint(base_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path):
     """A copy of the base checkpoint under a unique folder name, so the CLI's default store is this test's own."""
-    from nnunet_rndpo.proposals.store import default_store_folder
+    from nnunet_rndpo.nnunet_paths import default_store_folder
 
     copy = tmp_path / f"model_{uuid.uuid4().hex[:8]}" / "fold_0" / "checkpoint_final.pth"
     copy.parent.mkdir(parents=True)
@@ -732,7 +728,7 @@ def test_checkpoint_tta_and_ensemble_members_are_planned_per_network():
     members = plan_members(settings, (1, 2))
     assert [m.source for m in members] == ["plain", "ensemble", "checkpoint_tta", "checkpoint_tta", "checkpoint_tta"]
     assert [(m.network_index, m.flip_axes) for m in members[2:]] == [(1, (1,)), (1, (2,)), (1, (1, 2))]
-    assert [m.needs_forward for m in members] == [True, False, True, True, True]
+    assert [needs_forward(m) for m in members] == [True, False, True, True, True]
 
 
 @pytest.mark.slow

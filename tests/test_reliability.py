@@ -28,9 +28,10 @@ from nnunet_rndpo import nnunet_paths
 from nnunet_rndpo.atomic import TEMP_SUFFIX
 from nnunet_rndpo.judges import JudgeError
 from nnunet_rndpo.mining import MINING_STRATEGIES
-from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
+from nnunet_rndpo.nnunet_paths import default_store_folder
+from nnunet_rndpo.proposals.plan import ProposalSettings, plan_members
 from nnunet_rndpo.proposals.pool import UNLABELED_FOLDER, PoolError, PoolReader, discover_pool
-from nnunet_rndpo.proposals.store import ProposalStore, default_store_folder
+from nnunet_rndpo.proposals.store import ProposalStore
 
 DATASET_NAME = "Dataset999_Reliability"  # only ever under tmp_path
 LABELS = (1, 2)

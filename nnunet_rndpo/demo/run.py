@@ -358,8 +358,9 @@ def _proposals_and_pairs(screen: Screen, checkpoint: Path, settings):
     scores file): the trainers then find them done."""
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.pipeline import prepare_pairs
-    from nnunet_rndpo.proposals.members import plan_members
     from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.plan import plan_members
+    from nnunet_rndpo.proposals.pool import unlabeled_pool
     from nnunet_rndpo.proposals.run import generate_proposals
 
     location = locate(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
@@ -373,7 +374,7 @@ def _proposals_and_pairs(screen: Screen, checkpoint: Path, settings):
     pair_settings = settings.pair_settings(overwrite_proposals=False)
     members = plan_members(pair_settings.proposals, model.mirror_axes)
     sources = sorted({member.source for member in members})
-    pool = location.unlabeled_pool()
+    pool = unlabeled_pool(location)
     with screen.phase(
         "proposals", f"{len(members)} per unlabeled case ({' + '.join(sources)}) for {len(pool.case_ids)} cases"
     ):

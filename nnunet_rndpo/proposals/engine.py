@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from nnunet_rndpo.proposals.dropout import dropout_hooks
-from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
-from nnunet_rndpo.proposals.sources import SOURCES
+from nnunet_rndpo.proposals.plan import ProposalSettings, plan_members
+from nnunet_rndpo.proposals.sources import SOURCES, needs_forward
 
 
 @dataclass
@@ -95,7 +95,7 @@ class ProposalEngine:
         slicers = self._tiler._internal_get_sliding_window_slicers(padded.shape[1:])
         gaussian = compute_gaussian(self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=self.device)
 
-        forward_members = [m for m in self.members if m.needs_forward]
+        forward_members = [m for m in self.members if needs_forward(m)]
         accumulated = torch.zeros(
             (len(forward_members), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=self.device
         )
@@ -141,7 +141,7 @@ class ProposalEngine:
         labels = []
         forward_index = 0
         for member_index, member in enumerate(self.members):
-            if member.needs_forward:
+            if needs_forward(member):
                 labels.append(accumulated[forward_index].argmax(0))
                 forward_index += 1
             else:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from nnunet_rndpo.atomic import save_npz, save_pickle
+from nnunet_rndpo.nnunet_paths import RunLocation, fold_split
 
 UNLABELED_FOLDER = "imagesUnlabeled"
 
@@ -72,35 +73,6 @@ def split_channel_files(folder: Path, file_ending: str, num_channels: int) -> di
     return files
 
 
-def fold_split(preprocessed_base: Path, data_folder: Path, fold) -> tuple[list[str], list[str]]:
-    """nnU-Net's split of the labeled cases for `fold` (creating splits_final.json as nnU-Net would)."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-
-    from nnunet_rndpo.atomic import save_json
-
-    identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    if fold == "all":
-        return identifiers, identifiers
-    splits_file = preprocessed_base / "splits_final.json"
-    if splits_file.is_file():
-        import json
-
-        splits = json.loads(splits_file.read_text())
-    else:
-        splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
-        save_json(splits, splits_file)
-    fold = int(fold)
-    if fold >= len(splits):
-        # nnU-Net's own fallback for folds beyond the split file: a seeded random 80:20 split
-        rng = np.random.RandomState(seed=12345 + fold)
-        keys = np.sort(identifiers)
-        train_index = rng.choice(len(keys), int(len(keys) * 0.8), replace=False)
-        train = [keys[i] for i in train_index]
-        return train, [k for k in keys if k not in train]
-    return list(splits[fold]["train"]), list(splits[fold]["val"])
-
-
 def discover_pool(
     raw_root: Optional[Path], preprocessed_root: Path, dataset_name: str, dataset_json: dict, data_identifier: str, fold
 ) -> CasePool:
@@ -135,6 +107,55 @@ def discover_pool(
         case_ids=sorted(train),
         preprocessed_folder=data_folder,
         in_sample=True,
+    )
+
+
+def unlabeled_pool(location: RunLocation) -> CasePool:
+    """imagesUnlabeled when present, else the fold's training cases (marked in-sample)."""
+    return discover_pool(
+        location.raw_dataset_folder.parent if location.raw_dataset_folder else None,
+        location.preprocessed_base.parent,
+        location.dataset_name,
+        location.dataset_json,
+        location.preprocessed_data_folder.name,
+        location.fold,
+    )
+
+
+def labeled_training_pool(location: RunLocation) -> CasePool:
+    """The fold's labeled training cases (for fitting learning judges: in-sample for the base model)."""
+    train, _ = location.fold_split()
+    return CasePool(
+        dataset_name=location.dataset_name,
+        source=f"labeled training cases of fold {location.fold} (for fitting judges)",
+        case_ids=sorted(train),
+        preprocessed_folder=location.preprocessed_data_folder,
+        in_sample=True,
+    )
+
+
+def held_out_pool(location: RunLocation, fold, exclude=()) -> CasePool:
+    """The labeled cases that fold `fold`'s model never trained on (its validation cases, minus `exclude`): honest
+    examples of that model's proposals, for fitting judges that learn from proposals."""
+    train, validation = location.fold_split(fold)
+    return CasePool(
+        dataset_name=location.dataset_name,
+        source=f"validation cases of fold {fold} (held out of its model's training)",
+        case_ids=sorted(set(validation) - set(train) - set(exclude)),
+        preprocessed_folder=location.preprocessed_data_folder,
+    )
+
+
+def validation_pool(location: RunLocation, case_ids=None) -> CasePool:
+    """The fold's labeled validation cases (or the given labeled cases), for the audit."""
+    cases = sorted(case_ids if case_ids is not None else location.fold_split()[1])
+    if not cases:
+        raise ValueError(f"no labeled cases to audit for fold {location.fold}")
+    return CasePool(
+        dataset_name=location.dataset_name,
+        source=f"labeled validation cases of fold {location.fold} (audit)",
+        case_ids=cases,
+        preprocessed_folder=location.preprocessed_data_folder,
     )
 
 

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
 from nnunet_rndpo.proposals.engine import ProposalEngine
-from nnunet_rndpo.proposals.members import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model
+from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -43,8 +44,6 @@ def with_other_folds(settings: ProposalSettings, checkpoint_path: Path) -> Propo
     """`other_folds`: the base's sibling fold checkpoints appended to extra_checkpoints (idempotent)."""
     if not settings.other_folds:
         return settings
-    from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
-
     siblings = [str(path) for path in sibling_fold_checkpoints(checkpoint_path)]
     if not siblings:
         raise ValueError(

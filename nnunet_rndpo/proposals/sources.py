@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from nnunet_rndpo.proposals.members import ProposalMember
 
 if TYPE_CHECKING:
     import torch
 
-    from nnunet_rndpo.proposals.members import ProposalSettings
+# The sources read a ProposalSettings (nnunet_rndpo/proposals/plan.py, which sits above this table); typed loosely
+# here so that this module imports nothing above it.
+Settings = Any
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class ProposalSource:
     name: str
     description: str
     # (settings, mirror axes) -> this source's members, in the order they are taken (may be endless)
-    members: Callable[["ProposalSettings", Sequence[int]], Iterator[ProposalMember]]
+    members: Callable[[Settings, Sequence[int]], Iterator[ProposalMember]]
     needs_forward: bool
     # for a source without a pass: (member, plain logits (C, *spatial), mean softmax over every pass (C, *spatial),
     # settings, rng) -> label map (*spatial)
@@ -157,6 +159,11 @@ SOURCES: dict[str, ProposalSource] = {
     )
 }
 PROPOSAL_SOURCES = tuple(name for name, source in SOURCES.items() if source.selectable)
+
+
+def needs_forward(member: ProposalMember) -> bool:
+    """Whether the member takes a network pass (else it is derived from the passes' logits)."""
+    return SOURCES[member.source].needs_forward
 
 
 def describe_sources() -> str:

@@ -43,25 +43,6 @@ class StoreError(RuntimeError):
     """A store that cannot be used as asked (mismatch, corrupt case)."""
 
 
-def default_store_folder(
-    preprocessed_root: Path, dataset_name: str, plans_name: str, configuration: str, fold, checkpoint_path: Path
-) -> Path:
-    """nnUNet_preprocessed/<Dataset>/rndpo_proposals/<plans>__<config>/fold_<F>/<base trainer folder>__<checkpoint>.
-
-    Outside nnU-Net's per-configuration data folder (every file there is taken for a case).
-    """
-    checkpoint_path = Path(checkpoint_path)
-    model_name = f"{checkpoint_path.parent.parent.name}__{checkpoint_path.parent.name}__{checkpoint_path.stem}"
-    return (
-        Path(preprocessed_root)
-        / dataset_name
-        / "rndpo_proposals"
-        / f"{plans_name}__{configuration}"
-        / f"fold_{fold}"
-        / model_name
-    )
-
-
 class ProposalStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

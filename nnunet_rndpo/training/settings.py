@@ -18,7 +18,7 @@ from nnunet_rndpo.mining import MINING_STRATEGIES
 from nnunet_rndpo.objectives import LOSS_TYPES, NORMALIZATIONS
 from nnunet_rndpo.pipeline import JUDGE_TOP, PairSettings
 from nnunet_rndpo.preference_region import PREFERENCE_REGIONS
-from nnunet_rndpo.proposals.members import ProposalSettings
+from nnunet_rndpo.proposals.plan import ProposalSettings
 
 SETTINGS_ENV_VARIABLE = "RNDPO_SETTINGS"
 SETTINGS_FILE_NAME = "rndpo_settings.json"
