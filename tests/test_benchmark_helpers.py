@@ -1,20 +1,38 @@
-"""The pure parts of benchmarks/low_label.py: the split and the phase timings read from nnU-Net's log."""
+"""The benchmark package benchmarks/low_label/: the split and the folds, the arm as a value and its name, the
+stored results (every one loads, and the report reproduces its tables to the digit), the plans' choices, the
+scheduling (claims, parts), the paired statistics, the reliability curves and the phase timings."""
 
 import json
-from dataclasses import asdict
+import shutil
+from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.low_label import (
+    data,
+    models,
+    plan_cross_seed,
+    plan_folds,
+    plan_v2,
+    plans,
+    reliability,
+    report,
+    report_folds,
+    runner,
+    scheduling,
+    statistics,
+    timings,
+)
+from benchmarks.low_label.arms import FOLD_ENSEMBLE, Arm, ArmRecordError, arm_from_record, arm_record
+from benchmarks.low_label.catalogue import JUDGES, MEASURED_WITH, PREFERENCE_VARIANTS
+from benchmarks.low_label.protocols import PROTOCOLS, Schedule
+from benchmarks.low_label.results import GATE_EPOCHS, load_result, validation_dice
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def low_label():
-    from benchmarks import low_label
-
-    return low_label
+STORED = ROOT / "benchmarks" / "results"
 
 
 def _fake_dataset(folder: Path, cases: int) -> Path:
@@ -25,15 +43,30 @@ def _fake_dataset(folder: Path, cases: int) -> Path:
     return folder
 
 
-def test_split_is_disjoint_complete_and_fixed_by_seed(low_label, tmp_path):
-    data = _fake_dataset(tmp_path / "data", 30)
-    split = low_label.make_split(data, seed=3, labeled=5, validation=4, unlabeled=12)
+def test_split_is_disjoint_complete_and_fixed_by_seed(tmp_path):
+    data_folder = _fake_dataset(tmp_path / "data", 30)
+    split = data.make_split(data_folder, seed=3, labeled=5, validation=4, unlabeled=12)
     parts = [set(split[name]) for name in ("labeled", "validation", "unlabeled", "test")]
     assert [len(p) for p in parts] == [5, 4, 12, 9]
     assert set().union(*parts) == {f"case_{i:03d}" for i in range(30)}
     assert sum(len(p) for p in parts) == 30  # no case in two parts
-    assert low_label.make_split(data, seed=3, labeled=5, validation=4, unlabeled=12) == split
-    assert low_label.make_split(data, seed=4, labeled=5, validation=4, unlabeled=12) != split
+    assert data.make_split(data_folder, seed=3, labeled=5, validation=4, unlabeled=12) == split
+    assert data.make_split(data_folder, seed=4, labeled=5, validation=4, unlabeled=12) != split
+
+
+def test_the_folds_are_nnunets_cross_validation_of_the_labeled_cases_and_the_validation_cases_in_none():
+    labeled, validation = [f"l{i}" for i in range(5)], [f"v{i}" for i in range(20)]
+    assert data.fold_splits(labeled, validation, 1) == [{"train": labeled, "val": sorted(validation)}]
+    folds = data.fold_splits(labeled, validation, 5)
+    assert len(folds) == 5
+    assert sorted(case for fold in folds for case in fold["val"]) == labeled  # each labeled case held out once
+    for fold in folds:
+        assert len(fold["val"]) == 1 and sorted(fold["train"] + fold["val"]) == labeled
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    assert [sorted(f["val"]) for f in generate_crossval_split(labeled, n_splits=5)] == [f["val"] for f in folds]
+    with pytest.raises(SystemExit, match="5 folds need"):
+        data.fold_splits(labeled[:3], validation, 5)
 
 
 LOG = """
@@ -47,25 +80,31 @@ LOG = """
 """
 
 
-def test_phase_seconds_reads_the_log_timestamps(low_label, tmp_path):
+def test_phase_seconds_reads_the_log_timestamps(tmp_path):
     (tmp_path / "training_log_2026_11_23_19_00_00.txt").write_text("an interrupted earlier run\n")
     (tmp_path / "training_log_2026_11_23_19_24_30.txt").write_text(LOG)
-    phases = low_label.phase_seconds(tmp_path)
+    phases = timings.phase_seconds(tmp_path)
     assert phases["proposals_generated"] == 120
     assert phases["proposals_s"] == pytest.approx(95.3)
     assert phases["judging_s"] == pytest.approx(9.5)
     assert phases["fine_tuning_s"] == pytest.approx(301.0)
 
 
-def test_phase_seconds_of_an_unfinished_run_is_empty(low_label, tmp_path):
+def test_phase_seconds_of_an_unfinished_run_is_empty(tmp_path):
     (tmp_path / "training_log_2026_11_23_19_24_30.txt").write_text(LOG.replace("Training done.", "Epoch 6"))
-    assert low_label.phase_seconds(tmp_path) == {}
+    assert timings.phase_seconds(tmp_path) == {}
 
 
-def test_runner_refuses_a_part_outside_the_parts(low_label, capsys):
+def test_runner_refuses_a_part_outside_the_parts(capsys):
+    from benchmarks.low_label.__main__ import main
+
     with pytest.raises(SystemExit):
-        low_label.main(["--part_id", "1", "--num_parts", "1"])
+        main(["--part_id", "1", "--num_parts", "1"])
     assert "--part_id 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--protocol", "v1"])  # retired: its results still report, it no longer runs
+    with pytest.raises(SystemExit):
+        main(["--protocol", "folds", "--cross_seed"])
 
 
 def _package_imports(path: Path):
@@ -78,7 +117,9 @@ def _package_imports(path: Path):
                 yield node.module, alias.name, node.lineno
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+@pytest.mark.parametrize(
+    "script", sorted(str(p.relative_to(ROOT / "benchmarks")) for p in (ROOT / "benchmarks").rglob("*.py"))
+)
 def test_benchmark_scripts_import_only_names_that_exist(script):
     # the benchmarks run by hand, rarely: a renamed or removed function must fail here, not an hour into a run
     import importlib
@@ -94,15 +135,15 @@ def test_benchmark_scripts_import_only_names_that_exist(script):
     assert not missing, missing
 
 
-def test_an_arm_is_claimed_by_one_process_at_a_time(low_label, tmp_path):
-    with low_label.claim(tmp_path, "rn_dpo_x_s0") as first:
+def test_an_arm_is_claimed_by_one_process_at_a_time(tmp_path):
+    with scheduling.claim(tmp_path, "rn_dpo_x_s0") as first:
         assert first and (tmp_path / "rn_dpo_x_s0.claim").read_text() == str(__import__("os").getpid())
-        with low_label.claim(tmp_path, "rn_dpo_x_s0") as second:
+        with scheduling.claim(tmp_path, "rn_dpo_x_s0") as second:
             assert not second  # the holder (this process) is alive
     assert not (tmp_path / "rn_dpo_x_s0.claim").exists()
 
 
-def test_a_claim_left_by_a_dead_process_is_taken_over(low_label, tmp_path):
+def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
     import subprocess
     import sys as system
 
@@ -110,136 +151,260 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(low_label, tmp_path):
         [system.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     ).stdout.strip()
     (tmp_path / "arm_s0.claim").write_text(dead)
-    with low_label.claim(tmp_path, "arm_s0") as claimed:
+    with scheduling.claim(tmp_path, "arm_s0") as claimed:
         assert claimed
 
 
-def test_datasets_are_prepared_by_one_part_at_a_time(low_label, tmp_path, monkeypatch):
+def test_datasets_are_prepared_by_one_part_at_a_time(tmp_path, monkeypatch):
     """A part that finds another part preparing waits for its claim to go, then prepares (finding the plans)."""
     import subprocess
     import sys as system
     import threading
 
     calls = []
-    monkeypatch.setattr(low_label, "prepare", lambda work, data, seed, protocol: calls.append(work))
+    monkeypatch.setattr(data, "prepare", lambda work, data_folder, seed, protocol: calls.append(work))
     preparing = subprocess.Popen([system.executable, "-c", "import time; time.sleep(1.5)"])
     reaper = threading.Thread(target=preparing.wait)  # reaped when it ends, so its pid is no longer alive
     reaper.start()
     (tmp_path / "prepare.claim").write_text(str(preparing.pid))
-    low_label.prepare_once(tmp_path, tmp_path, 0, low_label.PROTOCOLS["v3"], poll_seconds=0.2)
+    data.prepare_once(tmp_path, tmp_path, 0, PROTOCOLS["v3"], poll_seconds=0.2)
     assert preparing.poll() is not None, "prepared while another part held the claim"
     reaper.join()
     assert calls == [tmp_path] and not (tmp_path / "prepare.claim").exists()
 
 
-def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_training(low_label):
-    arms = low_label.build_arms_v2("anatomy", ("agreement", "anatomy"))
+def test_stages_share_their_arms_between_parts_wait_for_them_and_read_them(tmp_path):
+    arms = [Arm("base", seed) for seed in range(4)]
+    ran, read = [], []
+
+    def fake_run(arm):
+        ran.append(arm.name)
+        (tmp_path / "arms").mkdir(exist_ok=True)
+        (tmp_path / "arms" / f"{arm.name}.json").write_text("{}")
+
+    for arm in arms[1::2]:  # the other part's share, finished
+        (tmp_path / "arms").mkdir(exist_ok=True)
+        (tmp_path / "arms" / f"{arm.name}.json").write_text("{}")
+    stages = [
+        scheduling.Stage("first", lambda context: arms, then=lambda context, results: read.append(results)),
+        scheduling.Stage("second", lambda context: [Arm("upper", 0)]),
+    ]
+    context = scheduling.Context(tmp_path, scheduling.Parts(0, 2))
+    code = scheduling.run_stages(stages, context, fake_run, lambda stage_arms: len(stage_arms), until="first")
+    assert code == 0 and ran == ["base_s0", "base_s2"] and read == [4]  # stopped after "first"
+    only = scheduling.Context(tmp_path, scheduling.Parts(0, 1, {"upper_s0"}))
+    ran.clear()
+    assert scheduling.run_stages(stages, only, fake_run, lambda stage_arms: None) == 0
+    assert ran == ["upper_s0"]
+
+    def stop(context, results):
+        raise scheduling.StopPlan(2)
+
+    stopping = [scheduling.Stage("gate", lambda context: [], then=stop), stages[1]]
+    assert scheduling.run_stages(stopping, context, fake_run, lambda stage_arms: None) == 2
+
+
+def test_an_arms_name_is_derived_from_its_fields_in_one_place():
+    assert [arm.name for arm in (Arm("base", 1), Arm("upper", 0), Arm("rn_dpo", 0, "agreement"))] == [
+        "base_s1",
+        "upper_s0",
+        "rn_dpo_agreement_top_bottom_s0",  # v1-v3's mirror-member RN-DPO names its mining always
+    ]
+    assert Arm("self_train", 2, "atlas").name == "self_train_atlas_s2"
+    assert Arm("rn_dpo", 0, "atlas", "margin", variant="sft3").name == "rn_dpo_atlas_margin_sft3_s0"
+    assert Arm("self_train", 0, "atlas", step=3.0).name == "self_train_atlas_lr3x_s0"
+    ensemble = "seeds_0_1_2"
+    assert Arm("rn_dpo", 1, "agreement", proposals=ensemble).name == "rn_dpo_agreement_seeds_0_1_2_s1"
+    assert (
+        Arm("rn_dpo", 0, "agreement", "halves", "sft3", proposals=ensemble).group
+        == "rn_dpo_agreement_halves_sft3_seeds_0_1_2"
+    )
+    assert Arm("dpo", 0, "agreement", legacy="nosft").name == "nosft_dpo_agreement_top_bottom_s0"
+    # the folds protocol: one nnU-Net model folder for the five folds, which is also the ensemble arm's name
+    fold = Arm("base", 0, fold=3)
+    assert (fold.name, fold.model_name, fold.base) == ("base_fold3_s0", "base_folds_s0", fold)
+    assert Arm("base", 0, fold=FOLD_ENSEMBLE, mirroring=True).name == "base_folds_tta_s0"
+    tuned = Arm("rn_dpo", 0, "atlas", variant="sft3", fold=2)
+    assert (tuned.name, tuned.model_name, tuned.base) == (
+        "rn_dpo_atlas_sft3_fold2_s0",
+        "rn_dpo_atlas_sft3_folds_s0",
+        fold.__class__("base", 0, fold=2),
+    )
+    assert models.unique_trainer(object, tuned).__name__ == "Bench_rn_dpo_atlas_sft3_folds_s0"
+    assert (Arm("base", 0, fold=FOLD_ENSEMBLE, mirroring=True).network_passes(5), fold.network_passes()) == (40, 1)
+    assert not Arm("base", 0, fold=FOLD_ENSEMBLE).trains and fold.trains
+    # settings are what an arm runs with, not who it is
+    assert (
+        Arm("base", 0, settings={"x": 1}) == Arm("base", 0)
+        and len({Arm("base", 0), Arm("base", 0, settings={"y": 2})}) == 1
+    )
+
+
+def test_every_stored_result_loads_as_the_arm_its_file_is_named_for():
+    files = sorted(STORED.rglob("arms/*.json"))
+    loaded = [load_result(path) for path in files]
+    arms = [item[0] for item in loaded if item is not None]
+    assert len(arms) == len(files) - 1  # one arm's settings file is kept beside its result: not a result
+    assert [arm.name for arm in arms] == [path.stem for path in files if not path.stem.endswith(".settings")]
+    by_name = {arm.name: arm for arm in arms}
+    assert by_name["rn_dpo_agreement_halves_sft3_seeds_0_1_2_s1"] == Arm(
+        "rn_dpo", 1, "agreement", "halves", "sft3", proposals="seeds_0_1_2"
+    )
+    assert by_name["self_train_agreement_seeds_0_1_s0"].proposals == "seeds_0_1"  # from its extra checkpoints
+    assert by_name["self_train_atlas_lr3x_s1"] == Arm("self_train", 1, "atlas", step=3.0)
+    assert by_name["rn_dpo_atlas_sft3_voxels_s0"].variant == "sft3_voxels"
+    assert by_name["nosft_rn_dpo_agreement_top_bottom_s0"].legacy == "nosft"
+    # today's records hold every field and the derived name, and read back as the same arm
+    tuned = Arm("rn_dpo", 0, "atlas", variant="sft3", fold=2, settings={"sft_weight": 3.0})
+    assert arm_from_record(json.loads(json.dumps(arm_record(tuned)))) == tuned
+    with pytest.raises(ArmRecordError, match="reads as"):
+        arm_from_record({**arm_record(tuned), "name": "rn_dpo_atlas_fold2_s0"})
+    with pytest.raises(ArmRecordError, match="no preference variant"):
+        arm_from_record({"name": "rn_dpo_x_s0", "kind": "rn_dpo", "seed": 0, "judge": "x", "settings": {"beta": 7}})
+
+
+def _stored_work_folder(tmp_path: Path, name: str) -> Path:
+    """A stored results folder laid out as the work folder the report read (as /tmp/report_setup.sh did for the
+    expected reports, which the single-file benchmarks/low_label.py printed on 2026-12-02 before the package)."""
+    layout = {  # name: (results folder, split, mirror-member audit)
+        "v1": ("low_label", "low_label/split.json", "low_label/judge_audit.json"),
+        "v2": ("low_label_v2", "low_label_v2/split.json", "low_label_v2/judge_audit.json"),
+        "v3": ("low_label_v3", "low_label_v3/split.json", "low_label_v3/judge_audit.json"),
+        "v3_cross_seed": (
+            "low_label_v3/cross_seed",
+            "low_label_v3/split.json",
+            "low_label_v3/cross_seed/audit_mirror/judge_audit.json",
+        ),
+        "v3_atlas": ("low_label_v3/atlas", "low_label_v3/split.json", "low_label_v3/atlas/audit/judge_audit.json"),
+        "v3_atlas_cross_seed": ("low_label_v3/atlas/cross_seed", "low_label_v3/split.json", None),
+    }
+    folder, split, audit = layout[name]
+    work = tmp_path / name
+    shutil.copytree(STORED / folder / "arms", work / "arms")
+    shutil.copy(STORED / split, work / "split.json")
+    for ensemble in (STORED / folder).glob("audit_seeds_*"):
+        shutil.copytree(ensemble, work / ensemble.name)
+    if audit is not None:
+        (work / "audit").mkdir()
+        shutil.copy(STORED / audit, work / "audit" / "judge_audit.json")
+    return work
+
+
+@pytest.mark.parametrize("name", ["v1", "v2", "v3", "v3_cross_seed", "v3_atlas", "v3_atlas_cross_seed"])
+def test_the_report_of_each_stored_results_folder_is_unchanged_to_the_digit(name, tmp_path):
+    expected = (ROOT / "tests" / "expected_low_label_reports" / f"{name}.md").read_text()
+    work = _stored_work_folder(tmp_path, name)
+    assert report.summarise(work) + "\n" == expected
+
+
+def test_protocol_v2_runs_the_sanity_gate_first_and_pairs_every_judge_with_self_training():
+    arms = plans.build_arms_v2("anatomy", ("agreement", "anatomy"))
     names = [arm.name for arm in arms]
-    assert tuple(names[:4]) == low_label.GATE_ARMS
+    assert tuple(arms[:4]) == plans.GATE_ARMS
+    assert names[:4] == ["base_s0", "upper_s0", "rn_dpo_oracle_reliable_top_bottom_s0", "self_train_oracle_reliable_s0"]
     assert len(names) == len(set(names))
     for arm in arms:
         if arm.kind == "rn_dpo":
-            assert f"self_train_{arm.judge}_s{arm.seed}" in names, arm.name
+            assert Arm("self_train", arm.seed, arm.judge) in arms and f"self_train_{arm.judge}_s{arm.seed}" in names
         if arm.judge is not None:
-            assert arm.judge in low_label.JUDGES
+            assert arm.judge in JUDGES
     assert {"base_s1", "base_s2", "rn_dpo_anatomy_top_bottom_s2"} <= set(names)
-    assert sum(name.startswith("rn_dpo_oracle_noise_") for name in names) == 4  # the reliability sweep
-    schedule = low_label.PROTOCOLS["v2"].schedule
+    assert sum(arm.kind == "rn_dpo" and arm.judge.startswith("oracle_noise_") for arm in arms) == 4  # the sweep
+    schedule = PROTOCOLS["v2"].schedule
     assert schedule.tune_epochs * schedule.tune_iterations >= 2000
     # the audit's recommended mining for the best judge: one more RN-DPO arm, right after its top_bottom one
     audit = {"recommendation": {"judge": "anatomy", "mining": "margin"}}
-    assert low_label.audit_mining(audit, "agreement") is None
-    with_margin = [arm.name for arm in low_label.build_arms_v2("anatomy", ("agreement", "anatomy"), (0,), "margin")]
+    assert plans.audit_mining(audit, "agreement") is None
+    with_margin = [arm.name for arm in plans.build_arms_v2("anatomy", ("agreement", "anatomy"), (0,), "margin")]
     assert with_margin == names[: names.index("self_train_anatomy_s0") + 1] + ["rn_dpo_anatomy_margin_s0"]
-    margin = low_label.build_arms_v2("anatomy", ("anatomy",), (0,), low_label.audit_mining(audit, "anatomy"))[-1]
+    margin = plans.build_arms_v2("anatomy", ("anatomy",), (0,), plans.audit_mining(audit, "anatomy"))[-1]
     assert (margin.judge, margin.mining) == ("anatomy", "margin")
+    # the plan: bases and the audit, then the gate, then the sweep or the rest
+    assert [stage.name for stage in plan_v2.stages()] == ["bases", "gate", "preference_sweep", "rest"]
 
 
-def test_protocol_v3_has_fewer_labels_more_validation_and_refuses_another_protocols_split(low_label, tmp_path):
-    v2, v3 = low_label.PROTOCOLS["v2"], low_label.PROTOCOLS["v3"]
-    assert v3.gated and v2.gated and not low_label.PROTOCOLS["v1"].gated
+def test_protocols_v3_and_folds_have_fewer_labels_more_validation_and_refuse_another_protocols_split(tmp_path):
+    v2, v3, folds = PROTOCOLS["v2"], PROTOCOLS["v3"], PROTOCOLS["folds"]
+    assert set(PROTOCOLS) == {"v2", "v3", "folds"}  # v1 retired (its stored results still report)
     assert v3.labeled < v2.labeled and v3.validation > v2.validation
     assert 180 - (v3.labeled + v3.validation + v3.unlabeled) == 180 - (v2.labeled + v2.validation + v2.unlabeled)
+    # folds: v3's split and network, nnU-Net's five folds, its own dataset beside v3's, no upper bound of its own
+    assert (folds.labeled, folds.validation, folds.unlabeled, folds.features, folds.schedule) == (
+        v3.labeled,
+        v3.validation,
+        v3.unlabeled,
+        v3.features,
+        v3.schedule,
+    )
+    assert (folds.folds, v3.folds, folds.upper_id) == (5, 1, None)
+    assert folds.dataset_id not in (v3.dataset_id, v3.upper_id)
     split = {"seed": 0, "labeled": ["a"] * 10, "validation": ["b"] * 10, "unlabeled": ["c"] * 120, "test": []}
     (tmp_path / "split.json").write_text(json.dumps(split))
     with pytest.raises(SystemExit, match="protocol v3 needs"):
-        low_label.prepare(tmp_path, tmp_path, 0, v3)
+        data.prepare(tmp_path, tmp_path, 0, v3)
 
 
-def test_the_gate_reads_whole_case_validation_and_needs_rn_dpo_above_base_and_self_training(low_label):
+def test_the_gate_reads_whole_case_validation_and_needs_rn_dpo_above_base_and_self_training():
     def arm(final, curve=0.5):
         return {
             "validation": {"checkpoint_final": {"foreground_mean": final}},
-            "validation_curve": [curve] * low_label.GATE_EPOCHS,
+            "validation_curve": [curve] * GATE_EPOCHS,
         }
 
-    results = {
-        "base_s0": arm(0.80),
-        "upper_s0": arm(0.83),
-        "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.81),
-        "self_train_oracle_reliable_s0": arm(0.805),
-    }
-    assert low_label.gate_verdict(results)[0]
-    assert not low_label.gate_verdict({**results, "self_train_oracle_reliable_s0": arm(0.82)})[0]
-    assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.803)})[0]
+    base, upper, rn_dpo, self_train = plans.GATE_ARMS
+    results = {base: arm(0.80), upper: arm(0.83), rn_dpo: arm(0.81), self_train: arm(0.805)}
+    assert plan_v2.gate_verdict(results)[0]
+    assert not plan_v2.gate_verdict({**results, self_train: arm(0.82)})[0]
+    assert not plan_v2.gate_verdict({**results, rn_dpo: arm(0.803)})[0]
     # the per-epoch pseudo Dice on random patches does not decide: a high curve with a low final checkpoint fails
     lucky = arm(0.803, curve=0.95)
-    assert not low_label.gate_verdict({**results, "rn_dpo_oracle_reliable_top_bottom_s0": lucky})[0]
-    passed, verdict = low_label.gate_verdict({"base_s0": arm(0.8)})
+    assert not plan_v2.gate_verdict({**results, rn_dpo: lucky})[0]
+    passed, verdict = plan_v2.gate_verdict({base: arm(0.8)})
     assert not passed and "not finished" in verdict
 
 
-def test_paired_case_difference_by_hand(low_label):
-    def arm(seed, test_cases):
-        return {
-            "arm": {"seed": seed},
-            "test": {"checkpoint_final": {"per_case": {c: {"1": d, "2": d} for c, d in test_cases.items()}}},
-        }
+def _per_case(cases: dict) -> dict:
+    return {"checkpoint_final": {"per_case": {c: {"1": d, "2": d} for c, d in cases.items()}}}
 
-    base = arm(0, {"a": 0.80, "b": 0.80, "c": 0.80})
-    tuned = arm(0, {"a": 0.81, "b": 0.83, "c": 0.79})  # +1, +3, -1 points: mean +1, std 2, se 2 / sqrt(3)
-    figures = low_label.paired_case_difference(tuned, base, "test")
+
+def test_paired_case_difference_by_hand():
+    base = {"test": _per_case({"a": 0.80, "b": 0.80, "c": 0.80})}
+    tuned = {"test": _per_case({"a": 0.81, "b": 0.83, "c": 0.79})}  # +1, +3, -1 points: mean +1, std 2, se 2 / sqrt(3)
+    figures = statistics.paired_case_difference(tuned, base, "test")
     assert figures["mean"] == pytest.approx(1.0)
     assert figures["standard_error"] == pytest.approx(2 / np.sqrt(3))
     assert (figures["better"], figures["cases"]) == (2, 3)
-    assert low_label.paired_case_difference(tuned, base, "validation") is None
-    lines = low_label.paired_by_case_lines({"base_s0": base, "x_s0": tuned})
-    assert lines == ["- x_s0: test +1.00 ± 1.15 pts (2/3 cases better)"]
+    assert statistics.paired_case_difference(tuned, base, "validation") is None
+    lines = report.paired_by_case_lines({Arm("base", 0): base, Arm("x", 0): tuned, Arm("x", 1): tuned})
+    assert lines == ["- x_s0: test +1.00 ± 1.15 pts (2/3 cases better)"]  # seed 1 has no base
 
 
-def test_rn_dpo_is_paired_with_its_self_training_by_case_and_seed(low_label):
-    def arm(kind, seed, cases, tag=None, settings=None):
-        group = low_label.cross_seed_group_name(kind, "agreement", "seeds_0_1", tag)
-        per_case = {c: {"1": d, "2": d} for c, d in cases.items()}
-        result = {
-            "arm": {"kind": kind, "judge": "agreement", "seed": seed, "settings": settings or {}},
-            "test": {"checkpoint_final": {"per_case": per_case}},
-        }
-        return group, result
+def test_rn_dpo_is_paired_with_its_self_training_by_case_and_seed():
+    ensemble = "seeds_0_1"
 
-    sft3 = {"sft_weight": 3.0}
-    rn_dpo = [
-        arm("rn_dpo", 0, {"a": 0.82, "b": 0.80}, "sft3", sft3),
-        arm("rn_dpo", 1, {"a": 0.80, "b": 0.84}, "sft3", sft3),
-    ]
+    def arm(kind, seed, cases, variant=None, step=None):
+        return Arm(kind, seed, "agreement", variant=variant, step=step, proposals=ensemble), {"test": _per_case(cases)}
+
+    rn_dpo = [arm("rn_dpo", 0, {"a": 0.82, "b": 0.80}, "sft3"), arm("rn_dpo", 1, {"a": 0.80, "b": 0.84}, "sft3")]
     self_train = [arm("self_train", 0, {"a": 0.80, "b": 0.80}), arm("self_train", 1, {"a": 0.80, "b": 0.80})]
-    stepped = [arm("self_train", 1, {"a": 0.81, "b": 0.81}, "lr3x")]  # seed 1 only
+    stepped = [arm("self_train", 1, {"a": 0.81, "b": 0.81}, step=3.0)]  # seed 1 only
     grouped = {}
-    for name, result in rn_dpo + self_train + stepped:
-        grouped.setdefault(name, []).append(result)
+    for pair in rn_dpo + self_train + stepped:
+        grouped.setdefault(pair[0].group, []).append(pair)
 
-    runs = grouped["rn_dpo_agreement_sft3_seeds_0_1"]
-    assert low_label.self_training_counterparts("rn_dpo_agreement_sft3_seeds_0_1", runs) == [
+    assert [a.group for a in report.self_training_counterparts(rn_dpo[0][0])] == [
         "self_train_agreement_seeds_0_1",
         "self_train_agreement_lr3x_seeds_0_1",
     ]
     # case a: (+2 + 0) / 2 = +1, case b: (0 + 4) / 2 = +2 points; mean 1.5, std 0.707, se 0.5
-    figures = low_label.paired_seed_difference(runs, grouped["self_train_agreement_seeds_0_1"], "test")
+    runs = {a.seed: r for a, r in rn_dpo}
+    others = {a.seed: r for a, r in self_train}
+    figures = statistics.paired_seed_difference(runs, others, "test")
     assert figures["mean"] == pytest.approx(1.5)
     assert figures["standard_error"] == pytest.approx(0.5)
     assert (figures["better"], figures["cases"], figures["seeds"]) == (2, 2, [0, 1])
-    assert low_label.paired_seed_difference(runs, grouped["self_train_agreement_seeds_0_1"], "validation") is None
-    lines = low_label.against_self_training_lines(grouped)
+    assert statistics.paired_seed_difference(runs, others, "validation") is None
+    lines = report.against_self_training_lines(grouped)
     assert lines == [
         "- rn_dpo_agreement_sft3_seeds_0_1 − self_train_agreement_seeds_0_1: test +1.50 ± 0.50 pts "
         "(2/2 cases better; seeds 0, 1)",
@@ -247,48 +412,49 @@ def test_rn_dpo_is_paired_with_its_self_training_by_case_and_seed(low_label):
         "- rn_dpo_agreement_sft3_seeds_0_1 − self_train_agreement_lr3x_seeds_0_1: test +1.00 ± 2.00 pts "
         "(1/2 cases better; seeds 1)",
     ]
-    # at the SFT weight the arms were measured with there is no step-matched control; self-training has none
-    plain = [{**runs[0], "arm": {**runs[0]["arm"], "settings": {}}}]
-    assert low_label.self_training_counterparts("rn_dpo_agreement_seeds_0_1", plain) == [
-        "self_train_agreement_seeds_0_1"
-    ]
-    assert low_label.self_training_counterparts("self_train_agreement_seeds_0_1", self_train[0][1:]) == []
+    # at the SFT weight the arms were measured with there is no step-matched control; self-training has none;
+    # nor has RN-DPO on the base's own mirror members (the report pairs cross-seed arms only)
+    plain = replace(rn_dpo[0][0], variant=None)
+    assert report.self_training_counterparts(plain) == [Arm("self_train", 0, "agreement", proposals=ensemble)]
+    assert report.self_training_counterparts(self_train[0][0]) == []
+    assert report.self_training_counterparts(Arm("rn_dpo", 0, "agreement", variant="sft3")) == []
 
 
-def test_an_arm_is_scored_on_the_validation_cases_once(low_label, tmp_path, monkeypatch):
+def test_an_arm_is_scored_on_the_validation_cases_once(tmp_path, monkeypatch):
     calls = []
 
-    def fake_evaluate(checkpoint, predictions, device="cpu", cases=None):
+    def fake_evaluate(checkpoint, predictions, device="cpu", cases=None, dataset_id=None):
         calls.append((Path(checkpoint).name, Path(cases)))
         return {"foreground_mean": 0.8}
 
-    monkeypatch.setattr(low_label, "evaluate_checkpoint", fake_evaluate)
-    result = low_label.score_validation(tmp_path, "arm_s0", {"folder": str(tmp_path / "run")})
-    assert low_label.validation_dice(result) == 0.8
-    assert calls == [("checkpoint_final.pth", low_label.validation_folder(tmp_path))]
-    low_label.score_validation(tmp_path, "arm_s0", result)
+    monkeypatch.setattr(runner, "evaluate_checkpoint", fake_evaluate)
+    result = runner.score_validation(tmp_path, "arm_s0", {"folder": str(tmp_path / "run")})
+    assert validation_dice(result) == 0.8
+    assert calls == [("checkpoint_final.pth", data.validation_folder(tmp_path))]
+    runner.score_validation(tmp_path, "arm_s0", result)
     assert len(calls) == 1
 
 
-def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(low_label):
+def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation():
     from nnunet_rndpo.training.settings import PreferenceSettings, validate
 
-    arms = low_label.preference_arms(0)
+    arms = plans.preference_arms(0)
     # every variant but the one that reads the judge's own voxel probabilities, which the oracle has not
-    assert {arm.name for arm in arms} == {f"rn_dpo_oracle_reliable_{n}_s0" for n in low_label.PREFERENCE_VARIANTS} - {
+    assert {arm.name for arm in arms} == {f"rn_dpo_oracle_reliable_{n}_s0" for n in PREFERENCE_VARIANTS} - {
         "rn_dpo_oracle_reliable_sft3_voxels_s0"
     }
-    label_free = low_label.preference_arms(0, ("oracle_reliable", "agreement"))
+    label_free = plans.preference_arms(0, ("oracle_reliable", "agreement"))
     assert "rn_dpo_agreement_majority_s0" in {arm.name for arm in label_free} and len(label_free) == 2 * len(arms)
-    (voxels,) = [arm for arm in low_label.preference_arms(0, ("atlas",)) if "voxels" in arm.name]
+    (voxels,) = [arm for arm in plans.preference_arms(0, ("atlas",)) if arm.variant == "sft3_voxels"]
     assert (voxels.name, voxels.settings) == (
         "rn_dpo_atlas_sft3_voxels_s0",
         {"sft_weight": 3.0, "preference_region": "judge_voxels"},
     )
     validate(PreferenceSettings(judge="atlas", **voxels.settings))
-    defaults = PreferenceSettings(**low_label.MEASURED_WITH)  # what the arms run with besides their own setting
+    defaults = PreferenceSettings(**MEASURED_WITH)  # what the arms run with besides their own setting
     for arm in arms:
-        assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.name.endswith("_s0")
+        assert arm.kind == "rn_dpo" and arm.judge == "oracle_reliable" and arm.seed == 0
+        assert arm.settings == PREFERENCE_VARIANTS[arm.variant]
         validate(PreferenceSettings(**arm.settings))  # every variant is a valid setting
         assert any(getattr(defaults, key) != value for key, value in arm.settings.items()), arm.name
     assert all(arm.mining == "top_bottom" for arm in arms)
@@ -296,17 +462,17 @@ def test_the_preference_sweep_varies_one_setting_per_arm_and_reads_validation(lo
     def arm(validation, test):
         return {
             "validation": {"checkpoint_final": {"foreground_mean": validation}},
-            "validation_curve": [0.1] * 3 + [0.5] * low_label.GATE_EPOCHS,
+            "validation_curve": [0.1] * 3 + [0.5] * GATE_EPOCHS,
             "test": {"checkpoint_final": {"foreground_mean": test}},
         }
 
-    results = {"base_s0": arm(0.80, 0.70), f"{arms[0].name}": arm(0.812, 0.99)}
-    table = "\n".join(low_label.preference_sweep_table(results))
+    results = {Arm("base", 0): arm(0.80, 0.70), arms[0]: arm(0.812, 0.99)}
+    table = "\n".join(report.preference_sweep_table(results))
     assert f'| {arms[0].name} | {{"beta": 0.03}} | 0.8120 | +1.20 pts | 0.5000 | 0.9900 |' in table
     assert "| rn_dpo_oracle_reliable_top_bottom_s0 | defaults (sigmoid, beta 0.1, SFT 1) | not run | | | |" in table
 
 
-def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_label, tmp_path):
+def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(tmp_path):
     from nnunet_rndpo.audit import expected_gain, load_reliability_curve
 
     audit = {
@@ -317,7 +483,7 @@ def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_
         "agreement": {"spearman": 0.80, "top1_lift": 0.0},  # not an oracle level: never a point
     }
     gains = {"oracle_reliable": 1.0, "oracle_noise_0.01": 0.6, "oracle_noise_0.1": -0.2, "agreement": 5.0}
-    assert low_label.reliability_points(audit, gains, "spearman") == [
+    assert reliability.reliability_points(audit, gains, "spearman") == [
         ("oracle_noise_0.1", 0.30, -0.2),
         ("oracle_noise_0.01", 0.90, 0.6),
         ("oracle_reliable", 0.95, 1.0),
@@ -329,12 +495,12 @@ def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_
     (tmp_path / "audit").mkdir()
     (tmp_path / "audit" / "judge_audit.json").write_text(json.dumps({"judges": audit}))
     results = {
-        "base_s0": arm(0.80),
-        "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.81),
-        "rn_dpo_oracle_noise_0.1_top_bottom_s0": arm(0.79),
-        "self_train_oracle_reliable_s0": arm(0.804),
+        Arm("base", 0): arm(0.80),
+        Arm("rn_dpo", 0, "oracle_reliable"): arm(0.81),
+        Arm("rn_dpo", 0, "oracle_noise_0.1"): arm(0.79),
+        Arm("self_train", 0, "oracle_reliable"): arm(0.804),
     }
-    table = low_label.reliability_curves(tmp_path, results, figures=tmp_path / "figures")
+    table = reliability.reliability_curves(tmp_path, results, figures=tmp_path / "figures")
     assert "| oracle_reliable | 0.005 | 0.950 | 0.0200 | +1.00 | +0.40 |  |" in table
     assert not any(line.startswith("| agreement") for line in table)  # audited but never trained
     assert (tmp_path / "figures" / "reliability_curve.png").stat().st_size > 0
@@ -347,9 +513,7 @@ def test_the_reliability_curve_pairs_each_oracle_levels_audit_with_its_gain(low_
     assert [list(point) for point in self_training.points] == [[0.95, pytest.approx(0.4)]]
 
 
-def test_a_cross_seed_reliability_curve_reads_its_audit_and_arms_and_tests_label_free_judges(
-    low_label, bases_of_seeds, tmp_path
-):
+def test_a_cross_seed_reliability_curve_reads_its_audit_and_arms_and_tests_label_free_judges(bases_of_seeds, tmp_path):
     from nnunet_rndpo.audit import load_reliability_curve
 
     ensemble = "seeds_0_1_2"
@@ -365,18 +529,24 @@ def test_a_cross_seed_reliability_curve_reads_its_audit_and_arms_and_tests_label
     def arm(test_dice):
         return {"test": {"checkpoint_final": {"foreground_mean": test_dice}}}
 
-    names = [arm.name for arm in low_label.cross_seed_arms(0, ("oracle_reliable",), (0, 1, 2))]
-    assert sorted(low_label.reliability_arms("oracle_reliable", ensemble).values()) == sorted(names)
+    cross_seed = plans.cross_seed_arms(0, ("oracle_reliable",), (0, 1, 2))
+    assert sorted(reliability.reliability_arms("oracle_reliable", ensemble).values(), key=str) == sorted(
+        cross_seed, key=str
+    )
+
+    def on(judge, kind="rn_dpo"):
+        return Arm(kind, 0, judge, proposals=ensemble)
+
     results = {
-        "base_s0": arm(0.80),
-        "rn_dpo_oracle_reliable_top_bottom_s0": arm(0.70),  # mirror members: another curve, not read here
-        f"rn_dpo_oracle_reliable_{ensemble}_s0": arm(0.81),
-        f"rn_dpo_oracle_noise_0.03_{ensemble}_s0": arm(0.80),
-        f"rn_dpo_agreement_{ensemble}_s0": arm(0.803),
-        f"self_train_agreement_{ensemble}_s0": arm(0.806),
+        Arm("base", 0): arm(0.80),
+        Arm("rn_dpo", 0, "oracle_reliable"): arm(0.70),  # mirror members: another curve, not read here
+        on("oracle_reliable"): arm(0.81),
+        on("oracle_noise_0.03"): arm(0.80),
+        on("agreement"): arm(0.803),
+        on("agreement", "self_train"): arm(0.806),
     }
-    assert low_label.reliability_curves(tmp_path, results) == []  # no mirror-member audit in this work folder
-    table = low_label.reliability_curves(tmp_path, results, tmp_path / "figures", ensemble)
+    assert reliability.reliability_curves(tmp_path, results) == []  # no mirror-member audit in this work folder
+    table = reliability.reliability_curves(tmp_path, results, tmp_path / "figures", ensemble)
     assert "| oracle_reliable | 0.005 | 0.800 | 0.0120 | +1.00 |  |  |" in table
     # agreement's lift is halfway between the two levels: the curve expects +0.50, it brought +0.30
     assert "| agreement | label-free | 0.450 | 0.0080 | +0.30 | +0.60 | +0.50 /  |" in table
@@ -386,7 +556,7 @@ def test_a_cross_seed_reliability_curve_reads_its_audit_and_arms_and_tests_label
     assert (tmp_path / "figures" / f"reliability_curve_{ensemble}.png").stat().st_size > 0
 
 
-def test_rn_dpos_curve_under_a_preference_setting_keeps_self_trainings_arms(low_label, bases_of_seeds, tmp_path):
+def test_rn_dpos_curve_under_a_preference_setting_keeps_self_trainings_arms(bases_of_seeds, tmp_path):
     from nnunet_rndpo.audit import load_reliability_curve
 
     ensemble = "seeds_0_1_2"
@@ -397,24 +567,28 @@ def test_rn_dpos_curve_under_a_preference_setting_keeps_self_trainings_arms(low_
     }
     (tmp_path / f"audit_{ensemble}").mkdir()
     (tmp_path / f"audit_{ensemble}" / "judge_audit.json").write_text(json.dumps({"judges": audit}))
-    variants = {"sft3": low_label.PREFERENCE_VARIANTS["sft3"]}
-    (sft3,) = low_label.cross_seed_preference_arms(0, "oracle_reliable", (0, 1, 2), variants=variants)
-    arms = low_label.reliability_arms("oracle_reliable", ensemble, "sft3")
-    assert arms == {"rn_dpo": sft3.name, "self_train": f"self_train_oracle_reliable_{ensemble}_s0"}
+    variants = {"sft3": PREFERENCE_VARIANTS["sft3"]}
+    (sft3,) = plans.cross_seed_preference_arms(0, "oracle_reliable", (0, 1, 2), variants=variants)
+    arms = reliability.reliability_arms("oracle_reliable", ensemble, "sft3")
+    assert arms == {"rn_dpo": sft3, "self_train": Arm("self_train", 0, "oracle_reliable", proposals=ensemble)}
+    assert arms["self_train"].name == f"self_train_oracle_reliable_{ensemble}_s0"
 
     def arm(test_dice):
         return {"test": {"checkpoint_final": {"foreground_mean": test_dice}}}
 
+    def on(judge, kind="rn_dpo", variant=None):
+        return Arm(kind, 0, judge, variant=variant, proposals=ensemble)
+
     results = {
-        "base_s0": arm(0.80),
-        f"rn_dpo_oracle_reliable_{ensemble}_s0": arm(0.81),  # the defaults' curve: not read under sft3
-        f"rn_dpo_oracle_noise_0.03_{ensemble}_s0": arm(0.80),
-        f"rn_dpo_oracle_reliable_sft3_{ensemble}_s0": arm(0.82),
-        f"rn_dpo_oracle_noise_0.03_sft3_{ensemble}_s0": arm(0.805),
-        f"self_train_oracle_reliable_{ensemble}_s0": arm(0.809),
-        f"rn_dpo_agreement_sft3_{ensemble}_s0": arm(0.81),
+        Arm("base", 0): arm(0.80),
+        on("oracle_reliable"): arm(0.81),  # the defaults' curve: not read under sft3
+        on("oracle_noise_0.03"): arm(0.80),
+        on("oracle_reliable", variant="sft3"): arm(0.82),
+        on("oracle_noise_0.03", variant="sft3"): arm(0.805),
+        on("oracle_reliable", "self_train"): arm(0.809),
+        on("agreement", variant="sft3"): arm(0.81),
     }
-    table = low_label.reliability_curves(tmp_path, results, tmp_path / "figures", ensemble, "sft3")
+    table = reliability.reliability_curves(tmp_path, results, tmp_path / "figures", ensemble, "sft3")
     assert "| oracle_reliable | 0.005 | 0.800 | 0.0120 | +2.00 | +0.90 |  |" in table
     # agreement's lift halfway: RN-DPO's sft3 curve expects +1.25 (between +0.50 and +2.00), it brought +1.00
     assert "| agreement | label-free | 0.450 | 0.0080 | +1.00 |  | +1.25 /  |" in table
@@ -437,14 +611,17 @@ def test_validation_noise_computes_nnunets_pseudo_dice_from_summed_counts():
 
 
 @pytest.fixture
-def bases_of_seeds(low_label, monkeypatch):
-    monkeypatch.setattr(low_label, "base_folder", lambda seed: Path(f"/results/Bench_base_s{seed}/fold_0"))
+def bases_of_seeds(monkeypatch):
+    def folder(seed, dataset_id, fold=None):
+        return Path(f"/results/Bench_base_s{seed}/fold_0") if fold is None else Path(f"/results/folds/fold_{fold}")
+
+    monkeypatch.setattr(models, "base_folder", folder)
 
 
-def test_cross_seed_proposals_are_every_base_of_the_ensemble_and_its_mean(low_label, bases_of_seeds):
-    from nnunet_rndpo.proposals.members import ProposalSettings, plan_members
+def test_cross_seed_proposals_are_every_base_of_the_ensemble_and_its_mean(bases_of_seeds):
+    from nnunet_rndpo.proposals.plan import ProposalSettings, plan_members
 
-    proposals = low_label.cross_seed_proposals(1, seeds=(0, 1, 2))
+    proposals = plans.cross_seed_proposals(1, seeds=(0, 1, 2))
     assert proposals["extra_checkpoints"] == [
         "/results/Bench_base_s0/fold_0/checkpoint_final.pth",
         "/results/Bench_base_s2/fold_0/checkpoint_final.pth",
@@ -457,8 +634,8 @@ def test_cross_seed_proposals_are_every_base_of_the_ensemble_and_its_mean(low_la
     assert sum(m.network_index == 2 for m in members) == 8
 
 
-def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(low_label, bases_of_seeds):
-    arms = low_label.cross_seed_arms(0, ("agreement", "oracle_reliable"), stores=Path("/work/proposals"))
+def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(bases_of_seeds):
+    arms = plans.cross_seed_arms(0, ("agreement", "oracle_reliable"), stores=Path("/work/proposals"))
     assert [arm.name for arm in arms] == [
         "rn_dpo_agreement_seeds_0_1_2_s0",
         "self_train_agreement_seeds_0_1_2_s0",
@@ -466,102 +643,105 @@ def test_cross_seed_arms_pair_rn_dpo_with_self_training_on_the_same_proposals(lo
         "self_train_oracle_reliable_seeds_0_1_2_s0",
     ]
     # one store per ensemble and seed, shared by its arms: never the base's default store of mirror members
-    expected = {"proposals": low_label.cross_seed_proposals(0), "proposal_store": "/work/proposals/seeds_0_1_2_s0"}
-    assert all(arm.settings == expected for arm in arms)
-    assert all(arm.judge in low_label.JUDGES for arm in arms)
+    expected = {"proposals": plans.cross_seed_proposals(0), "proposal_store": "/work/proposals/seeds_0_1_2_s0"}
+    assert all(arm.settings == expected and arm.proposals == "seeds_0_1_2" for arm in arms)
+    assert all(arm.judge in JUDGES for arm in arms)
     # an ensemble of two bases names other arms (and stores) than one of three
-    assert low_label.cross_seed_arms(0, ("agreement",), seeds=(0, 1))[0].name == "rn_dpo_agreement_seeds_0_1_s0"
+    assert plans.cross_seed_arms(0, ("agreement",), seeds=(0, 1))[0].name == "rn_dpo_agreement_seeds_0_1_s0"
 
 
-def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(low_label, bases_of_seeds):
-    plain = low_label.cross_seed_arms(0, ("agreement",))[0]
-    arms = low_label.cross_seed_preference_arms(0, "agreement", variants={"sft3": {"sft_weight": 3.0}})
+def test_cross_seed_preference_arms_change_one_setting_on_the_shared_proposals(bases_of_seeds):
+    plain = plans.cross_seed_arms(0, ("agreement",))[0]
+    arms = plans.cross_seed_preference_arms(0, "agreement", variants={"sft3": {"sft_weight": 3.0}})
     assert [(arm.name, arm.kind, arm.judge, arm.mining) for arm in arms] == [
         ("rn_dpo_agreement_sft3_seeds_0_1_2_s0", "rn_dpo", "agreement", "top_bottom")
     ]
     assert arms[0].settings == {**plain.settings, "sft_weight": 3.0}  # same proposals, same store
-    (spread,) = low_label.cross_seed_preference_arms(
+    (spread,) = plans.cross_seed_preference_arms(
         0, "agreement", variants={"sft3": {"sft_weight": 3.0}}, mining="halves"
     )
     assert (spread.name, spread.mining) == ("rn_dpo_agreement_halves_sft3_seeds_0_1_2_s0", "halves")
     assert spread.settings == arms[0].settings
-    every = low_label.cross_seed_preference_arms(0, "agreement")
+    every = plans.cross_seed_preference_arms(0, "agreement")
     assert [arm.settings["sft_weight"] for arm in every if "sft_weight" in arm.settings] == [3.0]
-    assert len(every) == len(low_label.PREFERENCE_VARIANTS) - 1  # agreement has no voxel probabilities
+    assert len(every) == len(PREFERENCE_VARIANTS) - 1  # agreement has no voxel probabilities
 
-    def finished(arm, validation):
-        return {"arm": asdict(arm), "validation": {"checkpoint_final": {"foreground_mean": validation}}}
+    def finished(validation):
+        return {"validation": {"checkpoint_final": {"foreground_mean": validation}}}
 
-    by_name = {arm.name: arm for arm in every}
-    results = {
-        "rn_dpo_agreement_beta1_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta1_seeds_0_1_2_s0"], 0.85),
-        "rn_dpo_agreement_beta0.03_seeds_0_1_2_s0": finished(by_name["rn_dpo_agreement_beta0.03_seeds_0_1_2_s0"], 0.86),
-    }
-    assert low_label.best_preference_variant(results) == "beta0.03"
-    # an arm whose settings hold two variants' (sft3_voxels holds sft3's) is the more specific one
-    (voxels,) = low_label.cross_seed_preference_arms(
-        0, "atlas", variants={"sft3_voxels": low_label.PREFERENCE_VARIANTS["sft3_voxels"]}
+    by_variant = {arm.variant: arm for arm in every}
+    results = {by_variant["beta1"]: finished(0.85), by_variant["beta0.03"]: finished(0.86)}
+    assert plans.best_preference_variant(results) == "beta0.03"
+    (voxels,) = plans.cross_seed_preference_arms(
+        0, "atlas", variants={"sft3_voxels": PREFERENCE_VARIANTS["sft3_voxels"]}
     )
-    results[voxels.name] = finished(voxels, 0.87)
-    assert low_label.best_preference_variant(results) == "sft3_voxels"
+    results[voxels] = finished(0.87)
+    assert plans.best_preference_variant(results) == "sft3_voxels"
 
 
-def test_an_arm_keeps_the_sft_weight_it_was_measured_with_unless_its_variant_changes_it(low_label, bases_of_seeds):
+def test_an_arm_keeps_the_sft_weight_it_was_measured_with_unless_its_variant_changes_it(bases_of_seeds):
     from nnunet_rndpo.training.settings import PreferenceSettings, apply_overrides, validate
 
-    schedule = low_label.Schedule(tune_epochs=3, tune_iterations=7, val_iterations=2, tune_lr=5e-4)
-    plain, self_train = low_label.cross_seed_arms(0, ("agreement",))
-    (sft3,) = low_label.cross_seed_preference_arms(0, "agreement", variants={"sft3": {"sft_weight": 3.0}})
-    settings = low_label.fine_tuning_settings(plain, schedule)
+    schedule = Schedule(tune_epochs=3, tune_iterations=7, val_iterations=2, tune_lr=5e-4)
+    plain, self_train = plans.cross_seed_arms(0, ("agreement",))
+    (sft3,) = plans.cross_seed_preference_arms(0, "agreement", variants={"sft3": {"sft_weight": 3.0}})
+    settings = runner.fine_tuning_settings(plain, schedule, 940)
     assert settings["sft_weight"] == 1.0  # BENCHMARKS.md's defaults row, whatever today's default
-    assert low_label.fine_tuning_settings(sft3, schedule)["sft_weight"] == 3.0
+    assert runner.fine_tuning_settings(sft3, schedule, 940)["sft_weight"] == 3.0
     assert settings["base_checkpoint"] == "/results/Bench_base_s0/fold_0/checkpoint_final.pth"
     assert (settings["num_epochs"], settings["iterations_per_epoch"], settings["val_iterations_per_epoch"]) == (3, 7, 2)
     assert (settings["initial_lr"], settings["seed"], settings["mining"]) == (5e-4, 0, "top_bottom")
     assert settings["proposals"] == plain.settings["proposals"]
     # every key is a setting the trainer accepts
     applied = validate(
-        apply_overrides(PreferenceSettings(), low_label.fine_tuning_settings(self_train, schedule), "test")
+        apply_overrides(PreferenceSettings(), runner.fine_tuning_settings(self_train, schedule, 940), "test")
     )
-    assert applied.sft_weight == 1.0 and applied.judge == low_label.JUDGES["agreement"][0]
+    assert applied.sft_weight == 1.0 and applied.judge == JUDGES["agreement"][0]
+    # a fold arm starts from its own fold's base
+    fold_arm = Arm("rn_dpo", 0, "agreement", fold=3)
+    assert (
+        runner.fine_tuning_settings(fold_arm, schedule, 942)["base_checkpoint"]
+        == "/results/folds/fold_3/checkpoint_final.pth"
+    )
 
 
-def test_step_matched_self_training_takes_rn_dpos_sft_step_on_the_same_proposals(low_label, bases_of_seeds):
-    schedule = low_label.Schedule(tune_lr=1e-3)
-    plain = low_label.cross_seed_arms(1, ("agreement",))[1]
-    control = low_label.step_matched_self_training(1, "agreement", 3.0, schedule)
-    assert (control.name, control.kind, control.judge, control.seed) == (
+def test_step_matched_self_training_takes_rn_dpos_sft_step_on_the_same_proposals(bases_of_seeds):
+    schedule = Schedule(tune_lr=1e-3)
+    plain = plans.cross_seed_arms(1, ("agreement",))[1]
+    control = plans.step_matched_self_training(1, "agreement", 3.0, schedule)
+    assert (control.name, control.kind, control.judge, control.seed, control.step) == (
         "self_train_agreement_lr3x_seeds_0_1_2_s1",
         "self_train",
         "agreement",
         1,
+        3.0,
     )
     assert control.settings == {**plain.settings, "initial_lr": pytest.approx(3e-3)}  # same proposals and store
-    settings = low_label.fine_tuning_settings(control, schedule)
+    settings = runner.fine_tuning_settings(control, schedule, 940)
     assert settings["initial_lr"] == pytest.approx(3e-3) and settings["num_epochs"] == schedule.tune_epochs
 
 
-def test_the_sweep_adds_the_best_judges_settings_with_the_mining_its_audit_recommends(low_label, bases_of_seeds):
-    schedule = low_label.Schedule()
-    plain = low_label.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", None, schedule)
-    assert plain == low_label.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", "top_bottom", schedule)
+def test_the_sweep_adds_the_best_judges_settings_with_the_mining_its_audit_recommends(bases_of_seeds):
+    schedule = Schedule()
+    plain = plans.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", None, schedule)
+    assert plain == plans.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", "top_bottom", schedule)
     assert {arm.mining for arm in plain} == {"top_bottom"}
-    swept = low_label.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", "margin", schedule)
+    swept = plans.preference_sweep_arms((0, 1), ("agreement", "atlas"), "atlas", "margin", schedule)
     margin = {arm.name: arm for arm in swept if arm.mining == "margin"}
     # the best judge only, each setting on each seed, named before the setting; nothing else changes
-    assert len(margin) == 2 * len(low_label.preference_arms(0, ("atlas",)))
+    assert len(margin) == 2 * len(plans.preference_arms(0, ("atlas",)))
     assert {arm.judge for arm in margin.values()} == {"atlas"}
     sft3 = margin["rn_dpo_atlas_margin_sft3_s1"]
     assert (sft3.kind, sft3.seed, sft3.settings) == ("rn_dpo", 1, {"sft_weight": 3.0})
-    assert low_label.fine_tuning_settings(sft3, schedule)["mining"] == "margin"
+    assert runner.fine_tuning_settings(sft3, schedule, 940)["mining"] == "margin"
     assert [arm for arm in swept if arm.mining != "margin"] == plain
     # the step-matched controls come last, as before
     assert [arm.kind for arm in swept[-4:]] == ["self_train"] * 4 and swept[-1].name == "self_train_atlas_lr3x_s1"
 
 
-def test_preference_controls_are_self_training_at_each_larger_sft_weight_times_the_step(low_label, bases_of_seeds):
-    schedule = low_label.Schedule(tune_lr=1e-3)
-    (control,) = low_label.preference_controls(2, ("atlas",), schedule)  # the sweep raises the SFT weight once: 3
+def test_preference_controls_are_self_training_at_each_larger_sft_weight_times_the_step(bases_of_seeds):
+    schedule = Schedule(tune_lr=1e-3)
+    (control,) = plans.preference_controls(2, ("atlas",), schedule)  # the sweep raises the SFT weight once: 3
     assert (control.name, control.kind, control.judge, control.seed, control.mining) == (
         "self_train_atlas_lr3x_s2",
         "self_train",
@@ -569,15 +749,15 @@ def test_preference_controls_are_self_training_at_each_larger_sft_weight_times_t
         2,
         "top_bottom",
     )
-    settings = low_label.fine_tuning_settings(control, schedule)
+    settings = runner.fine_tuning_settings(control, schedule, 940)
     assert settings["initial_lr"] == pytest.approx(3e-3) and settings["sft_weight"] == 1.0
     assert "Bench_base_s2" in settings["base_checkpoint"]  # from its own seed's base
-    variants = {arm.name: arm for arm in low_label.preference_arms(2, ("atlas",))}
+    variants = {arm.name: arm for arm in plans.preference_arms(2, ("atlas",))}
     assert variants["rn_dpo_atlas_sft3_s2"].settings == {"sft_weight": 3.0}  # the RN-DPO arm it controls
 
 
-def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_label, bases_of_seeds):
-    arms = low_label.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
+def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(bases_of_seeds):
+    arms = plans.cross_seed_arms(1, ("agreement",), minings=("top_bottom", "top_plain"))
     assert [(arm.name, arm.kind, arm.mining) for arm in arms] == [
         ("rn_dpo_agreement_seeds_0_1_2_s1", "rn_dpo", "top_bottom"),
         ("rn_dpo_agreement_top_plain_seeds_0_1_2_s1", "rn_dpo", "top_plain"),
@@ -585,26 +765,23 @@ def test_cross_seed_arms_with_each_mining_and_the_mining_validation_prefers(low_
     ]
     # each seed fine-tunes its own base, with the other bases as the rest of its ensemble
     assert arms[0].settings["proposals"]["extra_checkpoints"] == [
-        str(low_label.base_folder(0) / "checkpoint_final.pth"),
-        str(low_label.base_folder(2) / "checkpoint_final.pth"),
+        str(models.base_folder(0, 940) / "checkpoint_final.pth"),
+        str(models.base_folder(2, 940) / "checkpoint_final.pth"),
     ]
 
-    def result(kind, mining, validation):
-        return {
-            "arm": {"kind": kind, "mining": mining},
-            "validation": {"checkpoint_final": {"foreground_mean": validation}},
-        }
+    def result(validation):
+        return {"validation": {"checkpoint_final": {"foreground_mean": validation}}}
 
     results = {
-        "a": result("rn_dpo", "top_bottom", 0.860),
-        "b": result("rn_dpo", "top_plain", 0.864),
-        "c": result("self_train", "top_bottom", 0.870),  # not an RN-DPO arm: never the choice
+        arms[0]: result(0.860),
+        arms[1]: result(0.864),
+        arms[2]: result(0.870),  # not an RN-DPO arm: never the choice
     }
-    assert low_label.best_mining(results) == "top_plain"
-    assert low_label.best_mining({"c": results["c"]}) == "top_bottom"  # nothing finished: the default
+    assert plans.best_mining(results) == "top_plain"
+    assert plans.best_mining({arms[2]: results[arms[2]]}) == "top_bottom"  # nothing finished: the default
 
 
-def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most(low_label):
+def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most():
     audit = {
         "judges": {
             "agreement": {"top1_lift": 0.002},
@@ -613,48 +790,58 @@ def test_the_best_label_free_judge_is_the_one_whose_pick_lifts_most(low_label):
             "oracle_reliable": {"top1_lift": 0.009},  # reads labels: never a candidate
         }
     }
-    assert low_label.best_label_free(audit, ("agreement", "anatomy", "uncertainty", "learned_qc")) == "anatomy"
+    assert plans.best_label_free(audit, ("agreement", "anatomy", "uncertainty", "learned_qc")) == "anatomy"
 
 
-def test_run_cross_seed_follows_validation_from_step_to_step(low_label, tmp_path, monkeypatch):
+def _fake_plan_run(tmp_path: Path, validation_of: dict, ran: list):
+    """A stand-in for runner.record: an arm already finished is skipped; a new one is 'trained' into a result JSON
+    with the validation Dice `validation_of` gives its name (0.8 otherwise)."""
+
+    def fake_run(arm):
+        if (tmp_path / "arms" / f"{arm.name}.json").is_file():
+            return
+        ran.append(arm.name)
+        result = {
+            "arm": arm_record(arm),
+            "validation": {"checkpoint_final": {"foreground_mean": validation_of.get(arm.name, 0.8)}},
+        }
+        (tmp_path / "arms").mkdir(exist_ok=True)
+        (tmp_path / "arms" / f"{arm.name}.json").write_text(json.dumps(result))
+
+    def finished(arms):
+        files = [tmp_path / "arms" / f"{arm.name}.json" for arm in arms]
+        return dict(load_result(file) for file in files if file.is_file())
+
+    return fake_run, finished
+
+
+def test_the_cross_seed_plan_follows_validation_from_stage_to_stage(tmp_path, monkeypatch):
     """The whole --cross_seed --preference_sweep plan with a fake training: every choice (judge, mining, preference
     setting, spread mining) is read from seed 0's validation and carried to the other seeds and the oracle."""
-    from argparse import Namespace
-
     for seed in (0, 1, 2):
         (tmp_path / f"base_s{seed}").mkdir()
         (tmp_path / f"base_s{seed}" / "checkpoint_final.pth").write_bytes(b"")
-    monkeypatch.setattr(low_label, "base_folder", lambda seed: tmp_path / f"base_s{seed}")
+    monkeypatch.setattr(models, "base_folder", lambda seed, dataset_id, fold=None: tmp_path / f"base_s{seed}")
     audited = {"agreement": 0.001, "atlas": 0.004, "agreement_other_models": 0.007, "oracle_reliable": 0.01}
 
-    def fake_audit(work, seed, threads, device, label_free, proposals, folder):
-        assert seed == 0 and proposals == low_label.cross_seed_proposals(0, (0, 1, 2))
-        (work / folder).mkdir(parents=True)
+    def fake_audit(bench, seed, label_free, proposals, folder):
+        assert seed == 0 and proposals == plans.cross_seed_proposals(0, (0, 1, 2))
+        (bench.work / folder).mkdir(parents=True, exist_ok=True)
         judges = {judge: {"top1_lift": lift} for judge, lift in audited.items()}
-        (work / folder / "judge_audit.json").write_text(json.dumps({"judges": judges}))
+        (bench.work / folder / "judge_audit.json").write_text(json.dumps({"judges": judges}))
 
-    monkeypatch.setattr(low_label, "audit_on_validation", fake_audit)
-    monkeypatch.setattr(low_label, "summarise", lambda work: "")
+    monkeypatch.setattr(runner, "audit_on_validation", fake_audit)
     # seed 0's validation prefers top_plain among the minings, SFT 3 among the settings, then halves under SFT 3
     judge, ensemble = "agreement_other_models", "seeds_0_1_2"
     preferred = {f"rn_dpo_{judge}_{tag}_{ensemble}_s0": 0.9 for tag in ("top_plain", "sft3", "halves_sft3")}
     preferred[f"rn_dpo_{judge}_halves_sft3_{ensemble}_s0"] = 0.92
     ran = []
-
-    def fake_run(arm):  # as the real one: an arm already finished is skipped
-        if (tmp_path / "arms" / f"{arm.name}.json").is_file():
-            return
-        ran.append(arm.name)
-        result = {
-            "arm": asdict(arm),
-            "validation": {"checkpoint_final": {"foreground_mean": preferred.get(arm.name, 0.8)}},
-        }
-        (tmp_path / "arms").mkdir(exist_ok=True)
-        (tmp_path / "arms" / f"{arm.name}.json").write_text(json.dumps(result))
-
-    args = Namespace(only=None, part_id=0, num_parts=1, threads=1, device="cpu", preference_sweep=True)
-    protocol, schedule = low_label.PROTOCOLS["v3"], low_label.PROTOCOLS["v3"].schedule
-    assert low_label.run_cross_seed(tmp_path, args, protocol, schedule, fake_run) == 0
+    fake_run, finished = _fake_plan_run(tmp_path, preferred, ran)
+    protocol = PROTOCOLS["v3"]
+    bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
+    options = Namespace(preference_sweep=True)
+    context = scheduling.Context(tmp_path, scheduling.Parts(), options, bench)
+    assert scheduling.run_stages(plan_cross_seed.stages((0, 1, 2)), context, fake_run, finished) == 0
     assert ran[:3] == ["base_s0", "base_s1", "base_s2"] and len(ran) == len(set(ran))
     # seed 0 tries each mining; the other seeds take the one its validation preferred, top_plain, only
     assert {f"rn_dpo_{judge}_{ensemble}_s0", f"rn_dpo_{judge}_top_plain_{ensemble}_s0"} <= set(ran)
@@ -671,3 +858,92 @@ def test_run_cross_seed_follows_validation_from_step_to_step(low_label, tmp_path
         f"rn_dpo_{judge}_halves_sft3_{ensemble}_s2",
         f"rn_dpo_oracle_reliable_halves_sft3_{ensemble}_s0",
     ]
+    # without the sweep: no preference setting, so no step-matched control and no spread mining
+    ran.clear()
+    shutil.rmtree(tmp_path / "arms")
+    context = scheduling.Context(tmp_path, scheduling.Parts(), Namespace(preference_sweep=False), bench)
+    assert scheduling.run_stages(plan_cross_seed.stages((0, 1, 2)), context, fake_run, finished) == 0
+    assert not any("sft3" in name or "lr3x" in name or "halves" in name for name in ran)
+    assert ran[-1] == f"self_train_oracle_reliable_{ensemble}_s2"  # the ceiling on the other seeds, last
+
+
+def test_the_folds_plan_trains_the_five_folds_then_scores_their_ensemble_then_fine_tunes_on_validations_choice(
+    tmp_path, monkeypatch
+):
+    split = {"validation": [f"v{i}" for i in range(20)]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    audits = []
+
+    def fake_audit(bench, seed, label_free, proposals, folder, fold, case_ids):
+        audits.append((seed, fold, folder, proposals, tuple(case_ids)))
+        (bench.work / folder).mkdir(parents=True)
+        judges = {"agreement": {"top1_lift": 0.001}, "agreement_other_models_atlas": {"top1_lift": 0.006}}
+        (bench.work / folder / "judge_audit.json").write_text(json.dumps({"judges": judges}))
+
+    monkeypatch.setattr(runner, "audit_on_validation", fake_audit)
+    best = "agreement_other_models_atlas"
+    ran = []
+    fake_run, finished = _fake_plan_run(tmp_path, {f"rn_dpo_{best}_sft3_fold0_s0": 0.9}, ran)
+    protocol = PROTOCOLS["folds"]
+    bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
+    context = scheduling.Context(tmp_path, scheduling.Parts(), Namespace(), bench)
+    stages = plan_folds.stages()
+    assert scheduling.run_stages(stages, context, fake_run, finished, until="base_ensemble") == 0
+    assert ran == [f"base_fold{fold}_s0" for fold in range(5)] + ["base_folds_s0", "base_folds_tta_s0"]
+    assert audits == []  # --until base_ensemble: nothing after the bases and their ensemble
+    ran.clear()
+    assert scheduling.run_stages(stages, context, fake_run, finished) == 0
+    # the audit on fold 0's proposals from all five models, on the validation cases (in no fold)
+    ((seed, fold, folder, proposals, cases),) = audits
+    assert (seed, fold, cases) == (0, 0, tuple(split["validation"]))
+    assert proposals == {
+        "sources": ["tta", "checkpoint", "checkpoint_tta", "ensemble"],
+        "other_folds": True,
+        "num_proposals": 41,
+    }
+    fold0 = [
+        f"rn_dpo_{best}_fold0_s0",  # at the settings v3 measured with (SFT 1; its mining not named on a fold arm)
+        f"self_train_{best}_fold0_s0",
+        f"rn_dpo_{best}_sft3_fold0_s0",  # at the package's default SFT weight, with its step-matched control
+        f"self_train_{best}_lr3x_fold0_s0",
+        "rn_dpo_agreement_sft3_fold0_s0",  # the package's defaults, judge too
+    ]
+    assert ran[:5] == fold0
+    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it and both self-training controls
+    recipe = [f"rn_dpo_{best}_sft3", f"self_train_{best}", f"self_train_{best}_lr3x"]
+    assert ran[5:17] == [f"{arm}_fold{fold}_s0" for fold in range(1, 5) for arm in recipe]
+    assert ran[17:] == [f"{arm}_folds{tta}_s0" for arm in recipe for tta in ("", "_tta")]
+    tuned = Arm("rn_dpo", 0, best, variant="sft3", fold=4)
+    stored = finished([tuned])[tuned]["arm"]["settings"]
+    assert stored["proposal_store"] == str(tmp_path / "proposals" / "fold4") and stored["sft_weight"] == 3.0
+
+
+def test_the_folds_report_pairs_each_arm_with_its_folds_base_and_the_base_ensemble(tmp_path):
+    split = {"seed": 0, "labeled": ["a"] * 5, "validation": ["v"] * 20, "unlabeled": ["u"] * 115, "test": ["t"] * 40}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+
+    def result(cases, passes=1):
+        return {"test": _per_case(dict(zip("abc", cases))), "network_passes_per_case": passes}
+
+    base0, ensemble, tuned0 = (
+        Arm("base", 0, fold=0),
+        Arm("base", 0, fold=FOLD_ENSEMBLE),
+        Arm("rn_dpo", 0, "atlas", fold=0),
+    )
+    self_train0 = Arm("self_train", 0, "atlas", fold=0)
+    results = {
+        base0: result([0.80, 0.80, 0.80]),
+        ensemble: result([0.82, 0.81, 0.80], 5),
+        tuned0: result([0.83, 0.82, 0.81]),  # +3, +2, +1 over its base; +1, +1, +1 over the ensemble
+        self_train0: result([0.82, 0.82, 0.81]),
+    }
+    for value in results.values():
+        value["test"]["checkpoint_final"]["foreground_mean"] = 0.8
+    text = report_folds.folds_report(tmp_path, results)
+    assert "| rn_dpo_atlas_fold0_s0 |  | 0.8000 | 1 | +2.00 ± 0.58 (3/3) | +1.00 ± 0.00 (3/3) |  |" in text
+    assert "| base_folds_s0 |  | 0.8000 | 5 |  |  |  |" in text  # nothing to compare with itself
+    assert text.index("| base_fold0_s0 ") < text.index("| base_folds_s0 ") < text.index("| rn_dpo_atlas_fold0_s0 ")
+    assert (
+        "- rn_dpo_atlas_folds − self_train_atlas_folds, fold by fold: test +0.33 ± 0.33 pts (1/3 cases better; folds 0)"
+        in text
+    )

@@ -1,0 +1,124 @@
+"""The folds protocol's plan (issue 33): can one fine-tuned fold model replace nnU-Net's five-fold ensemble?
+
+1. bases: the five fold models (stock nnUNetTrainer, one model folder `Bench_base_folds_s0`, fold_0 ... fold_4),
+   each scored alone on the validation and test cases;
+2. base_ensemble: nnU-Net's ensemble of the five (the folds' logits averaged, as `nnUNetv2_predict -f 0 1 2 3 4`),
+   scored as every arm is (no mirroring: 5 network passes per case) and with nnU-Net's default test-time mirroring
+   (40 passes);
+3. audit: every label-free judge (learned_qc fitted on the folds' held-out predictions, its cross-validated path)
+   and their combinations on fold 0's proposals from all five models (`other_folds`), on the validation cases;
+4. fold0: fold 0 fine-tuned with RN-DPO (at the settings v3 measured with, and at the package's defaults: SFT
+   weight 3, and the agreement judge where the audit's best is another), self-training and step-matched
+   self-training under the best label-free judge; validation chooses the recipe;
+5. folds: every fold fine-tuned with the recipe (RN-DPO and its self-training controls);
+6. fine_tuned_ensembles: the five fine-tuned models of each method as an ensemble, without and with mirroring.
+Every choice reads the validation cases (in no fold); the test cases are never used for one."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Optional
+
+from benchmarks.low_label.arms import FOLD_ENSEMBLE, Arm
+from benchmarks.low_label.catalogue import (
+    CROSS_MODEL_JUDGES,
+    CROSS_MODEL_SOURCES,
+    MEASURED_WITH,
+    MEMBERS_PER_NETWORK,
+    PREFERENCE_VARIANTS,
+    sft_weight_of,
+)
+from benchmarks.low_label.plans import at_larger_step, best_label_free
+from benchmarks.low_label.results import validation_dice
+from benchmarks.low_label.scheduling import Context, Stage, wait_for
+
+SEED = 0
+PACKAGE_DEFAULTS = ("agreement", "sft3")  # the package's default judge and SFT weight (PreferenceSettings)
+AUDIT_FOLDER = "audit_folds"
+
+
+def base_arms(folds: int) -> list[Arm]:
+    return [Arm("base", SEED, fold=fold) for fold in range(folds)]
+
+
+def ensemble_arms(model: Arm) -> list[Arm]:
+    """The ensemble of every fold of `model`'s model, scored without and with nnU-Net's test-time mirroring."""
+    return [replace(model, fold=FOLD_ENSEMBLE, mirroring=mirroring) for mirroring in (False, True)]
+
+
+def fold_proposals(folds: int) -> dict:
+    """A fold model's proposals: its own plain pass and mirror members, each other fold's model's, and nnU-Net's
+    ensemble of every pass (`other_folds` finds the sibling folds beside the base checkpoint)."""
+    return {
+        "sources": list(CROSS_MODEL_SOURCES),
+        "other_folds": True,
+        "num_proposals": MEMBERS_PER_NETWORK * folds + 1,
+    }
+
+
+def recipe_arms(context: Context, fold: int, judge: str, variant: Optional[str]) -> list[Arm]:
+    """RN-DPO with `judge` under `variant` (None: the settings v3 measured with) on the fold's proposals, beside
+    self-training with the same judge and proposals and, where the variant raises the SFT weight, self-training at
+    that times the step (`at_larger_step`). The fold's arms share one proposal store."""
+    folds, schedule = context.bench.protocol.folds, context.bench.schedule
+    settings = {"proposals": fold_proposals(folds), "proposal_store": str(context.work / "proposals" / f"fold{fold}")}
+    variant_settings = PREFERENCE_VARIANTS[variant] if variant else {}
+    rn_dpo = Arm("rn_dpo", SEED, judge, fold=fold, variant=variant, settings={**settings, **variant_settings})
+    self_train = Arm("self_train", SEED, judge, fold=fold, settings=settings)
+    weight = sft_weight_of(variant)
+    controls = [at_larger_step(self_train, weight, schedule)] if weight != MEASURED_WITH["sft_weight"] else []
+    return [rn_dpo, self_train, *controls]
+
+
+def fold0_arms(context: Context) -> list[Arm]:
+    """Fold 0's candidates: RN-DPO with the best label-free judge at v3's settings and at the package's default SFT
+    weight with its self-training controls, and RN-DPO at the package's defaults (judge too) where they differ."""
+    best = context.choices["best"]
+    arms = recipe_arms(context, 0, best, None) + recipe_arms(context, 0, best, PACKAGE_DEFAULTS[1])
+    if best != PACKAGE_DEFAULTS[0]:
+        arms += recipe_arms(context, 0, *PACKAGE_DEFAULTS)[:1]
+    return list(dict.fromkeys(arms))  # the shared self-training arm once
+
+
+def stages() -> list[Stage]:
+    def audit(context: Context, _results) -> None:
+        from benchmarks.low_label.runner import audit_on_validation
+
+        bench = context.bench
+        label_free = (*bench.protocol.label_free, *CROSS_MODEL_JUDGES)
+        if context.parts.part_id == 0:
+            split = json.loads((context.work / "split.json").read_text())
+            proposals = fold_proposals(bench.protocol.folds)
+            audit_on_validation(bench, SEED, label_free, proposals, AUDIT_FOLDER, 0, split["validation"])
+        audit = json.loads(wait_for(context.work / AUDIT_FOLDER / "judge_audit.json").read_text())
+        best = best_label_free(audit, label_free)
+        print(f"best label-free judge on fold 0's proposals: {best} (top-1 lift {audit['judges'][best]['top1_lift']})")
+        context.choices["best"] = best
+
+    def choose_recipe(context: Context, results: dict) -> None:
+        rn_dpo = {arm: result for arm, result in results.items() if arm.kind == "rn_dpo"}
+        if rn_dpo:
+            chosen = max(rn_dpo, key=lambda arm: validation_dice(rn_dpo[arm]))
+            context.choices["recipe"] = (chosen.judge, chosen.variant)
+            print(f"recipe chosen on fold 0's validation: {chosen.name}", flush=True)
+
+    def all_folds(context: Context) -> list[Arm]:
+        if "recipe" not in context.choices:
+            return []
+        judge, variant = context.choices["recipe"]
+        return [
+            arm for fold in range(context.bench.protocol.folds) for arm in recipe_arms(context, fold, judge, variant)
+        ]
+
+    def fine_tuned_ensembles(context: Context) -> list[Arm]:
+        return [ensemble for arm in all_folds(context) if arm.fold == 0 for ensemble in ensemble_arms(arm)]
+
+    return [
+        Stage("bases", lambda context: base_arms(context.bench.protocol.folds)),
+        Stage("base_ensemble", lambda context: ensemble_arms(Arm("base", SEED))),
+        Stage("audit", lambda context: [], then=audit),
+        Stage("fold0", fold0_arms, then=choose_recipe),
+        Stage("folds", all_folds),
+        Stage("fine_tuned_ensembles", fine_tuned_ensembles),
+    ]

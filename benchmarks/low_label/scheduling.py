@@ -1,0 +1,137 @@
+"""Running a plan's stages across processes: claim files (one process per arm), waiting for what another part makes
+(a base, the audit, an arm), the parts (`--part_id/--num_parts`: each takes every num_parts-th arm of a stage) and
+`--only`. Every finished arm is a result file, so a rerun resumes where a run stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from benchmarks.low_label.arms import Arm
+
+
+@contextlib.contextmanager
+def claim(folder: Path, arm_name: str):
+    """Yields whether this process may run the arm: a claim file made exclusively (O_EXCL), holding the pid, so
+    two runner processes over one work folder (e.g. a shard and an --only run) never train the same arm into
+    the same output folder. A claim left by a process that died is taken over."""
+    from nnunet_rndpo.atomic import process_is_alive
+
+    path = folder / f"{arm_name}.claim"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and process_is_alive(owner):
+                yield False
+                return
+            path.unlink(missing_ok=True)  # its owner died: take over
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def wait_for(path: Path, poll_seconds: float = 20.0) -> Path:
+    """Another part of the run makes this file (a base model, the audit, an arm's result): wait for it."""
+    while not path.is_file():
+        print(f"waiting for {path} (made by another part)", flush=True)
+        time.sleep(poll_seconds)
+    return path
+
+
+class StopPlan(Exception):
+    """Raised by a stage to end the plan with an exit code (a failed gate, a sweep that only prints its table)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class Parts:
+    """This process's share: `part_id` of `num_parts`, and the arms `--only` names (None: every arm)."""
+
+    part_id: int = 0
+    num_parts: int = 1
+    only: Optional[set] = None
+
+    def wanted(self, arm: Arm) -> bool:
+        return self.only is None or arm.name in self.only
+
+    def share(self, arms: list[Arm]) -> list[Arm]:
+        return arms[self.part_id :: self.num_parts]
+
+
+# How the parts divide a stage's arms:
+SPLIT_AND_WAIT = (
+    "split_and_wait"  # each part its share, then every part waits for all of them (a later stage reads them)
+)
+SPLIT = "split"  # each part its share, no wait
+EVERY_PART = "every_part"  # every part goes through every arm; the claims keep two parts off one arm; no wait
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a plan: its arms (given what earlier stages chose, `Context.choices`), how the parts divide them,
+    and what it does with their results (`then`: record a choice, run the audit, end the plan with StopPlan)."""
+
+    name: str
+    arms: Callable[["Context"], list[Arm]]
+    share: str = SPLIT_AND_WAIT
+    only_filters: bool = True  # whether --only narrows its arms (False: the plan needs them whatever --only says)
+    then: Optional[Callable[["Context", dict], None]] = None
+
+
+@dataclass
+class Context:
+    """What a plan's stages read: the work folder, the parts, the CLI's options and the choices made so far."""
+
+    work: Path
+    parts: Parts
+    options: object = None  # the parsed CLI arguments
+    bench: object = None  # runner.Bench: the protocol, schedule, threads and device every arm shares
+    choices: dict = field(default_factory=dict)
+
+
+def run_stages(
+    stages: list[Stage],
+    context: Context,
+    run: Callable[[Arm], None],
+    load: Callable[[list[Arm]], dict],
+    until: Optional[str] = None,
+) -> int:
+    """Runs the stages in order (up to and including `until`), each with `run(arm)` (which skips a finished arm
+    and one another process holds); `load(arms)` gives a stage's finished results for its `then`. Returns the exit
+    code (0, or a stage's StopPlan code)."""
+    for stage in stages:
+        arms = stage.arms(context)
+        chosen = [arm for arm in arms if context.parts.wanted(arm)] if stage.only_filters else arms
+        mine = chosen if stage.share == EVERY_PART else context.parts.share(chosen)
+        for arm in mine:
+            run(arm)
+        if stage.share == SPLIT_AND_WAIT:
+            for arm in chosen:
+                wait_for(context.work / "arms" / f"{arm.name}.json")
+        try:
+            if stage.then is not None:
+                stage.then(context, load(arms))
+        except StopPlan as stop:
+            return stop.code
+        if stage.name == until:
+            print(f"stopped after stage {until} (--until)", flush=True)
+            break
+    return 0
