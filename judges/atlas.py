@@ -147,6 +147,10 @@ class AtlasJudge(Judge):
             return f"{super().describe()}, not fitted"
         return f"{super().describe()}, {len(self.atlases)} atlases ({', '.join(a[0] for a in self.atlases)})"
 
+    def fit_from(self, examples) -> None:
+        """Learns from the labeled training cases' images and true label maps (no model prediction needed)."""
+        self.fit(examples.true_label_maps(with_images=True))
+
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Keep up to `max_atlases` labeled cases (image channel and true label map), evenly spread in case-id
         order, each cropped around its labels' foreground when `crop_margin` is set."""

@@ -109,7 +109,18 @@ def test_keeps_at_most_max_atlases_spread_over_the_cases_and_round_trips(tmp_pat
 
 def test_needs_images_and_says_what_is_missing():
     judge = AtlasJudge()
-    assert judge.learns and judge.fit_reads_images and not judge.fit_reads_proposals
+    assert judge.learns
+
+    class Examples:  # what a judge asks for in fit_from (nnunet_rndpo's FitExamples)
+        asked = []
+
+        def true_label_maps(self, with_images=False):
+            self.asked.append(with_images)
+            return atlases(2)
+
+    judge.fit_from(Examples())
+    assert Examples.asked == [True] and [atlas[0] for atlas in judge.atlases] == ["atlas_0", "atlas_1"]
+    judge = AtlasJudge()
     case, _ = target_case()
     with pytest.raises(JudgeError, match="not fitted"):
         judge.score(case)
