@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -155,8 +156,8 @@ def test_dropout_hooks_keep_weights_and_touch_only_rows_with_a_rate():
             network.load_state_dict(before, strict=True)
             assert len(hooks) == 1 + len(network.decoder.stages)
             for hook in hooks:
-                hook.rates = torch.tensor([0.0, 0.5, 0.0])
-                hook.generator = torch.Generator().manual_seed(0)
+                hook.rates = [0.0, 0.5, 0.0]
+                hook.generators = [None, torch.Generator().manual_seed(0), None]
             assert not network.training  # eval mode, and dropout still acts (it does not use the training flag)
             dropped = network(x)
         after = network(x)
@@ -187,13 +188,252 @@ def test_dropout_targets_and_channel_mode():
         dropout_target_modules(torch.nn.Conv3d(1, 2, 1), "decoder")
     # channel mode zeroes whole feature maps of a row
     hook = RowDropout("channel")
-    hook.rates = torch.tensor([0.5, 0.0])
-    hook.generator = torch.Generator().manual_seed(1)
+    hook.rates = [0.5, 0.0]
+    hook.generators = [torch.Generator().manual_seed(1), None]
     output = hook(None, None, torch.ones(2, 64, 3, 3, 3))
     per_channel = output[0].flatten(1)
     assert torch.all(per_channel.min(1).values == per_channel.max(1).values)  # constant per channel
     assert set(per_channel[:, 0].tolist()) == {0.0, 2.0}  # dropped or rescaled by 1/(1-p)
     assert torch.equal(output[1], torch.ones(64, 3, 3, 3))
+
+
+def test_a_dropout_row_draws_from_its_own_generator_whatever_shares_its_batch():
+    # The engine may pass a member alone or beside others (members per sweep depend on the case's size): its draws
+    # must not change with that.
+    hook = RowDropout("element")
+    features = torch.randn(3, 8, 4, 4, 4)
+    hook.rates, hook.generators = [0.3], [torch.Generator().manual_seed(5)]
+    alone = hook(None, None, features[1:2])
+    hook.rates = [0.0, 0.3, 0.2]
+    hook.generators = [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    together = hook(None, None, features)
+    assert torch.equal(together[1], alone[0])
+    assert torch.equal(together[0], features[0])  # rate 0: untouched
+    assert not torch.equal(together[2], features[2]) and not torch.equal(together[1], features[1])
+    with pytest.raises(RuntimeError, match="dropout generators for 1 rows, batch has 3"):
+        hook.generators = [None]
+        hook(None, None, features)
+
+
+# ------------------------------------------------------------------------------------------------ engine (fast)
+class _PlansManager:
+    """What the engine reads of nnU-Net's PlansManager: the label manager."""
+
+    def __init__(self, label_manager):
+        self.label_manager = label_manager
+
+    def get_label_manager(self, dataset_json):
+        return self.label_manager
+
+
+def tiny_engine(network=None, patch_size=(16, 16, 16), num_classes=3, networks=None, **kwargs):
+    """An engine around `tiny_unet` (random weights: many near-ties, so any change of rounding would show)."""
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_rndpo.proposals.engine import ProposalEngine
+
+    labels = {"background": 0, **{f"class{c}": c for c in range(1, num_classes)}}
+    label_manager = LabelManager(labels, None)
+    engine_options = {key: kwargs.pop(key) for key in ("accumulator_memory_gib", "log") if key in kwargs}
+    return ProposalEngine(
+        networks if networks is not None else [network if network is not None else tiny_unet()],
+        _PlansManager(label_manager),
+        SimpleNamespace(patch_size=list(patch_size)),
+        label_manager,
+        {"labels": labels},
+        ProposalSettings(**kwargs),
+        ALL_AXES,
+        **engine_options,
+    )
+
+
+def reference_generate(engine, data: np.ndarray, case_seed: int):
+    """The engine as it was before proposals were made member by member (git show 71961b2:
+    nnunet_rndpo/proposals/engine.py), without its dropout: every forward member's float32 logits at full size at
+    once, in batches of members_per_batch members of one network per tile, then softmax and mean over all.
+    Returns (proposals, mean_probabilities float16, the forward members' cropped logits)."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from nnunet_rndpo.proposals.sources import SOURCES
+
+    def flip(tensor, axes):
+        return torch.flip(tensor, [axis + 2 for axis in axes]) if axes else tensor
+
+    assert not any(member.dropout_p > 0 for member in engine.members), "the reference has no dropout"
+    with torch.inference_mode():
+        image = torch.as_tensor(np.asarray(data), dtype=torch.float32)
+        padded, revert_padding = pad_nd_image(image, engine.patch_size, "constant", {"value": 0}, True, None)
+        slicers = engine._tiler._internal_get_sliding_window_slicers(padded.shape[1:])
+        gaussian = compute_gaussian(engine.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device="cpu")
+        forward_members = [m for m in engine.members if needs_forward(m)]
+        accumulated = torch.zeros((len(forward_members), engine.num_classes, *padded.shape[1:]), dtype=torch.float32)
+        weight = torch.zeros(padded.shape[1:], dtype=torch.float32)
+        by_network = {}
+        for slot, member in enumerate(forward_members):
+            by_network.setdefault(member.network_index, []).append((slot, member))
+        for slicer in slicers:
+            tile = padded[slicer][None]
+            for index, group in by_network.items():
+                for start in range(0, len(group), engine.settings.members_per_batch):
+                    chunk = group[start : start + engine.settings.members_per_batch]
+                    batch = torch.cat([flip(tile, member.flip_axes) for _, member in chunk])
+                    logits = engine.networks[index](batch).float()
+                    for row, (slot, member) in enumerate(chunk):
+                        accumulated[(slot, *slicer)] += flip(logits[row : row + 1], member.flip_axes)[0] * gaussian
+            weight[slicer[1:]] += gaussian
+        accumulated /= weight
+        accumulated = accumulated[(slice(None), slice(None), *revert_padding[1:])]
+        mean_probabilities = torch.softmax(accumulated, dim=1).mean(0)
+        labels, forward_index = [], 0
+        for member_index, member in enumerate(engine.members):
+            if needs_forward(member):
+                labels.append(accumulated[forward_index].argmax(0))
+                forward_index += 1
+            else:
+                rng = np.random.default_rng([case_seed, member_index])
+                derive = SOURCES[member.source].derive
+                labels.append(derive(member, accumulated[0], mean_probabilities, engine.settings, rng))
+        proposals = torch.stack(labels).to(torch.uint8).numpy()
+        return proposals, mean_probabilities.to(torch.float16).numpy(), accumulated
+
+
+def assert_same_as_reference(engine, data, case_seed=3):
+    """Every member's labels equal to the voxel, mean probabilities within float16 rounding."""
+    result = engine.generate(data, case_seed)
+    proposals, mean_probabilities, _ = reference_generate(engine, data, case_seed)
+    assert result.proposals.shape == proposals.shape and result.proposals.dtype == np.uint8
+    for index, member in enumerate(engine.members):
+        assert np.array_equal(result.proposals[index], proposals[index]), (index, member)
+    assert result.mean_probabilities.dtype == np.float16
+    np.testing.assert_allclose(
+        result.mean_probabilities.astype(np.float32), mean_probabilities.astype(np.float32), rtol=0, atol=1e-3
+    )
+    return result
+
+
+def test_engine_makes_the_proposals_of_the_engine_that_held_every_member():
+    rng = np.random.default_rng(0)
+    case = rng.normal(size=(1, 37, 29, 41)).astype(np.float32)  # 3 x 3 x 4 tiles of 16^3, odd sizes
+    members = ("tta", "threshold", "temperature", "ensemble")
+    engine = tiny_engine(num_proposals=8, sources=members)
+    assert engine.members_per_sweep((37, 29, 41)) == 8  # a small case: one sweep for all three passes
+    result = assert_same_as_reference(engine, case)
+    assert len({p.tobytes() for p in result.proposals}) >= 6  # the members differ: the comparison means something
+    # every mirror member, one sweep of eight; and a case smaller than the patch (padded, cropped back)
+    assert_same_as_reference(tiny_engine(num_proposals=8, sources=("tta",)), case)
+    small = np.ascontiguousarray(case[:, :11, 3:20, :16])
+    assert tiny_engine(num_proposals=8).generate(small, 0).proposals.shape == (8, 11, 17, 16)
+    assert_same_as_reference(tiny_engine(num_proposals=8, sources=members), small)
+    # members_per_batch smaller than the passes: several sweeps, the same batches as before
+    assert_same_as_reference(tiny_engine(num_proposals=8, sources=("tta",), members_per_batch=3), case)
+
+
+def test_softmax_and_argmax_by_slabs_equal_those_of_the_whole_volume(monkeypatch):
+    from nnunet_rndpo.proposals import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SLAB_VOXELS", 4000)
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((15, 37, 40, 28), (3, 45, 32, 32), (4, 70, 6, 12)):
+        logits = torch.randn(shape, generator=generator) * 5
+        slabs = engine_module._slabs(shape[1:])
+        assert len(slabs) > 1 and all((s.stop - s.start) * math.prod(shape[2:]) % 64 == 0 for s in slabs[:-1])
+        total = torch.zeros(shape)
+        engine_module._add_softmax(total, logits)
+        # bit for bit (one torch thread, as these tests run): a slab never splits a vector of the whole-volume pass
+        assert torch.equal(total, torch.softmax(logits, dim=0))
+        labels = torch.empty(shape[1:], dtype=torch.uint8)
+        engine_module._argmax_into(labels, logits)
+        assert torch.equal(labels, logits.argmax(0).to(torch.uint8))
+
+
+def test_engine_with_two_networks_keeps_every_member_and_the_mean():
+    rng = np.random.default_rng(1)
+    case = rng.normal(size=(1, 30, 20, 24)).astype(np.float32)
+    other = tiny_unet()
+    torch.manual_seed(1)
+    for parameter in other.parameters():
+        parameter.data += 0.1 * torch.randn_like(parameter)
+    engine = tiny_engine(
+        networks=[tiny_unet(), other],
+        num_proposals=7,
+        sources=("tta", "checkpoint_tta", "ensemble"),
+        extra_checkpoints=("other.pth",),
+    )
+    assert [m.source for m in engine.members] == ["plain", "tta", "checkpoint_tta", "ensemble", "tta"] + [
+        "checkpoint_tta",
+        "tta",
+    ]
+    assert [(index, [i for i, _ in group]) for index, group in engine.sweeps(8)] == [(0, [0, 1, 4, 6]), (1, [2, 5])]
+    # the running mean adds network 0's passes before network 1's, the old mean took them in plan order: float32
+    # rounding apart, which the ensemble's argmax could only see at an exact tie
+    assert_same_as_reference(engine, case)
+
+
+def test_engine_in_less_memory_takes_fewer_members_per_sweep_and_keeps_the_labels_but_near_ties():
+    rng = np.random.default_rng(2)
+    case = rng.normal(size=(1, 40, 20, 24)).astype(np.float32)
+    accumulator_bytes = 4 * 3 * 40 * 20 * 24
+    engine = tiny_engine(num_proposals=8, sources=("tta",), accumulator_memory_gib=2.5 * accumulator_bytes / 2**30)
+    assert engine.members_per_sweep((40, 20, 24)) == 2
+    assert [len(group) for _, group in engine.sweeps(2)] == [2, 2, 2, 2]
+    assert tiny_engine(accumulator_memory_gib=1e-9).members_per_sweep((40, 20, 24)) == 1  # at least one
+    result = engine.generate(case, 3)
+    _, mean_probabilities, logits = reference_generate(engine, case, 3)
+    # batches of two rows instead of eight: the network's outputs may round differently (oneDNN picks its path by
+    # batch size), so a label may flip where the two best logits are within float32 noise, nowhere else
+    for index in range(8):
+        assert label_mismatch_outside_ties(result.proposals[index], logits[index]) == 0, index
+    np.testing.assert_allclose(result.mean_probabilities, mean_probabilities, rtol=0, atol=1e-3)
+    one_at_a_time = tiny_engine(num_proposals=8, sources=("tta",), accumulator_memory_gib=1e-9).generate(case, 3)
+    for index in range(8):
+        assert label_mismatch_outside_ties(one_at_a_time.proposals[index], logits[index]) == 0, index
+
+
+def test_dropout_members_draw_the_same_in_any_sweep():
+    rng = np.random.default_rng(3)
+    case = rng.normal(size=(1, 24, 20, 20)).astype(np.float32)
+    settings = {"num_proposals": 5, "sources": ("tta", "dropout"), "dropout_p": 0.3, "dropout_location": "all"}
+    together = tiny_engine(**settings).generate(case, 7)
+    apart = tiny_engine(**settings, members_per_batch=1).generate(case, 7)
+    # the dropout masks are the member's own; only the batch's rounding may differ, and mostly it does not
+    for index in (2, 4):
+        assert np.mean(together.proposals[index] == apart.proposals[index]) > 0.999
+    assert not np.array_equal(together.proposals[2], together.proposals[4])  # two draws, two masks
+    assert not np.array_equal(together.proposals[2], together.proposals[0])
+    again = tiny_engine(**settings).generate(case, 7)
+    assert np.array_equal(again.proposals, together.proposals)  # reproducible from the case seed
+    assert not np.array_equal(tiny_engine(**settings).generate(case, 8).proposals[2], together.proposals[2])
+
+
+def test_a_case_that_does_not_fit_the_device_is_redone_with_its_sums_on_the_cpu_and_logged_once():
+    messages = []
+    engine = tiny_engine(num_proposals=3, log=messages.append)
+    case = np.random.default_rng(4).normal(size=(1, 20, 20, 20)).astype(np.float32)
+    expected = engine.generate(case, 1)
+    tried = []
+    real_generate = engine._generate
+
+    def out_of_memory_on_the_device(image, case_seed, results_device):
+        tried.append(len(tried))
+        if len(tried) % 2 == 1:  # the first try of every case: on the "device"
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(image, case_seed, results_device)
+
+    engine._generate = out_of_memory_on_the_device
+    engine.results_devices = lambda: (torch.device("cpu"), torch.device("cpu"))  # (the GPU's, then the CPU's)
+    for _ in range(2):
+        again = engine.generate(case, 1)
+        assert np.array_equal(again.proposals, expected.proposals)
+        assert np.array_equal(again.mean_probabilities, expected.mean_probabilities)
+    assert len(tried) == 4
+    assert len(messages) == 1 and "redone with their sums on the CPU" in messages[0]
+    # an error that is not about memory is not retried
+    engine._generate = lambda image, case_seed, results_device: (_ for _ in ()).throw(ValueError("a bug"))
+    with pytest.raises(ValueError, match="a bug"):
+        engine.generate(case, 1)
 
 
 # ------------------------------------------------------------------------------------------------ store (fast)
@@ -241,6 +481,60 @@ def test_store_round_trip_and_corrupt_case_named(tmp_path):
         store.load_case("missing")
     with pytest.raises(StoreError, match="uint8"):
         store.save_case("bad", proposals.astype(np.int64), probabilities, case_seed=0)
+
+
+def test_store_loads_the_label_maps_without_decompressing_the_probabilities(tmp_path):
+    import zipfile
+
+    store = ProposalStore(tmp_path / "store").open(fake_manifest())
+    proposals, probabilities = fake_case(3)
+    store.save_case("case_a", proposals, probabilities, case_seed=4)
+    # the same case with its mean_probabilities member cut in half: only a reader of the probabilities can notice
+    ruined = store.case_path("case_b")
+    with zipfile.ZipFile(store.case_path("case_a")) as source, zipfile.ZipFile(ruined, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            target.writestr(item, data[: len(data) // 2] if item.filename == "mean_probabilities.npy" else data)
+    assert np.array_equal(store.load_proposals("case_b"), proposals)
+    labels_only = store.load_case("case_b", probabilities=False)
+    assert set(labels_only) == {"proposals", "case_seed"} and int(labels_only["case_seed"]) == 4
+    with pytest.raises(StoreError, match=r"case_b\.npz is corrupt"):
+        store.load_case("case_b")
+    # the checks of a whole load stay: a corrupt label map, a count that is not the manifest's
+    store.case_path("broken").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(StoreError, match=r"broken\.npz is corrupt"):
+        store.load_proposals("broken")
+    store.save_case("short", *fake_case(2, k=2), case_seed=0)
+    with pytest.raises(StoreError, match="short.npz holds 2 proposals, the manifest 3"):
+        store.load_proposals("short")
+
+
+def test_a_store_with_dropout_members_records_how_they_draw(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from nnunet_rndpo.proposals import run
+    from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS
+
+    model = SimpleNamespace(
+        plans={"dataset_name": "Dataset999_Fake", "plans_name": "nnUNetPlans"},
+        configuration="3d_fullres",
+        fold=0,
+        checkpoint_path=Path("/models/checkpoint_final.pth"),
+        checkpoint_sha256="a" * 64,
+        proposal_mirror_axes=ALL_AXES,
+        dataset_json={"labels": {"background": 0, "organ": 1}},
+    )
+    pool = CasePool("Dataset999_Fake", "imagesUnlabeled", ["case_a"])
+    with_dropout = run.store_manifest(model, ProposalSettings(num_proposals=3, sources=("dropout",)), pool)
+    assert with_dropout["dropout_draws"] == DROPOUT_DRAWS
+    assert "dropout_draws" not in run.store_manifest(model, ProposalSettings(num_proposals=3), pool)
+    # a store filled before the draws were per member (no such field) is not mixed with new dropout proposals
+    before = {key: value for key, value in with_dropout.items() if key != "dropout_draws"}
+    ProposalStore(tmp_path / "old").open(before)
+    with pytest.raises(StoreError, match=r"different dropout_draws \(dropout_draws: store has null, now"):
+        ProposalStore(tmp_path / "old").open(with_dropout)
+    ProposalStore(tmp_path / "new").open(with_dropout)
+    ProposalStore(tmp_path / "new").open(with_dropout)  # the same: reused
 
 
 def test_store_open_cleans_only_the_temporaries_of_its_own_cases(tmp_path):
@@ -466,6 +760,21 @@ def test_plain_member_matches_nnunet_sliding_window_on_a_whole_case(base_model, 
     # a case smaller than the patch on some axes is padded for the pass and cropped back to its own shape
     small = np.ascontiguousarray(data[:, :20, 3:40, :27])
     assert make_engine(base_model, num_proposals=2).generate(small, case_seed=0).proposals.shape == (2, 20, 37, 27)
+
+
+@pytest.mark.slow
+def test_proposals_of_the_trained_base_are_those_of_the_engine_that_held_every_member(
+    base_model, training_case, hippocampus_dataset
+):
+    """Unchanged to the voxel on whole cases: the synthetic case (2 x 2 x 2 tiles) and real Hippocampus images
+    (other shapes, padding on some axes), K = 8."""
+    _, data = training_case
+    for sources in (("tta",), ("tta", "threshold", "temperature", "ensemble")):
+        assert_same_as_reference(make_engine(base_model, num_proposals=8, sources=sources), data, case_seed=11)
+    engine = make_engine(base_model, num_proposals=8, sources=("tta",))
+    for case_id in hippocampus_dataset.case_identifiers[:3]:
+        image = load_preprocessed(hippocampus_dataset.data_folder, case_id)
+        assert_same_as_reference(engine, image, case_seed=case_seed(0, case_id))
 
 
 # ------------------------------------------------------------------------------------------------ store + pool (slow)

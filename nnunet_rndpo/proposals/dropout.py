@@ -1,14 +1,15 @@
 """MC dropout added after the fact, through forward hooks, so a checkpoint trained without dropout loads
 unchanged (turning dropout on in the plans renames weights).
 
-Each batch row gets its own dropout rate (0 = off), so one batched forward pass can carry plain, flipped
-and dropout members together. The hooks survive `.eval()` because they do not use nn.Dropout's training flag.
+Each batch row gets its own dropout rate (0 = off) and its own random generator, so one batched forward pass can
+carry plain, flipped and dropout members together, and a member's draws do not depend on the rows beside it. The
+hooks survive `.eval()` because they do not use nn.Dropout's training flag.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -36,26 +37,36 @@ def dropout_target_modules(network: torch.nn.Module, location: str) -> list[torc
 
 
 class RowDropout:
-    """A forward hook applying dropout with a per-batch-row rate; rates=None means off."""
+    """A forward hook applying dropout with a per-batch-row rate; rates=None means off.
+
+    rates: one rate per batch row; generators: one torch generator per row (None: torch's global one), each row's
+    mask drawn from its own, so a row draws the same whatever the batch holds besides it.
+    """
 
     def __init__(self, mode: str = "element"):
         if mode not in DROPOUT_MODES:
             raise ValueError(f"unknown dropout mode {mode!r}; valid: {', '.join(DROPOUT_MODES)}")
         self.mode = mode
-        self.rates: Optional[torch.Tensor] = None  # (B,)
-        self.generator: Optional[torch.Generator] = None
+        self.rates: Optional[Sequence[float]] = None  # (B,)
+        self.generators: Optional[Sequence[Optional[torch.Generator]]] = None  # (B,)
 
     def __call__(self, module, inputs, output):
-        if self.rates is None or not torch.any(self.rates > 0):
+        if self.rates is None or not any(float(rate) > 0 for rate in self.rates):
             return output
-        rates = self.rates.to(output.device, output.dtype)
-        if output.shape[0] != rates.shape[0]:
-            raise RuntimeError(f"dropout rates for {rates.shape[0]} rows, batch has {output.shape[0]}")
-        mask_shape = output.shape if self.mode == "element" else output.shape[:2] + (1,) * (output.dim() - 2)
-        uniform = torch.rand(mask_shape, generator=self.generator, device=output.device, dtype=torch.float32)
-        keep_probability = (1.0 - rates).view(-1, *([1] * (output.dim() - 1)))
-        keep = (uniform.to(output.dtype) < keep_probability).to(output.dtype)
-        return output * keep / keep_probability.clamp(min=1e-6)
+        rates = [float(rate) for rate in self.rates]
+        if output.shape[0] != len(rates):
+            raise RuntimeError(f"dropout rates for {len(rates)} rows, batch has {output.shape[0]}")
+        generators = self.generators if self.generators is not None else [None] * len(rates)
+        if len(generators) != len(rates):
+            raise RuntimeError(f"dropout generators for {len(generators)} rows, batch has {len(rates)}")
+        mask_shape = output.shape[1:] if self.mode == "element" else output.shape[1:2] + (1,) * (output.dim() - 2)
+        keep = torch.ones((len(rates), *mask_shape), dtype=output.dtype, device=output.device)
+        for row, (rate, generator) in enumerate(zip(rates, generators)):
+            if rate > 0:
+                uniform = torch.rand(mask_shape, generator=generator, device=output.device, dtype=torch.float32)
+                keep[row] = (uniform.to(output.dtype) < 1.0 - rate).to(output.dtype)
+        keep_probability = torch.tensor([1.0 - rate for rate in rates], device=output.device, dtype=output.dtype)
+        return output * keep / keep_probability.clamp(min=1e-6).view(-1, *([1] * (output.dim() - 1)))
 
 
 @contextlib.contextmanager

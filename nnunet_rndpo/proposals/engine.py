@@ -1,24 +1,63 @@
-"""K proposals for one preprocessed case in one sliding-window sweep.
+"""K proposals for one preprocessed case, in memory that does not grow with K.
 
-Every tile is cut once; all members that need a network pass (plain, each mirror flip, dropout draws) go
-through the network together as one batch, are flipped back and accumulated with nnU-Net's Gaussian
-weights. Padding, tiling and the Gaussian are nnU-Net's own (pad_nd_image, the predictor's slicers,
-compute_gaussian), so proposals are voxel-aligned with nnU-Net's preprocessed data and its predictions.
-Members derived from the plain softmax (threshold, temperature) cost no pass.
+Padding, tiling and the Gaussian are nnU-Net's own (pad_nd_image, the predictor's slicers, compute_gaussian), so
+proposals are voxel-aligned with nnU-Net's preprocessed data and its predictions.
+
+Order of work (member-major): the members that take a network pass go through the case in sweeps; a sweep runs
+one network's sliding window once for a group of its members (each tile cut once, the group's rows flipped and
+passed through the network together as one batch, flipped back, accumulated with nnU-Net's Gaussian weights into
+one float32 (C, *padded) sum per member). When a sweep ends, its members' logits are final: each becomes its
+label map (uint8) and its softmax is added to a running sum of the mean over every pass, then the sums are
+dropped. What stays for the whole case is one uint8 label map per member and one (C, *) float32 mean, besides
+the image: a case never holds every member's logits at once.
+
+Why groups and not one member per sweep: on the CPU a batch of one row takes another convolution path than a
+batch of several (oneDNN), whose outputs differ in the last bits, so a member's logits depend on the batch it went
+through. A group of `members_per_batch` members is exactly the batch of the engine that kept every member at once,
+so its proposals are unchanged to the voxel; a case whose group of accumulators would exceed
+`accumulator_memory_gib` takes fewer members per sweep (one at least): bounded memory, and labels that may differ
+from a larger group's at near-ties only (tests/test_proposals.py checks both).
+
+Derived members (no pass) are made as soon as what they read is final: threshold and temperature members read the
+plain pass's logits (first sweep), the ensemble reads the mean over every pass (last sweep).
+
+Dropout: each dropout member draws from a generator of its own, seeded by the case seed and its member index, in
+tile order; its draws do not depend on which members share its batch or sweep (DROPOUT_DRAWS, in the manifest).
+
+Precision: nnU-Net sums a tile's logits in float16; these sums are float32, as before this engine held every
+member at once: a float16 sum changes labels at near-ties, and proposals are meant to be reproducible.
+
+On a GPU (as nnU-Net's predictor): a case runs with its sums on the device; if the device runs out of memory the
+cache is freed and the case is redone with the sums on the CPU (the network stays on the device), logged once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from nnunet_rndpo.proposals.dropout import dropout_hooks
+from nnunet_rndpo.proposals.members import ProposalMember
 from nnunet_rndpo.proposals.plan import ProposalSettings, plan_members
 from nnunet_rndpo.proposals.sources import SOURCES, needs_forward
+
+# How dropout members draw, recorded in the manifest of a store with dropout members: a store filled by an engine
+# that drew otherwise (one generator per case, consumed in tile order by the whole batch) is not mixed with it.
+DROPOUT_DRAWS = "one generator per member, seeded by (case seed, member index)"
+# float32 (C, *padded) sums one sweep may hold: members_per_batch of them when they fit, else fewer.
+DEFAULT_ACCUMULATOR_MEMORY_GIB = 2.0
+# Derived sources that read the mean over every pass; the others read the plain pass's logits.
+DERIVED_FROM_THE_MEAN = frozenset({"ensemble"})
+# Softmax and argmax run slab by slab along the first spatial axis so that their temporaries stay small.
+SLAB_VOXELS = 1 << 21
+# A slab's voxel count is a multiple of this: torch's CPU softmax then computes every voxel of a slab in the same
+# vector lanes as it would on the whole volume (a partial vector is rounded differently), so slabs change nothing.
+SLAB_VOXEL_MULTIPLE = 64
 
 
 @dataclass
@@ -41,17 +80,23 @@ class ProposalEngine:
         settings: ProposalSettings,
         mirror_axes: Optional[Sequence[int]],
         device: torch.device | str = "cpu",
+        accumulator_memory_gib: float = DEFAULT_ACCUMULATOR_MEMORY_GIB,
+        log: Callable[[str], None] = print,
     ):
         if label_manager.has_regions:
             raise ValueError(
                 "region-based (sigmoid) datasets are not supported by the proposal engine yet: "
                 "their masks are overlapping regions, not label maps"
             )
+        if not accumulator_memory_gib > 0:
+            raise ValueError(f"accumulator_memory_gib must be > 0, got {accumulator_memory_gib}")
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.networks = list(networks)
         self.settings = settings
         self.device = torch.device(device)
+        self.accumulator_memory_bytes = int(accumulator_memory_gib * 2**30)
+        self.log = log
         self.num_classes = label_manager.num_segmentation_heads
         self.patch_size = tuple(configuration_manager.patch_size)
         self.members = plan_members(
@@ -59,6 +104,7 @@ class ProposalEngine:
         )
         if max(m.network_index for m in self.members) >= len(self.networks):
             raise ValueError("a member needs an extra checkpoint that was not loaded")
+        self._fell_back_to_cpu = False
         # nnU-Net's predictor supplies the tiling; we never call its averaging prediction.
         self._tiler = nnUNetPredictor(
             tile_step_size=settings.tile_step_size,
@@ -80,83 +126,156 @@ class ProposalEngine:
     def num_proposals(self) -> int:
         return len(self.members)
 
+    def members_per_sweep(self, padded_shape: Sequence[int]) -> int:
+        """How many members one sweep accumulates for a case padded to `padded_shape` (spatial)."""
+        accumulator_bytes = 4 * self.num_classes * math.prod(padded_shape)
+        fitting = self.accumulator_memory_bytes // accumulator_bytes
+        return int(max(1, min(self.settings.members_per_batch, fitting)))
+
+    def sweeps(self, members_per_sweep: int) -> list[tuple[int, list[tuple[int, ProposalMember]]]]:
+        """(network index, [(member index, member), ...]) per sweep: each network's members that take a pass, in
+        plan order, in groups of `members_per_sweep`. The plain member opens the first sweep."""
+        by_network: dict[int, list[tuple[int, ProposalMember]]] = {}
+        for index, member in enumerate(self.members):
+            if needs_forward(member):
+                by_network.setdefault(member.network_index, []).append((index, member))
+        return [
+            (network_index, group[start : start + members_per_sweep])
+            for network_index, group in by_network.items()
+            for start in range(0, len(group), members_per_sweep)
+        ]
+
+    def results_devices(self) -> tuple[torch.device, ...]:
+        """Where a case's sums are tried, in order: on the device, then (a GPU out of memory) on the CPU."""
+        return (self.device,) if self.device.type == "cpu" else (self.device, torch.device("cpu"))
+
     @torch.inference_mode()
     def generate(self, data: np.ndarray | torch.Tensor, case_seed: int) -> CaseProposals:
         """data: (C_in, *spatial) preprocessed image. Returns K label maps and the mean softmax."""
-        from acvl_utils.cropping_and_padding.padding import pad_nd_image
-        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+        from nnunetv2.utilities.helpers import empty_cache
 
         image = torch.as_tensor(np.asarray(data), dtype=torch.float32)
         if image.dim() != len(self.patch_size) + 1:
             raise ValueError(
                 f"expected a (channels, *spatial) image of {len(self.patch_size)}D, got {tuple(image.shape)}"
             )
+        *first_tries, last = self.results_devices()
+        for results_device in first_tries:
+            try:
+                return self._generate(image, case_seed, results_device)
+            except torch.OutOfMemoryError:
+                pass  # retried after the except block, whose traceback still holds the failed try's tensors
+            empty_cache(self.device)
+            if not self._fell_back_to_cpu:
+                self.log(
+                    f"proposals: a case did not fit into {results_device} memory; such cases are redone with their "
+                    "sums on the CPU (the network stays on the device)"
+                )
+                self._fell_back_to_cpu = True
+        return self._generate(image, case_seed, last)
+
+    def _generate(self, image: torch.Tensor, case_seed: int, results_device: torch.device) -> CaseProposals:
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
         padded, revert_padding = pad_nd_image(image, self.patch_size, "constant", {"value": 0}, True, None)
-        slicers = self._tiler._internal_get_sliding_window_slicers(padded.shape[1:])
-        gaussian = compute_gaussian(self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=self.device)
-
-        forward_members = [m for m in self.members if needs_forward(m)]
-        accumulated = torch.zeros(
-            (len(forward_members), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=self.device
+        padded_shape = tuple(padded.shape[1:])
+        crop = tuple(revert_padding[1:])
+        slicers = self._tiler._internal_get_sliding_window_slicers(padded_shape)
+        gaussian = compute_gaussian(
+            self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10, device=results_device
         )
-        weight = torch.zeros(padded.shape[1:], dtype=torch.float32, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(case_seed)
-        padded = padded.to(self.device)
+        padded = padded.to(results_device)
+        weight = torch.zeros(padded_shape, dtype=torch.float32, device=results_device)
+        for slicer in slicers:
+            weight[slicer[1:]] += gaussian
 
-        by_network = {}
-        for slot, member in enumerate(forward_members):
-            by_network.setdefault(member.network_index, []).append((slot, member))
+        shape = tuple(weight[crop].shape)
+        proposals = torch.empty((len(self.members), *shape), dtype=torch.uint8, device=results_device)
+        probability_sum = torch.zeros((self.num_classes, *shape), dtype=torch.float32, device=results_device)
+        passes = 0
+        for network_index, group in self.sweeps(self.members_per_sweep(padded_shape)):
+            logits = self._sweep(padded, slicers, gaussian, weight, network_index, group, case_seed)
+            logits = logits[(slice(None), slice(None), *crop)]
+            for row, (member_index, _) in enumerate(group):
+                _argmax_into(proposals[member_index], logits[row])
+                _add_softmax(probability_sum, logits[row])
+                passes += 1
+                if member_index == 0:  # the plain pass: what threshold and temperature members read
+                    self._derive(proposals, case_seed, plain_logits=logits[row], mean_probabilities=None)
+            del logits
+        mean_probabilities = probability_sum.div_(passes)
+        self._derive(proposals, case_seed, plain_logits=None, mean_probabilities=mean_probabilities)
+        return CaseProposals(proposals.cpu().numpy(), mean_probabilities.to(torch.float16).cpu().numpy(), case_seed)
+
+    def _sweep(
+        self,
+        padded: torch.Tensor,
+        slicers: list,
+        gaussian: torch.Tensor,
+        weight: torch.Tensor,
+        network_index: int,
+        group: list[tuple[int, ProposalMember]],
+        case_seed: int,
+    ) -> torch.Tensor:
+        """One sliding-window pass of one network for `group`: its members' logits, (G, C, *padded) float32."""
+        network = self.networks[network_index]
+        accumulated = torch.zeros(
+            (len(group), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=padded.device
+        )
         autocast = torch.autocast("cuda") if self.device.type == "cuda" else contextlib.nullcontext()
         with contextlib.ExitStack() as stack:
-            hooks_per_network = {}
-            for index, group in by_network.items():
-                if any(member.dropout_p > 0 for _, member in group):
-                    hooks = stack.enter_context(
-                        dropout_hooks(self.networks[index], self.settings.dropout_location, self.settings.dropout_mode)
-                    )
-                    for hook in hooks:
-                        hook.generator = generator
-                    hooks_per_network[index] = hooks
+            if any(member.dropout_p > 0 for _, member in group):
+                rates = [member.dropout_p for _, member in group]
+                generators = [
+                    _member_generator(case_seed, index, self.device) if member.dropout_p > 0 else None
+                    for index, member in group
+                ]
+                for hook in stack.enter_context(
+                    dropout_hooks(network, self.settings.dropout_location, self.settings.dropout_mode)
+                ):
+                    hook.rates, hook.generators = rates, generators
             for slicer in slicers:
-                tile = padded[slicer][None]
-                for index, group in by_network.items():
-                    for start in range(0, len(group), self.settings.members_per_batch):
-                        chunk = group[start : start + self.settings.members_per_batch]
-                        batch = torch.cat([_flip(tile, member.flip_axes) for _, member in chunk])
-                        for hook in hooks_per_network.get(index, ()):
-                            hook.rates = torch.tensor([member.dropout_p for _, member in chunk], device=self.device)
-                        with autocast:
-                            logits = self.networks[index](batch).float()
-                        for row, (slot, member) in enumerate(chunk):
-                            accumulated[(slot, *slicer)] += _flip(logits[row : row + 1], member.flip_axes)[0] * gaussian
-                weight[slicer[1:]] += gaussian
-            for hooks in hooks_per_network.values():
-                for hook in hooks:
-                    hook.rates = None
+                tile = padded[slicer][None].to(self.device)
+                batch = torch.cat([_flip(tile, member.flip_axes) for _, member in group])
+                with autocast:
+                    logits = network(batch).float().to(padded.device)
+                for row, (_, member) in enumerate(group):
+                    accumulated[(row, *slicer)] += _flip(logits[row : row + 1], member.flip_axes)[0] * gaussian
         accumulated /= weight
-        accumulated = accumulated[(slice(None), slice(None), *revert_padding[1:])]
+        return accumulated
 
-        mean_probabilities = torch.softmax(accumulated, dim=1).mean(0)
-        plain_logits = accumulated[0]
-        labels = []
-        forward_index = 0
+    def _derive(self, proposals: torch.Tensor, case_seed: int, plain_logits, mean_probabilities) -> None:
+        """Label maps of the derived members whose input is given (the plain logits, or the mean)."""
         for member_index, member in enumerate(self.members):
-            if needs_forward(member):
-                labels.append(accumulated[forward_index].argmax(0))
-                forward_index += 1
-            else:
-                derive = SOURCES[member.source].derive
-                labels.append(
-                    derive(
-                        member,
-                        plain_logits,
-                        mean_probabilities,
-                        self.settings,
-                        np.random.default_rng([case_seed, member_index]),
-                    )
-                )
-        proposals = torch.stack(labels).to(torch.uint8).cpu().numpy()
-        return CaseProposals(proposals, mean_probabilities.to(torch.float16).cpu().numpy(), case_seed)
+            if needs_forward(member) or (member.source in DERIVED_FROM_THE_MEAN) != (mean_probabilities is not None):
+                continue
+            derive = SOURCES[member.source].derive
+            rng = np.random.default_rng([case_seed, member_index])
+            proposals[member_index] = derive(member, plain_logits, mean_probabilities, self.settings, rng)
+
+
+def _member_generator(case_seed: int, member_index: int, device: torch.device) -> torch.Generator:
+    seed = int(np.random.SeedSequence([case_seed, member_index]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _slabs(shape: Sequence[int]) -> list[slice]:
+    """Slices of the first spatial axis of about SLAB_VOXELS voxels each, SLAB_VOXEL_MULTIPLE-aligned."""
+    plane = math.prod(shape[1:])
+    unit = SLAB_VOXEL_MULTIPLE // math.gcd(plane, SLAB_VOXEL_MULTIPLE)
+    rows = max(unit, SLAB_VOXELS // max(plane, 1) // unit * unit)
+    return [slice(start, start + rows) for start in range(0, shape[0], rows)]
+
+
+def _argmax_into(label_map: torch.Tensor, logits: torch.Tensor) -> None:
+    for slab in _slabs(label_map.shape):
+        label_map[slab] = logits[:, slab].argmax(0)
+
+
+def _add_softmax(probability_sum: torch.Tensor, logits: torch.Tensor) -> None:
+    for slab in _slabs(probability_sum.shape[1:]):
+        probability_sum[:, slab] += torch.softmax(logits[:, slab], dim=0)
 
 
 def _flip(tensor: torch.Tensor, spatial_axes: tuple[int, ...]) -> torch.Tensor:

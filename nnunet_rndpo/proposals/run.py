@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
-from nnunet_rndpo.proposals.engine import ProposalEngine
+from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS, ProposalEngine
 from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model
 from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
@@ -59,7 +59,7 @@ def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePoo
     members = plan_members(settings, model.proposal_mirror_axes)
     # the extra networks' files, not only their paths: a sibling fold retrained in place makes other proposals
     extra_sha256 = [file_sha256(path) for path in settings.extra_checkpoints] if settings.uses_extra_networks else []
-    return {
+    manifest = {
         "dataset": model.plans["dataset_name"],
         "plans": model.plans["plans_name"],
         "configuration": model.configuration,
@@ -72,6 +72,9 @@ def store_manifest(model: LoadedModel, settings: ProposalSettings, pool: CasePoo
         "labels": model.dataset_json["labels"],
         "pool_source": pool.source,
     }
+    if any(member.dropout_p > 0 for member in members):
+        manifest["dropout_draws"] = DROPOUT_DRAWS
+    return manifest
 
 
 def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) -> list[torch.nn.Module]:
@@ -131,7 +134,7 @@ def generate_proposals(
         data, _, properties = reader.load(case_id)
         if store.has_case(case_id):
             reused += 1
-            proposals = store.load_case(case_id)["proposals"]
+            proposals = store.load_proposals(case_id)
         else:
             result = engine.generate(data, case_seed(settings.seed, case_id))
             store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)

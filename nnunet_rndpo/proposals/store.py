@@ -36,6 +36,8 @@ IDENTITY_FIELDS = (
     "extra_checkpoints_sha256",
     "settings",
     "members",
+    # how dropout members draw (nnunet_rndpo/proposals/engine.py: DROPOUT_DRAWS); absent without dropout members
+    "dropout_draws",
 )
 
 
@@ -128,14 +130,19 @@ class ProposalStore:
             case_seed=np.int64(case_seed),
         )
 
-    def load_case(self, case_id: str) -> dict:
-        """proposals, mean_probabilities, case_seed (stores of older versions may hold more; it is not read)."""
+    def load_case(self, case_id: str, probabilities: bool = True) -> dict:
+        """proposals, mean_probabilities, case_seed (stores of older versions may hold more; it is not read).
+
+        probabilities=False leaves out mean_probabilities, which is then not decompressed: a (C, *spatial) array that
+        is most of the file, where the K uint8 label maps are what most callers read.
+        """
         path = self.case_path(case_id)
         if not path.is_file():
             raise StoreError(f"case {case_id!r} is not in the proposal store {self.folder}")
+        names = ("proposals", "mean_probabilities", "case_seed") if probabilities else ("proposals", "case_seed")
         try:
             with np.load(path) as archive:
-                case = {name: archive[name] for name in ("proposals", "mean_probabilities", "case_seed")}
+                case = {name: archive[name] for name in names}
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
             raise StoreError(
                 f"proposal file {path} is corrupt ({type(error).__name__}: {error}); delete it and rerun"
@@ -146,6 +153,10 @@ class ProposalStore:
                 f"proposal file {path} holds {case['proposals'].shape[0]} proposals, the manifest {expected}"
             )
         return case
+
+    def load_proposals(self, case_id: str) -> np.ndarray:
+        """The case's (K, *spatial) uint8 label maps alone (the mean probabilities are not decompressed)."""
+        return self.load_case(case_id, probabilities=False)["proposals"]
 
     # ---------------------------------------------------------------- a judge's per-voxel probabilities
     def voxel_probabilities_path(self, judge_key: str, case_id: str) -> Path:
