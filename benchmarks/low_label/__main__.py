@@ -107,6 +107,7 @@ def main(argv=None) -> int:
 
     if args.report:
         table = summarise(work, figures=args.report.parent / "figures")
+        args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(table + "\n")
         print(table)
         return 0
