@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from nnunet_rndpo.atomic import save_npz, save_pickle
+from nnunet_rndpo.atomic import writer_is_alive
 from nnunet_rndpo.nnunet_paths import RunLocation, fold_split
 
 UNLABELED_FOLDER = "imagesUnlabeled"
@@ -164,7 +167,14 @@ def _channel_names(dataset_json: dict) -> dict:
 
 
 class PoolReader:
-    """Loads pool cases in preprocessed space (preprocessing and caching imagesUnlabeled cases once)."""
+    """Loads pool cases in preprocessed space (preprocessing and caching imagesUnlabeled cases once).
+
+    The cache of imagesUnlabeled cases is nnU-Net's own blosc2 layout (`<case>.b2nd`, `<case>_seg.b2nd`,
+    `<case>.pkl`, written and read by nnUNetDatasetBlosc2 with chunks sized for the plans' patch), so `open_case`
+    gives arrays that read only the chunks a patch touches. A case is written into a temporary folder and its
+    files renamed into place, the data file last: it marks the case as cached. A case whose files are missing or
+    do not open is preprocessed again; the compressed .npz of earlier versions is converted once.
+    """
 
     def __init__(self, pool: CasePool, plans_manager, configuration_manager, dataset_json: dict):
         self.pool = pool
@@ -173,25 +183,90 @@ class PoolReader:
         self.dataset_json = dataset_json
         self._dataset = None
 
+    def __getstate__(self):
+        # worker processes open their own dataset (and blosc2 files)
+        return {**self.__dict__, "_dataset": None}
+
     def load(self, case_id: str) -> tuple[np.ndarray, np.ndarray, dict]:
         """(data (C, *spatial) float32, seg (1, *spatial) int8 with -1 outside the image's nonzero mask, properties)."""
+        data, outside, properties = self.open_case(case_id)
+        return np.asarray(data[:], dtype=np.float32), np.asarray(outside[:], dtype=np.int8), properties
+
+    def open_case(self, case_id: str) -> tuple[Any, Any, dict]:
+        """Like `load`, but data and seg are arrays that read only what is sliced from them (blosc2 chunks or
+        memory maps, as nnU-Net's dataset gives them): `data[(slice(None), *box)]` reads a patch."""
         if self.pool.preprocessed_folder is not None:
-            return self._load_preprocessed(case_id)
-        cached = self.pool.cache_folder / f"{case_id}.npz"
+            data, seg, _, properties = self._nnunet_dataset(self.pool.preprocessed_folder).load_case(case_id)
+            # labels are ignored: only where the image is (-1 outside the nonzero mask), as for unlabeled cases
+            return data, OutsideMarks(seg), properties
+        try:
+            return self._open_cached(case_id)
+        except Exception:
+            pass  # not cached yet, or a damaged entry: made again
+        self._write_cache(case_id, *self._cached_npz_or_preprocessed(case_id))
+        return self._open_cached(case_id)
+
+    def _nnunet_dataset(self, folder: Path):
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nnUNetDatasetBlosc2
+
+        if self._dataset is None:
+            dataset_class = (
+                infer_dataset_class(str(folder)) if self.pool.preprocessed_folder is not None else nnUNetDatasetBlosc2
+            )
+            self._dataset = dataset_class(str(folder), list(self.pool.case_ids))
+        return self._dataset
+
+    def _open_cached(self, case_id: str):
+        folder = self.pool.cache_folder
+        if not all((folder / f"{case_id}{ending}").is_file() for ending in CACHE_ENDINGS):
+            raise FileNotFoundError(f"case {case_id!r} is not in the pool cache {folder}")
+        data, seg, _, properties = self._nnunet_dataset(folder).load_case(case_id)
+        expected_channels = len(_channel_names(self.dataset_json))
+        if data.ndim != seg.ndim or data.shape[1:] != seg.shape[1:] or data.shape[0] != expected_channels:
+            raise ValueError(f"pool cache entry {case_id!r} in {folder} has data {data.shape} and seg {seg.shape}")
+        return data, seg, properties
+
+    def _cached_npz_or_preprocessed(self, case_id: str):
+        """(data, seg, properties) from the .npz cache of earlier versions when it is whole, else preprocessed."""
+        legacy = self.pool.cache_folder / f"{case_id}.npz"
         properties_file = self.pool.cache_folder / f"{case_id}.pkl"
-        if cached.is_file() and properties_file.is_file():
+        if legacy.is_file() and properties_file.is_file():
             try:
-                with np.load(cached) as archive:
+                with np.load(legacy) as archive:
                     data, seg = archive["data"], archive["seg"]
                 with open(properties_file, "rb") as handle:
                     return data, seg, pickle.load(handle)
             except Exception:
-                pass  # a damaged cache entry is simply made again
-        data, seg, properties = self._preprocess(case_id)
-        # properties first: the npz is what marks a case as cached
-        save_pickle(properties, properties_file)
-        save_npz(cached, data=data, seg=seg)
-        return data, seg, properties
+                pass  # damaged: preprocessed again
+        return self._preprocess(case_id)
+
+    def _write_cache(self, case_id: str, data: np.ndarray, seg: np.ndarray, properties: dict) -> None:
+        """nnU-Net's save_case into a temporary folder, then each file renamed into the cache, the data last."""
+        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
+        folder = self.pool.cache_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(folder)
+        patch_size = tuple(self.configuration_manager.patch_size)
+        data_blocks, data_chunks = comp_blosc2_params(data.shape, patch_size, data.itemsize)
+        seg_blocks, seg_chunks = comp_blosc2_params(seg.shape, patch_size, seg.itemsize)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{case_id}.pid{os.getpid()}.", suffix=WRITING_SUFFIX, dir=folder))
+        try:
+            nnUNetDatasetBlosc2.save_case(
+                np.ascontiguousarray(data, dtype=np.float32),
+                np.ascontiguousarray(seg, dtype=np.int8),
+                properties,
+                str(temporary / case_id),
+                chunks=data_chunks,
+                blocks=data_blocks,
+                chunks_seg=seg_chunks,
+                blocks_seg=seg_blocks,
+            )
+            for ending in CACHE_ENDINGS:  # the data file last: it marks the case as cached
+                os.replace(temporary / f"{case_id}{ending}", folder / f"{case_id}{ending}")
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        (folder / f"{case_id}.npz").unlink(missing_ok=True)  # the earlier format, now converted
 
     def _preprocess(self, case_id: str):
         files = [str(p) for p in self.pool.raw_files[case_id]]
@@ -219,14 +294,29 @@ class PoolReader:
             )
         return data.astype(np.float32), seg.astype(np.int8), properties
 
-    def _load_preprocessed(self, case_id: str):
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-        if self._dataset is None:
-            folder = str(self.pool.preprocessed_folder)
-            self._dataset = infer_dataset_class(folder)(folder, list(self.pool.case_ids))
-        data, seg, _, properties = self._dataset.load_case(case_id)
-        seg = np.asarray(seg[:])
-        # labels are ignored: keep only where the image is (-1 outside the nonzero mask), as for unlabeled cases
-        outside = np.where(seg < 0, -1, 0).astype(np.int8)
-        return np.asarray(data[:], dtype=np.float32), outside, properties
+# blosc2 cache of a pool case, in the order the files are renamed into place (the data file last)
+CACHE_ENDINGS = (".pkl", "_seg.b2nd", ".b2nd")
+WRITING_SUFFIX = ".writing"
+
+
+def remove_dead_writers(folder: Path) -> None:
+    """Remove the temporary folders of cache writers that no longer run (killed mid-write)."""
+    for stale in folder.glob(f".*{WRITING_SUFFIX}"):
+        if stale.is_dir() and not writer_is_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+class OutsideMarks:
+    """A lazy (1, *spatial) int8 view of a preprocessed segmentation: -1 outside the image's nonzero mask, 0 inside
+    (the labels hidden); slicing it reads only the slice."""
+
+    dtype = np.dtype(np.int8)
+
+    def __init__(self, seg):
+        self.seg = seg
+        self.shape = tuple(seg.shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.where(np.asarray(self.seg[index]) < 0, -1, 0).astype(np.int8)

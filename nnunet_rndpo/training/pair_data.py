@@ -7,17 +7,31 @@ Unlabeled cases have no `class_locations`; we give the loader the voxels where t
 instead, so its foreground oversampling becomes disagreement oversampling. A pair with a preference_region
 other than "disagreement" trains on a rejected mask narrowed to the voxels that region keeps
 (nnunet_rndpo.preference_region), before either of those is computed.
+
+Reading patches, not cases: `load_case` returns arrays that nnU-Net's loader slices (`data[bbox]`, `seg[bbox]`
+in `nnUNetDataLoader.generate_train_batch`): the image from the pool reader's blosc2 cache (or nnU-Net's own
+preprocessed files), and a `PairSegmentation` that computes the masks, the narrowed rejected mask and the -1
+outside the image on the slice only, from the proposals unpacked once per case into a memory-mapped .npy beside
+the store (`<store>/unpacked/<case>/<fingerprint of the case file>/`; the judge's voxel probabilities of
+"judge_voxels" pairs likewise, and each item's sampled locations). Every file there is written under a temporary
+name and renamed; a rerun reuses them; files of a rewritten case file or that do not open are made again. The
+voxels a pair's patches centre on are sampled one slab of the volume at a time, so that no step holds a whole
+volume of a large case (the first unpacking of a case reads its compressed file whole, once).
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from nnunet_rndpo.atomic import atomic_path
 from nnunet_rndpo.preference_region import preference_rejected
 from nnunet_rndpo.proposals.pool import PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
@@ -25,6 +39,9 @@ from nnunet_rndpo.proposals.store import ProposalStore
 # nnU-Net samples at most this many locations per class for oversampling; we do the same per pair.
 MAX_LOCATIONS = 10_000
 LOCATIONS_KEY = "disagreement"
+UNPACKED_FOLDER = "unpacked"
+# voxels per slab when a whole volume is walked (sampling locations): bounds the memory of that walk
+SLAB_VOXELS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,176 @@ def sample_locations(region: np.ndarray, rng: np.random.Generator, limit: int = 
     return np.concatenate([np.zeros((len(coordinates), 1), dtype=coordinates.dtype), coordinates], axis=1)
 
 
+def sample_locations_by_slab(
+    region_of: Callable[[slice], np.ndarray],
+    shape: Sequence[int],
+    rng: np.random.Generator,
+    limit: int = MAX_LOCATIONS,
+    slab_voxels: Optional[int] = None,
+) -> np.ndarray:
+    """`sample_locations` of the region whose part in planes `s` of the first axis is `region_of(s)`, walking the
+    volume one slab of at most `slab_voxels` voxels at a time: the same coordinates, in the same order, for the
+    same rng state, without the whole region (or all its coordinates) in memory (slab_voxels: SLAB_VOXELS)."""
+    planes = max(1, (slab_voxels or SLAB_VOXELS) // max(int(np.prod(shape[1:])), 1))
+    slabs = [slice(start, min(start + planes, shape[0])) for start in range(0, shape[0], planes)]
+    counts = [int(np.count_nonzero(region_of(slab))) for slab in slabs]
+    total = sum(counts)
+    picked = rng.choice(total, limit, replace=False) if total > limit else np.arange(total)
+    order = np.argsort(picked, kind="stable")
+    coordinates = np.zeros((len(picked), 1 + len(shape)), dtype=np.int64)
+    first = 0  # running index of the slab's first True voxel
+    position = 0  # next entry of `order` to fill
+    for slab, count in zip(slabs, counts):
+        stop = np.searchsorted(picked[order], first + count)
+        if stop > position:
+            # flat indices of the slab's True voxels (C order, as argwhere), unravelled only where picked
+            found = np.flatnonzero(region_of(slab))[picked[order[position:stop]] - first]
+            slab_shape = (slab.stop - slab.start, *shape[1:])
+            coordinates[order[position:stop], 1:] = np.stack(np.unravel_index(found, slab_shape), axis=1)
+            coordinates[order[position:stop], 1] += slab.start
+            position = stop
+        first += count
+    return coordinates
+
+
+class PairSegmentation:
+    """The segmentation of one training item as nnU-Net's loader reads it: (channels, *spatial) int16, chosen mask
+    (and, unless single_mask, the rejected mask narrowed by the item's preference region), -1 outside the image.
+    Nothing is computed until it is sliced; a slice computes only its own voxels (every step is per voxel)."""
+
+    dtype = np.dtype(np.int16)
+
+    def __init__(self, item: TrainingItem, proposals, outside, single_mask: bool, judge_probabilities=None):
+        self.item = item
+        self.proposals = proposals
+        self.outside = outside
+        self.single_mask = single_mask
+        self.judge_probabilities = judge_probabilities
+        self.shape = (1 if single_mask else 2, *proposals.shape[1:])
+        self.ndim = len(self.shape)
+
+    def masks(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen, rejected) int16 inside `box` (slices of the spatial axes), before the -1 outside the image."""
+        item = self.item
+        proposals = np.asarray(self.proposals[(slice(None), *box)])
+        chosen = proposals[item.chosen].astype(np.int16)
+        if self.single_mask:
+            return chosen, chosen
+        judge = None
+        if item.region == "judge_voxels":
+            judge = np.asarray(self.judge_probabilities[(slice(None), *box)], dtype=np.float32)
+        rejected = preference_rejected(
+            proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half, judge
+        )
+        return chosen, rejected.astype(np.int16)
+
+    def __getitem__(self, index) -> np.ndarray:
+        channels, box, squeezed = _split_index(index, self.ndim)
+        chosen, rejected = self.masks(box)
+        # -1 outside the image's nonzero mask, as nnU-Net's preprocessing marks it (removed by its transforms)
+        outside = np.asarray(self.outside[(0, *box)]) < 0
+        chosen[outside] = -1
+        rejected[outside] = -1
+        seg = chosen[None] if self.single_mask else np.stack([chosen, rejected])
+        return seg[(channels, *squeezed)]
+
+    def __array__(self, dtype=None, copy=None):
+        seg = self[...]
+        return seg if dtype is None else seg.astype(dtype)
+
+
+def _split_index(index, ndim: int) -> tuple:
+    """(channel index, spatial slices to compute, what to take of the computed block) of a basic numpy index."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(part is Ellipsis for part in index):
+        at = next(i for i, part in enumerate(index) if part is Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
+    index = index + (slice(None),) * (ndim - len(index))
+    if len(index) != ndim:
+        raise IndexError(f"too many indices for a {ndim}-dimensional segmentation: {index}")
+    box, squeezed = [], []
+    for part in index[1:]:
+        if isinstance(part, slice) and part.step in (None, 1):
+            box.append(part)
+            squeezed.append(slice(None))
+        elif isinstance(part, (int, np.integer)):
+            box.append(slice(int(part), int(part) + 1) if part != -1 else slice(-1, None))
+            squeezed.append(0)
+        else:
+            raise IndexError(f"a pair's segmentation takes slices (step 1) or integers, got {part!r}")
+    return index[0], tuple(box), tuple(squeezed)
+
+
+class UnpackedCases:
+    """Memory-mappable copies of a store's cases under <store>/unpacked/<case>/<fingerprint>/, where the fingerprint
+    names the case file's size and modification time: a rewritten case gets new files, the old folder is removed."""
+
+    def __init__(self, store: ProposalStore):
+        self.store = store
+        self.folder = Path(store.folder) / UNPACKED_FOLDER
+
+    def case_folder(self, case_id: str) -> Path:
+        return self.folder / case_id / _fingerprint(self.store.case_path(case_id))
+
+    def proposals(self, case_id: str) -> np.ndarray:
+        """(K, *spatial) uint8, memory-mapped."""
+        return self._array(
+            case_id, "proposals.npy", lambda: np.ascontiguousarray(self.store.load_case(case_id)["proposals"])
+        )
+
+    def judge_probabilities(self, judge_key: str, case_id: str) -> np.ndarray:
+        """(num_classes, *spatial) float16 (as the store keeps them), memory-mapped."""
+        source = self.store.voxel_probabilities_path(judge_key, case_id)
+        name = f"voxels.{_safe(judge_key)}.{_fingerprint(source)}.npy"
+        return self._array(
+            case_id, name, lambda: self.store.load_voxel_probabilities(judge_key, case_id).astype(np.float16)
+        )
+
+    def locations(self, case_id: str, item_name: str, make: Callable[[], dict]) -> dict:
+        """The sampled locations of one item (`make()` on the first call), as {key: (N, 1 + dim) int64}."""
+        path = self.case_folder(case_id) / f"locations.{hashlib.sha1(item_name.encode()).hexdigest()[:20]}.npz"
+        try:
+            with np.load(path) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, EOFError, KeyError):
+            pass  # not made yet, or damaged: made again
+        locations = make()
+        self._write(path, lambda handle: np.savez(handle, **locations))
+        return locations
+
+    def _array(self, case_id: str, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        path = self.case_folder(case_id) / name
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            pass  # not unpacked yet, or damaged: made again
+        array = make()
+        return np.load(path, mmap_mode="r") if self._write(path, lambda handle: np.save(handle, array)) else array
+
+    def _write(self, path: Path, write: Callable) -> bool:
+        """Write `path` atomically, first removing the folders of earlier versions of the case file; False (the
+        caller keeps what it made in memory) where the store's folder cannot be written."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.parent.iterdir():
+                if stale != path.parent and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+                write(handle)
+        except PermissionError:
+            return False
+        return True
+
+
+def _fingerprint(path: Path) -> str:
+    status = path.stat()  # a missing file raises here, naming it
+    return f"{status.st_size}-{status.st_mtime_ns}"
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text)
+
+
 class PairDataset:
     """Duck-types nnU-Net's dataset interface (`identifiers`, `load_case`) for the pair data loader."""
 
@@ -86,7 +273,10 @@ class PairDataset:
         """single_mask: the segmentation holds only the chosen mask (self-training: nnU-Net's one channel, so
         that its transforms and loss do exactly what they do in supervised training). annotated_key: for datasets
         with an ignore label, nnU-Net's loader centres unforced patches on the voxels listed under this key (its
-        `annotated_classes_key`); a proposal labels every voxel, so every voxel inside the image is listed."""
+        `annotated_classes_key`); a proposal labels every voxel, so every voxel inside the image is listed.
+
+        A store with a folder is unpacked beside it (`UnpackedCases`) and a reader with `open_case` gives lazy
+        images; otherwise (hand-made stores and readers) cases are held in memory, `cache_cases` at most."""
         if not items:
             raise ValueError("no training items: every case of the pool yielded no preference pair")
         self.items = {item.key: item for item in items}
@@ -96,62 +286,94 @@ class PairDataset:
         self.cache_cases = cache_cases
         self.single_mask = single_mask
         self.annotated_key = annotated_key
+        self.unpacked = UnpackedCases(store) if getattr(store, "folder", None) is not None else None
         self._cache: OrderedDict[str, tuple] = OrderedDict()
         self._locations: dict[str, dict] = {}  # per item: small (at most MAX_LOCATIONS coordinates)
 
     def __getstate__(self):
-        # workers get a copy without the caches (the case cache can be large)
+        # workers get a copy without the caches (open files, arrays of cases held in memory)
         state = dict(self.__dict__)
         state["_cache"] = OrderedDict()
         state["_locations"] = {}
         return state
 
+    def prepare(self) -> None:
+        """Unpack every case and sample every item's locations now (once, in this process), instead of in the
+        loader's worker processes on first use."""
+        for key in self.identifiers:
+            self.load_case(key)
+
     def _case(self, case_id: str):
         if case_id in self._cache:
             self._cache.move_to_end(case_id)
             return self._cache[case_id]
-        data, outside, _ = self.reader.load(case_id)
-        proposals = self.store.load_case(case_id)["proposals"]
-        if proposals.shape[1:] != data.shape[1:]:
+        if hasattr(self.reader, "open_case"):
+            data, outside, _ = self.reader.open_case(case_id)
+        else:
+            data, outside, _ = self.reader.load(case_id)
+        if self.unpacked is not None:
+            proposals = self.unpacked.proposals(case_id)
+        else:
+            proposals = self.store.load_case(case_id)["proposals"]
+        if tuple(proposals.shape[1:]) != tuple(data.shape[1:]):
             raise ValueError(
                 f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape"
             )
-        entry = (data, outside, proposals)
+        entry = (data, outside, proposals, {})  # the last: the judge's voxel probabilities by key, when read
         self._cache[case_id] = entry
         while len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
         return entry
 
+    def _judge_probabilities(self, item: TrainingItem, judges: dict):
+        if item.region != "judge_voxels":
+            return None
+        if item.voxel_judge_key not in judges:
+            judges[item.voxel_judge_key] = (
+                self.unpacked.judge_probabilities(item.voxel_judge_key, item.case_id)
+                if self.unpacked is not None
+                else self.store.load_voxel_probabilities(item.voxel_judge_key, item.case_id)
+            )
+        return judges[item.voxel_judge_key]
+
     def load_case(self, key: str):
         item = self.items[key]
-        data, outside, proposals = self._case(item.case_id)
-        chosen = proposals[item.chosen].astype(np.int16)
-        if self.single_mask:
-            rejected = chosen
-        else:
-            judge_probabilities = (
-                self.store.load_voxel_probabilities(item.voxel_judge_key, item.case_id)
-                if item.region == "judge_voxels"
-                else None
-            )
-            rejected = preference_rejected(
-                proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half, judge_probabilities
-            )
-            rejected = rejected.astype(np.int16)
+        data, outside, proposals, judges = self._case(item.case_id)
+        seg = PairSegmentation(item, proposals, outside, self.single_mask, self._judge_probabilities(item, judges))
         if key not in self._locations:
-            # an argwhere over the whole volume: once per item, not once per patch
-            region = chosen != rejected if item.chosen != item.rejected else chosen > 0
-            rng = np.random.default_rng(zlib.crc32(key.encode()))
-            self._locations[key] = {LOCATIONS_KEY: sample_locations(region, rng)}
-            if self.annotated_key is not None:
-                self._locations[key][self.annotated_key] = sample_locations(outside[0] >= 0, rng)
-        locations = self._locations[key]
-        # -1 outside the image's nonzero mask, as nnU-Net's preprocessing marks it (removed by its transforms)
-        outside_mask = outside[0] < 0
-        chosen[outside_mask] = -1
-        rejected[outside_mask] = -1
-        seg = chosen[None] if self.single_mask else np.stack([chosen, rejected])
-        return data, seg, None, {"class_locations": locations}
+            if self.unpacked is None:
+                self._locations[key] = self._sample_locations(key, seg)
+            else:
+                name = f"{key}|{item}|{self.single_mask}|{self.annotated_key}"
+                self._locations[key] = self.unpacked.locations(
+                    item.case_id, name, lambda: self._sample_locations(key, seg)
+                )
+        return data, seg, None, {"class_locations": self._renamed(self._locations[key])}
+
+    def _renamed(self, locations: dict) -> dict:
+        """The locations under the keys nnU-Net's loader looks up (the annotated key is a tuple of labels)."""
+        return {self.annotated_key if key == "annotated" else key: value for key, value in locations.items()}
+
+    def _sample_locations(self, key: str, seg: PairSegmentation) -> dict:
+        """The pair's disagreeing voxels (self-training: the chosen mask's foreground) and, with an ignore label,
+        the voxels inside the image; at most MAX_LOCATIONS each, one slab of the volume at a time."""
+        item = self.items[key]
+        shape = seg.shape[1:]
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+
+        def region_of(planes: slice) -> np.ndarray:
+            box = (planes, *(slice(None),) * (len(shape) - 1))
+            chosen, rejected = seg.masks(box)
+            return chosen != rejected if item.chosen != item.rejected else chosen > 0
+
+        locations = {LOCATIONS_KEY: sample_locations_by_slab(region_of, shape, rng)}
+        if self.annotated_key is not None:
+
+            def inside(planes: slice) -> np.ndarray:
+                return np.asarray(seg.outside[(0, planes)]) >= 0
+
+            locations["annotated"] = sample_locations_by_slab(inside, shape, rng)
+        return locations
 
     def __getitem__(self, key: str):
         return self.load_case(key)
