@@ -233,6 +233,15 @@ def test_an_arms_name_is_derived_from_its_fields_in_one_place():
     assert models.unique_trainer(object, tuned).__name__ == "Bench_rn_dpo_atlas_sft3_folds_s0"
     assert (Arm("base", 0, fold=FOLD_ENSEMBLE, mirroring=True).network_passes(5), fold.network_passes()) == (40, 1)
     assert not Arm("base", 0, fold=FOLD_ENSEMBLE).trains and fold.trains
+    # scored with mirroring, an arm trains nothing: it scores the model the arm without mirroring trained
+    mirrored = replace(fold, mirroring=True)
+    assert (mirrored.name, mirrored.model_name, mirrored.trains, mirrored.network_passes(5)) == (
+        "base_fold3_tta_s0",
+        "base_folds_s0",
+        False,
+        8,
+    )
+    assert Arm("rn_dpo", 0, "atlas", mirroring=True).model_name == "rn_dpo_atlas_top_bottom_s0"
     # settings are what an arm runs with, not who it is
     assert (
         Arm("base", 0, settings={"x": 1}) == Arm("base", 0)

@@ -72,7 +72,8 @@ class Arm:
     def model_name(self) -> str:
         """The nnU-Net model the arm trains (its trainer class `Bench_<model_name>`): the arm itself, or for a fold
         arm the model of every fold (`base_folds_s0`, nnU-Net's layout `<Trainer>__<Plans>__<config>/fold_F`)."""
-        return self.name if self.fold is None else replace(self, fold=FOLD_ENSEMBLE, mirroring=False).name
+        model = replace(self, mirroring=False)  # scoring with mirroring uses the model the arm without it trained
+        return model.name if self.fold is None else replace(model, fold=FOLD_ENSEMBLE).name
 
     @property
     def base(self) -> "Arm":
@@ -81,8 +82,9 @@ class Arm:
 
     @property
     def trains(self) -> bool:
-        """Whether running it trains a model (the ensemble of fold models only scores theirs)."""
-        return self.fold != FOLD_ENSEMBLE
+        """Whether running it trains a model: the ensemble of a model's folds, and an arm scored with mirroring,
+        only score the models other arms trained."""
+        return self.fold != FOLD_ENSEMBLE and not self.mirroring
 
     def network_passes(self, folds: int = 1) -> int:
         """Network passes per case (per sliding-window tile) when scored: one per model, times the mirror passes."""

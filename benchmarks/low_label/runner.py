@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks.low_label import models
-from benchmarks.low_label.arms import BASE_KINDS, Arm, arm_record
+from benchmarks.low_label.arms import BASE_KINDS, FOLD_ENSEMBLE, Arm, arm_record
 from benchmarks.low_label.catalogue import JUDGES, MEASURED_WITH, ORACLE_SWEEP
 from benchmarks.low_label.data import validation_folder
 from benchmarks.low_label.protocols import CONFIGURATION, Protocol, Schedule
@@ -38,9 +38,13 @@ class Bench:
     def model_folder(self, arm: Arm) -> Path:
         return models.model_folder(arm, self.protocol.upper_id if arm.kind == "upper" else self.protocol.dataset_id)
 
-    def fold_folders(self, arm: Arm) -> list[Path]:
-        """The fold folders of an ensemble arm's model, fold 0 first."""
-        return [self.model_folder(replace(arm, fold=fold)) for fold in range(self.protocol.folds)]
+    def scored_folders(self, arm: Arm) -> list[Path]:
+        """The fold folders of the models an arm that does not train scores: every fold of its model (fold 0
+        first) for an ensemble, else the one the arm without mirroring trained."""
+        trained = replace(arm, mirroring=False)
+        if arm.fold != FOLD_ENSEMBLE:
+            return [self.model_folder(trained)]
+        return [self.model_folder(replace(trained, fold=fold)) for fold in range(self.protocol.folds)]
 
 
 def fine_tuning_settings(arm: Arm, schedule: Schedule, dataset_id: int) -> dict:
@@ -116,7 +120,7 @@ def run_arm(arm: Arm, bench: Bench) -> dict:
     """Trains (or, for an ensemble of folds, only scores) the arm; its result without the validation scores of a
     trained arm (`score_validation` adds them)."""
     if not arm.trains:
-        return score_ensemble(arm, bench)
+        return score_models(arm, bench)
     folder, phases = train(arm, bench)
     result = {"arm": arm_record(arm), "folder": str(folder), "seconds": phases, "schedule": asdict(bench.schedule)}
     result["validation_curve"] = validation_curve(folder)
@@ -133,12 +137,12 @@ def run_arm(arm: Arm, bench: Bench) -> dict:
     return result
 
 
-def score_ensemble(arm: Arm, bench: Bench) -> dict:
-    """The ensemble of every fold's final checkpoint of the arm's model, as nnU-Net's predictor makes it from
-    several folds (`nnUNetv2_predict -f 0 1 2 3 4`: the folds' logits averaged), with test-time mirroring if the arm
-    says so, on the test and the whole validation cases."""
+def score_models(arm: Arm, bench: Bench) -> dict:
+    """An arm that trains nothing, on the test and the whole validation cases: the ensemble of every fold's final
+    checkpoint of the arm's model, as nnU-Net's predictor makes it from several folds (`nnUNetv2_predict -f 0 1 2 3
+    4`: the folds' logits averaged), or one model's; with test-time mirroring if the arm says so."""
     started = time.perf_counter()
-    checkpoints = [folder / "checkpoint_final.pth" for folder in bench.fold_folders(arm)]
+    checkpoints = [folder / "checkpoint_final.pth" for folder in bench.scored_folders(arm)]
     scores = {}
     for split, cases in (("test", None), ("validation", validation_folder(bench.work))):
         predictions = bench.work / "predictions" / arm.name / f"{split}_final"
@@ -147,7 +151,7 @@ def score_ensemble(arm: Arm, bench: Bench) -> dict:
         )
     return {
         "arm": arm_record(arm),
-        "folder": str(checkpoints[0].parent.parent),
+        "folder": str(checkpoints[0].parent.parent if len(checkpoints) > 1 else checkpoints[0].parent),
         "checkpoints": [str(path) for path in checkpoints],
         "seconds": {"scoring_s": time.perf_counter() - started},
         "schedule": asdict(bench.schedule),
@@ -267,8 +271,8 @@ def record(arm: Arm, bench: Bench) -> None:
     starts from; writes <work>/arms/<name>.json with the machine and the date."""
     from nnunet_rndpo.atomic import save_json
 
-    if not arm.trains:  # an ensemble: every fold's model
-        for folder in bench.fold_folders(arm):
+    if not arm.trains:  # the models it scores
+        for folder in bench.scored_folders(arm):
             wait_for(folder / "checkpoint_final.pth")
     elif arm.kind not in BASE_KINDS:  # a fine-tuning arm starts from its seed's (and fold's) base
         wait_for(bench.model_folder(arm.base) / "checkpoint_final.pth")
