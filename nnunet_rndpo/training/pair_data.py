@@ -137,19 +137,26 @@ class PairSegmentation:
         self.ndim = len(self.shape)
 
     def masks(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(chosen, rejected) int16 inside `box` (slices of the spatial axes), before the -1 outside the image."""
+        """(chosen, rejected) int16 inside `box` (slices of the spatial axes), before the -1 outside the image;
+        rejected is None with single_mask."""
         item = self.item
-        proposals = np.asarray(self.proposals[(slice(None), *box)])
-        chosen = proposals[item.chosen].astype(np.int16)
         if self.single_mask:
-            return chosen, chosen
+            return np.asarray(self.proposals[(item.chosen, *box)]).astype(np.int16), None
+        # only the proposals the region reads: the pair itself, all of them for the votes of the other regions
+        used_all = item.region not in ("disagreement", "judge_voxels")
+        used = tuple(range(self.proposals.shape[0])) if used_all else (item.chosen, item.rejected)
+        proposals = np.stack([np.asarray(self.proposals[(index, *box)]) for index in used])
+        position = {index: at for at, index in enumerate(used)}
         judge = None
         if item.region == "judge_voxels":
             judge = np.asarray(self.judge_probabilities[(slice(None), *box)], dtype=np.float32)
+        halves = [
+            tuple(position[index] for index in half) if used_all else () for half in (item.top_half, item.bottom_half)
+        ]
         rejected = preference_rejected(
-            proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half, judge
+            proposals, position[item.chosen], position[item.rejected], item.region, *halves, judge
         )
-        return chosen, rejected.astype(np.int16)
+        return proposals[position[item.chosen]].astype(np.int16), rejected.astype(np.int16)
 
     def __getitem__(self, index) -> np.ndarray:
         channels, box, squeezed = _split_index(index, self.ndim)
@@ -157,8 +164,10 @@ class PairSegmentation:
         # -1 outside the image's nonzero mask, as nnU-Net's preprocessing marks it (removed by its transforms)
         outside = np.asarray(self.outside[(0, *box)]) < 0
         chosen[outside] = -1
+        if rejected is None:
+            return chosen[None][(channels, *squeezed)]
         rejected[outside] = -1
-        seg = chosen[None] if self.single_mask else np.stack([chosen, rejected])
+        seg = np.stack([chosen, rejected])
         return seg[(channels, *squeezed)]
 
     def __array__(self, dtype=None, copy=None):
@@ -364,7 +373,9 @@ class PairDataset:
         def region_of(planes: slice) -> np.ndarray:
             box = (planes, *(slice(None),) * (len(shape) - 1))
             chosen, rejected = seg.masks(box)
-            return chosen != rejected if item.chosen != item.rejected else chosen > 0
+            if item.chosen == item.rejected:
+                return chosen > 0
+            return chosen != (chosen if rejected is None else rejected)
 
         locations = {LOCATIONS_KEY: sample_locations_by_slab(region_of, shape, rng)}
         if self.annotated_key is not None:
