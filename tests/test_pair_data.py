@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_rndpo.proposals.store import StoreError
 from nnunet_rndpo.training.pair_data import LOCATIONS_KEY, PairDataset, TrainingItem, sample_locations
 
 SHAPE = (48, 48, 48)
@@ -353,7 +354,18 @@ def test_unpacked_files_are_reused_rebuilt_when_damaged_and_replaced_when_the_ca
     seg, _ = loaded(expected_reads=1)
     assert np.array_equal(seg, whole_volume_masks(changed, judge, outside, item, False))
     assert [p.name for p in folder.iterdir()] != [version.name] and len(list(folder.iterdir())) == 1
+    # the judge scored again: its new voxel probabilities replace the old ones, and so do the item's locations
+    rescored = judge.copy()
+    rescored[2] = 1 - rescored[2]
+    os.utime(store.voxel_probabilities_path("atlas", "case"), ns=(1, 1))
+    store.save_voxel_probabilities("atlas", "case", rescored)
+    seg, _ = loaded(expected_reads=0)
+    assert np.array_equal(seg, whole_volume_masks(changed, rescored, outside, item, False))
+    (version,) = folder.iterdir()
+    assert len(list(version.glob("voxels.*"))) == 1 and len(list(version.glob("locations.*"))) == 1
     assert not list((tmp_path / "store").rglob("*.partial"))
+    with pytest.raises(StoreError, match="case 'other' is not in the proposal store"):
+        PairDataset([TrainingItem("other", 0, 1)], store, ArrayReader(data, outside)).load_case("other::0>1")
 
 
 def test_a_patch_load_of_a_large_case_reads_only_a_bounded_part_of_it(tmp_path, monkeypatch):

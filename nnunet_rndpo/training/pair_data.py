@@ -34,7 +34,7 @@ import numpy as np
 from nnunet_rndpo.atomic import atomic_path
 from nnunet_rndpo.preference_region import preference_rejected
 from nnunet_rndpo.proposals.pool import PoolReader
-from nnunet_rndpo.proposals.store import ProposalStore
+from nnunet_rndpo.proposals.store import ProposalStore, StoreError
 
 # nnU-Net samples at most this many locations per class for oversampling; we do the same per pair.
 MAX_LOCATIONS = 10_000
@@ -206,7 +206,10 @@ class UnpackedCases:
         self.folder = Path(store.folder) / UNPACKED_FOLDER
 
     def case_folder(self, case_id: str) -> Path:
-        return self.folder / case_id / _fingerprint(self.store.case_path(case_id))
+        path = self.store.case_path(case_id)
+        if not path.is_file():
+            raise StoreError(f"case {case_id!r} is not in the proposal store {self.store.folder}")
+        return self.folder / case_id / fingerprint(path)
 
     def proposals(self, case_id: str) -> np.ndarray:
         """(K, *spatial) uint8, memory-mapped."""
@@ -216,15 +219,22 @@ class UnpackedCases:
 
     def judge_probabilities(self, judge_key: str, case_id: str) -> np.ndarray:
         """(num_classes, *spatial) float16 (as the store keeps them), memory-mapped."""
-        source = self.store.voxel_probabilities_path(judge_key, case_id)
-        name = f"voxels.{_safe(judge_key)}.{_fingerprint(source)}.npy"
+        name = f"voxels.{_safe(judge_key)}.{self.judge_fingerprint(judge_key, case_id)}.npy"
         return self._array(
             case_id, name, lambda: self.store.load_voxel_probabilities(judge_key, case_id).astype(np.float16)
         )
 
-    def locations(self, case_id: str, item_name: str, make: Callable[[], dict]) -> dict:
-        """The sampled locations of one item (`make()` on the first call), as {key: (N, 1 + dim) int64}."""
-        path = self.case_folder(case_id) / f"locations.{hashlib.sha1(item_name.encode()).hexdigest()[:20]}.npz"
+    def judge_fingerprint(self, judge_key: str, case_id: str) -> str:
+        path = self.store.voxel_probabilities_path(judge_key, case_id)
+        if not path.is_file():
+            self.store.load_voxel_probabilities(judge_key, case_id)  # raises the store's error, naming what to do
+        return fingerprint(path)
+
+    def locations(self, case_id: str, item_name: str, version: str, make: Callable[[], dict]) -> dict:
+        """The sampled locations of one item (`make()` on the first call), as {key: (N, 1 + dim) int64}; version:
+        of what else they depend on (the judge's voxels), "-" for nothing."""
+        item_hash = hashlib.sha1(item_name.encode()).hexdigest()[:20]
+        path = self.case_folder(case_id) / f"locations.{item_hash}.{version}.npz"
         try:
             with np.load(path) as archive:
                 return {name: archive[name] for name in archive.files}
@@ -251,6 +261,11 @@ class UnpackedCases:
             for stale in path.parent.parent.iterdir():
                 if stale != path.parent and stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
+            if path.name.count(".") == 3:  # <kind>.<name>.<version>.<ending>: earlier versions go
+                kind_and_name, _, ending = path.name.rsplit(".", 2)
+                for stale in path.parent.glob(f"{kind_and_name}.*.{ending}"):
+                    if stale != path:
+                        stale.unlink(missing_ok=True)
             with atomic_path(path) as temporary, open(temporary, "wb") as handle:
                 write(handle)
         except PermissionError:
@@ -258,8 +273,9 @@ class UnpackedCases:
         return True
 
 
-def _fingerprint(path: Path) -> str:
-    status = path.stat()  # a missing file raises here, naming it
+def fingerprint(path: Path) -> str:
+    """A file's version: its size and modification time (ns)."""
+    status = path.stat()
     return f"{status.st_size}-{status.st_mtime_ns}"
 
 
@@ -353,9 +369,15 @@ class PairDataset:
             if self.unpacked is None:
                 self._locations[key] = self._sample_locations(key, seg)
             else:
+                # the judge's voxels decide a judge_voxels pair's region: their version is part of the name
+                voxels = (
+                    self.unpacked.judge_fingerprint(item.voxel_judge_key, item.case_id)
+                    if item.region == "judge_voxels"
+                    else "-"
+                )
                 name = f"{key}|{item}|{self.single_mask}|{self.annotated_key}"
                 self._locations[key] = self.unpacked.locations(
-                    item.case_id, name, lambda: self._sample_locations(key, seg)
+                    item.case_id, name, voxels, lambda: self._sample_locations(key, seg)
                 )
         return data, seg, None, {"class_locations": self._renamed(self._locations[key])}
 
