@@ -321,14 +321,14 @@ def test_unpacked_files_are_reused_rebuilt_when_damaged_and_replaced_when_the_ca
 
     def loaded(expected_reads):
         calls = []
-        original = store.load_case
-        store.load_case = lambda case_id: calls.append(case_id) or original(case_id)
+        original = store.load_proposals
+        store.load_proposals = lambda case_id: calls.append(case_id) or original(case_id)
         try:
             dataset = PairDataset([item], store, ArrayReader(data, outside))
             _, seg, _, properties = dataset.load_case(item.key)
             result = np.asarray(seg), properties["class_locations"]["disagreement"]
         finally:
-            store.load_case = original
+            store.load_proposals = original
         assert len(calls) == expected_reads
         return result
 

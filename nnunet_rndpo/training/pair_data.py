@@ -213,9 +213,7 @@ class UnpackedCases:
 
     def proposals(self, case_id: str) -> np.ndarray:
         """(K, *spatial) uint8, memory-mapped."""
-        return self._array(
-            case_id, "proposals.npy", lambda: np.ascontiguousarray(self.store.load_case(case_id)["proposals"])
-        )
+        return self._array(case_id, "proposals.npy", lambda: np.ascontiguousarray(self.store.load_proposals(case_id)))
 
     def judge_probabilities(self, judge_key: str, case_id: str) -> np.ndarray:
         """(num_classes, *spatial) float16 (as the store keeps them), memory-mapped."""
@@ -339,7 +337,7 @@ class PairDataset:
         if self.unpacked is not None:
             proposals = self.unpacked.proposals(case_id)
         else:
-            proposals = self.store.load_case(case_id)["proposals"]
+            proposals = self.store.load_case(case_id)["proposals"]  # a hand-made store (tests)
         if tuple(proposals.shape[1:]) != tuple(data.shape[1:]):
             raise ValueError(
                 f"case {case_id}: proposals {proposals.shape[1:]} and image {data.shape[1:]} differ in shape"
