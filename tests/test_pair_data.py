@@ -409,3 +409,23 @@ def test_a_patch_load_of_a_large_case_reads_only_a_bounded_part_of_it(tmp_path, 
         tracemalloc.stop()
     assert batch["target"].shape == (2, 2, 32, 32, 32)
     assert peak < volume_bytes / 4, f"{peak / 1e6:.1f} MB allocated, a volume is {volume_bytes / 1e6:.1f} MB"
+
+
+def test_a_worker_gets_a_pickled_dataset_without_open_files_that_reads_the_same_patches(tmp_path):
+    import pickle
+
+    proposals, judge, outside = random_case()
+    store = make_store(tmp_path, proposals, judge)
+    data = np.random.default_rng(1).random((1, *proposals.shape[1:]), dtype=np.float32)
+    dataset = PairDataset(items_of_every_region(), store, ArrayReader(data, outside))
+    dataset.prepare()
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert copy._cache == {} and copy._locations == {}
+    box = (slice(None), slice(2, 12), slice(5, 20), slice(0, 9))
+    for key in dataset.identifiers:
+        _, seg, _, properties = dataset.load_case(key)
+        _, copied_seg, _, copied_properties = copy.load_case(key)
+        assert np.array_equal(seg[box], copied_seg[box])
+        assert np.array_equal(
+            properties["class_locations"][LOCATIONS_KEY], copied_properties["class_locations"][LOCATIONS_KEY]
+        )
