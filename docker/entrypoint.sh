@@ -10,13 +10,16 @@
 #      memory and die ("background workers died", bus errors) with Docker's default of 64 MB;
 #   4. warns when the preprocessed/results folders are not writable by the user the container runs as;
 #   5. points HOME at a writable folder when the container runs under an arbitrary `--user` uid (Docker
-#      then sets HOME=/), because matplotlib, torch.compile/triton and friends write caches under it.
+#      then sets HOME=/), because matplotlib, torch.compile/triton and friends write caches under it;
+#   6. sets nnUNet_compile=false when it is unset and the image has no C compiler (see ensure_compile_setting);
+#   7. stays PID 1 and passes `docker stop` on to the command (see run_passing_stop_signals_on).
 #
 # Written for POSIX sh (dash in the image) and also runs under bash.
 #
 # Settings read from the environment (all optional):
-#   RNDPO_ENTRYPOINT_DRY_RUN=1  print the environment it settled on and the command it would exec, then
-#                               exit 0 without running it (used by tests/test_docker.py; handy to debug)
+#   RNDPO_ENTRYPOINT_DRY_RUN=1  print the environment it settled on, the command it would run and how
+#                               (`exec` or `child`), then exit 0 without running it (used by
+#                               tests/test_docker.py; handy to debug)
 #   RNDPO_SHM_PATH              shared-memory folder to check (default /dev/shm)
 #   RNDPO_SHM_SIZE_KB           pretend the shared memory has this size in KiB (tests; skips `df`)
 set -eu
@@ -174,6 +177,93 @@ ensure_home() {
     fi
 }
 
+# nnUNetv2_train compiles the network with torch.compile on a GPU unless nnUNet_compile says otherwise, and
+# the Triton kernels that torch.compile makes need a C compiler at run time (to build their launchers).
+# The pytorch/pytorch *runtime* images have none, so training would stop at its first step with "Failed to
+# find C compiler". Without one, compile is turned off here; a user's own setting is kept either way.
+ensure_compile_setting() {
+    if [ -n "${nnUNet_compile:-}" ] || [ -n "${CC:-}" ]; then
+        return 0
+    fi
+    for compiler in cc gcc clang; do
+        if command -v "$compiler" >/dev/null 2>&1; then
+            return 0
+        fi
+    done
+    nnUNet_compile=false
+    export nnUNet_compile
+    case $1 in
+        nnUNetv2_train)
+            log "note: no C compiler in the image, which torch.compile needs on a GPU: nnUNet_compile=false (docker/README.md, 'torch.compile')."
+            ;;
+    esac
+}
+
+# Runs the command as a child in a session of its own and passes SIGTERM and SIGINT on to that whole session
+# as SIGINT; exits with the command's status (130 after an interrupt).
+# Why not `exec`: docker stop sends SIGTERM to PID 1, and the kernel delivers to the PID 1 of a container
+# only the signals it installed a handler for. Python installs none for SIGTERM, so an exec'd
+# nnUNetv2_train would ignore docker stop and be killed (SIGKILL, exit 137) when its grace period ends,
+# perhaps in the middle of writing a checkpoint. Why SIGINT: Python turns it into KeyboardInterrupt, so
+# `finally` blocks and context managers run (the package's atomic writers remove their temporary files)
+# and nnunet_rndpo exits 130; SIGTERM would end Python at once. Why the whole session: every process of
+# the run stops, the DDP ranks of a multi-GPU training and nnU-Net's augmentation workers included.
+# A shell starts a background command with SIGINT and SIGQUIT ignored, and Python then leaves SIGINT
+# ignored too: `env --default-signal` (GNU coreutils 8.31 or later) gives them back their default.
+run_passing_stop_signals_on() {
+    if env --default-signal=INT,QUIT true 2>/dev/null; then
+        set -- env --default-signal=INT,QUIT "$@"
+        stop_with=INT
+    else
+        log "warning: this env cannot reset signals (--default-signal); docker stop will end the command with SIGTERM, without clean-up."
+        stop_with=TERM
+    fi
+    # A background command gets /dev/null as stdin unless given another: hand it the entrypoint's.
+    exec 3<&0
+    if command -v setsid >/dev/null 2>&1; then
+        # The child is no process-group leader, so setsid makes the new session in place: its pid is the
+        # session's (and process group's) id.
+        setsid "$@" <&3 3<&- &
+        target=-$!
+    else
+        "$@" <&3 3<&- &
+        target=$!
+    fi
+    child=$!
+    exec 3<&-
+    trap 'pass_on TERM' TERM
+    trap 'pass_on INT' INT
+    while :; do
+        if wait "$child"; then status=0; else status=$?; fi
+        # wait also returns (> 128) when a trapped signal arrives; the command may still be running.
+        kill -0 "$child" 2>/dev/null || break
+    done
+    if [ -n "${stop_signal:-}" ]; then
+        log "$command_name exited with status $status after SIG$stop_signal."
+    fi
+    exit "$status"
+}
+
+pass_on() {
+    stop_signal=$1
+    log "SIG$1 received; passing SIG$stop_with on to $command_name and the processes it started."
+    kill -s "$stop_with" -- "$target" 2>/dev/null || true
+}
+
+# A shell or an interpreter on a terminal (`docker run -it IMAGE bash`) becomes PID 1 itself: it needs the
+# terminal for job control and Ctrl-C. Every other command runs under the entrypoint.
+run_mode() {
+    case $1 in
+        bash | sh | python | python3)
+            if [ -t 0 ]; then
+                echo exec
+                return 0
+            fi
+            ;;
+    esac
+    echo child
+}
+
 if [ "$#" -eq 0 ]; then
     usage
     exit 0
@@ -202,15 +292,23 @@ if ! command -v "$1" >/dev/null 2>&1; then
 fi
 
 ensure_ext_trainer
+ensure_compile_setting "$1"
 ensure_home
 check_shm
 check_writable
 
+mode=$(run_mode "$1")
 if [ "${RNDPO_ENTRYPOINT_DRY_RUN:-0}" = 1 ]; then
     printf 'env nnUNet_extTrainer=%s\n' "${nnUNet_extTrainer:-}"
     printf 'env HOME=%s\n' "${HOME:-}"
-    printf 'exec %s\n' "$(quote_words "$@")"
+    printf 'env nnUNet_compile=%s\n' "${nnUNet_compile:-}"
+    printf 'mode %s\n' "$mode"
+    printf 'command %s\n' "$(quote_words "$@")"
     exit 0
 fi
 
-exec "$@"
+if [ "$mode" = exec ]; then
+    exec "$@"
+fi
+command_name=$1
+run_passing_stop_signals_on "$@"

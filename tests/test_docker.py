@@ -1,4 +1,4 @@
-"""Checks of the Docker packaging that run without a Docker engine (none exists on the CI machines).
+"""Checks of the Docker packaging; all but the last run without a Docker engine (CI machines have none).
 
 (a) hadolint lints docker/Dockerfile: any finding fails.
 (b) docker/entrypoint.sh runs here, under bash and under sh (the image's /bin/sh is dash), against fake
@@ -7,6 +7,9 @@
 (c) docker/Dockerfile is parsed: the environment, user, volumes, entrypoint, COPY sources, .dockerignore,
     the shell syntax of every RUN and the Python snippets in them are checked, and the nnunetv2 range it
     installs is compared with setup.py's.
+(d) docker/test_image.sh, which builds the image and runs it as a user would: its syntax and its report of
+    what is missing always; the whole script only where a Docker engine is reachable (about 40 minutes on
+    a 2-core machine; skipped with the reason elsewhere).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,12 +272,14 @@ def _dry(env: dict[str, str]) -> dict[str, str]:
 
 
 def _dry_lines(stdout: str) -> dict[str, str]:
-    """{'exec': 'cmd ...', 'nnUNet_extTrainer': ..., 'HOME': ...} from the dry-run output."""
+    """{'command': 'cmd ...', 'mode': 'exec' | 'child', 'nnUNet_extTrainer': ..., 'HOME': ...} from the dry-run
+    output."""
     out = {}
     for line in stdout.splitlines():
-        if line.startswith("exec "):
-            out["exec"] = line[len("exec ") :]
-        elif line.startswith("env "):
+        for key in ("command", "mode"):
+            if line.startswith(key + " "):
+                out[key] = line[len(key) + 1 :]
+        if line.startswith("env "):
             key, _, value = line[len("env ") :].partition("=")
             out[key] = value
     return out
@@ -311,7 +318,7 @@ def test_allowed_but_missing_command_exits_127(shell, sandbox):
 def test_dry_run_prints_the_command_and_runs_nothing(shell, sandbox):
     result = run_entrypoint(shell, ["nnunet_rndpo", "--help"], _dry(sandbox["env"]))
     assert result.returncode == 0, result.stderr
-    assert _dry_lines(result.stdout)["exec"] == "nnunet_rndpo --help"
+    assert _dry_lines(result.stdout)["command"] == "nnunet_rndpo --help"
     assert not sandbox["calls"].exists(), "dry run must not run the package CLI"
 
 
@@ -320,7 +327,7 @@ def test_dry_run_quotes_arguments_so_they_split_back(shell, sandbox):
     argv = ["nnUNetv2_train", "4", "3d_fullres", "0", "-tr", "nnUNetTrainerRNDPO", "--x=a b", "it's", ""]
     result = run_entrypoint(shell, argv, _dry(sandbox["env"]))
     assert result.returncode == 0, result.stderr
-    assert shlex.split(_dry_lines(result.stdout)["exec"]) == argv
+    assert shlex.split(_dry_lines(result.stdout)["command"]) == argv
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -340,7 +347,169 @@ def test_pass_through_execs_with_arguments_and_exit_code(shell, sandbox):
 def test_debug_and_package_commands_pass_through(shell, sandbox, command):
     result = run_entrypoint(shell, command, _dry(sandbox["env"]))
     assert result.returncode == 0, result.stderr
-    assert shlex.split(_dry_lines(result.stdout)["exec"]) == command
+    assert shlex.split(_dry_lines(result.stdout)["command"]) == command
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    "command, on_terminal, mode",
+    [
+        (["nnUNetv2_train", "1"], False, "child"),
+        (["nnUNetv2_train", "1"], True, "child"),
+        (["nnunet_rndpo", "demo"], True, "child"),
+        (["python", "-c", "print(1)"], False, "child"),
+        (["bash", "-c", "echo 1"], False, "child"),
+        (["bash"], True, "exec"),
+        (["sh"], True, "exec"),
+        (["python"], True, "exec"),
+        (["python3"], True, "exec"),
+    ],
+)
+def test_only_a_shell_or_interpreter_on_a_terminal_replaces_the_entrypoint(shell, sandbox, command, on_terminal, mode):
+    env = {k: v for k, v in _dry(sandbox["env"]).items()}
+    if on_terminal:
+        leader, follower = os.openpty()
+        try:
+            result = subprocess.run(
+                [shell, str(ENTRYPOINT), *command], env=env, stdin=follower, capture_output=True, text=True, timeout=30
+            )
+        finally:
+            os.close(leader)
+            os.close(follower)
+    else:
+        result = run_entrypoint(shell, command, env)
+    assert result.returncode == 0, result.stderr
+    assert _dry_lines(result.stdout)["mode"] == mode
+
+
+def _signal_recording_command(sandbox) -> Path:
+    """A fake nnUNetv2_train in Python that starts a worker process, like nnU-Net's augmentation workers, and
+    records in signals.log which of the two got a KeyboardInterrupt; it tells when both run via started.log."""
+    log = sandbox["tmp"] / "signals.log"
+    worker = (
+        "import sys, time\n"
+        "open(sys.argv[2], 'a').write('worker up\\n')\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    open(sys.argv[1], 'a').write('worker KeyboardInterrupt\\n')\n"
+    )
+    body = (
+        f"#!{sys.executable}\n"
+        "import subprocess, sys, time\n"
+        f"log, started = {str(log)!r}, {str(sandbox['tmp'] / 'started.log')!r}\n"
+        f"worker = subprocess.Popen([sys.executable, '-c', {worker!r}, log, started])\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    open(log, 'a').write('main KeyboardInterrupt\\n')\n"
+        "    worker.wait(10)\n"
+        "    raise\n"
+    )
+    path = sandbox["bin"] / "nnUNetv2_train"
+    path.write_text(body, encoding="utf-8")
+    path.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_reaches_the_command_and_its_workers_as_keyboard_interrupt(shell, sandbox, stop_signal):
+    """docker stop: SIGTERM to the entrypoint (PID 1) ends the Python command through KeyboardInterrupt, in the
+    main process and in the processes it started, and the entrypoint exits with the command's status."""
+    log = _signal_recording_command(sandbox)
+    started = sandbox["tmp"] / "started.log"
+    process = subprocess.Popen(
+        [shell, str(ENTRYPOINT), "nnUNetv2_train", "1"],
+        env=sandbox["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (started.exists() and "worker up" in started.read_text()):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the fake command did not start its worker"
+            time.sleep(0.05)
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert sorted(log.read_text().splitlines()) == ["main KeyboardInterrupt", "worker KeyboardInterrupt"]
+    name = stop_signal.name
+    assert f"{name} received; passing SIGINT on to nnUNetv2_train" in stderr
+    assert f"nnUNetv2_train exited with status 130 after {name}" in stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_child_keeps_the_entrypoints_stdin(shell, sandbox):
+    _write_exe(sandbox["bin"], "nnUNetv2_cat", "cat\n")
+    result = subprocess.run(
+        [shell, str(ENTRYPOINT), "nnUNetv2_cat"],
+        env=sandbox["env"],
+        input="from stdin\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "from stdin\n"
+
+
+COMPILERS = ("cc", "gcc", "clang")
+
+
+@pytest.fixture
+def without_compilers(sandbox):
+    """The sandbox's environment with a PATH of the machine's tools minus any C compiler (a runtime image)."""
+    tools = sandbox["tmp"] / "tools"
+    tools.mkdir()
+    for folder in ("/usr/bin", "/bin"):
+        for entry in Path(folder).iterdir():
+            name = entry.name
+            if name in COMPILERS or re.match(r"(x86_64|aarch64|.*-linux-gnu)-|gcc-|clang-", name):
+                continue
+            if not (tools / name).exists() and os.access(entry, os.X_OK):
+                (tools / name).symlink_to(entry)
+    env = {**sandbox["env"], "PATH": f"{sandbox['bin']}{os.pathsep}{tools}"}
+    assert all(shutil.which(c, path=env["PATH"]) is None for c in COMPILERS)
+    return env
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_compile_is_turned_off_without_a_c_compiler(shell, sandbox, without_compilers):
+    dry = run_entrypoint(shell, ["nnUNetv2_train", "1"], _dry(without_compilers), unset=("nnUNet_compile", "CC"))
+    assert dry.returncode == 0, dry.stderr
+    assert _dry_lines(dry.stdout)["nnUNet_compile"] == "false"
+    assert "no C compiler" in dry.stderr and "nnUNet_compile=false" in dry.stderr
+    # exported to the command, and said only where nnU-Net would compile
+    _write_exe(sandbox["bin"], "nnunet_rndpo", 'echo "compile=${nnUNet_compile:-<unset>}"\n')
+    package = run_entrypoint(shell, ["nnunet_rndpo", "demo"], without_compilers, unset=("nnUNet_compile", "CC"))
+    assert package.returncode == 0, package.stderr
+    assert "compile=false" in package.stdout
+    assert "no C compiler" not in package.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    "setting, expected", [({"nnUNet_compile": "true"}, "true"), ({"CC": "/opt/my/cc"}, ""), ({"cc": None}, "")]
+)
+def test_compile_setting_is_left_alone_with_a_compiler_or_a_users_choice(
+    shell, sandbox, without_compilers, setting, expected
+):
+    env = _dry(without_compilers)
+    if "cc" in setting:
+        _write_exe(sandbox["bin"], "cc", "exit 0\n")
+    else:
+        env.update(setting)
+    unset = tuple(name for name in ("nnUNet_compile", "CC") if name not in setting)
+    result = run_entrypoint(shell, ["nnUNetv2_train", "1"], env, unset=unset)
+    assert result.returncode == 0, result.stderr
+    assert _dry_lines(result.stdout)["nnUNet_compile"] == expected
+    assert "no C compiler" not in result.stderr
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -493,17 +662,25 @@ def test_entrypoint_is_executable_posix_sh_with_valid_syntax():
 # --------------------------------------------------------------------------------------------------
 # (c) the Dockerfile, parsed
 # --------------------------------------------------------------------------------------------------
-def test_base_image_is_a_pinned_pytorch_cuda_runtime(instructions):
+BASE_TAG = re.compile(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?")
+
+
+def _default_base(instructions: list[Instruction]) -> str:
+    """The BASE_IMAGE argument's default; the only FROM must use it."""
     froms = _of(instructions, "FROM")
     assert len(froms) == 1
-    image = froms[0].args.split()[0]
-    match = re.fullmatch(
-        r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?", image
-    )
+    assert froms[0].args.split()[0] == "${BASE_IMAGE}", froms[0].args
+    # An ARG before FROM is the only kind that FROM can read.
+    assert instructions.index(_of(instructions, "ARG")[0]) < instructions.index(froms[0])
+    return _arg_defaults(instructions)["BASE_IMAGE"]
+
+
+def test_base_image_is_an_argument_defaulting_to_a_pinned_pytorch_cuda_runtime(instructions):
+    image = _default_base(instructions)
+    match = BASE_TAG.fullmatch(image)
     assert match, f"expected a pinned pytorch/pytorch:X.Y.Z-cudaA.B-cudnnN-runtime tag, got {image}"
-    torch_version = ".".join(match.groups()[:3])
     # nnunetv2 2.8.x declares torch!=2.9.*: a 2.9 base would make pip replace the base's torch.
-    assert not torch_version.startswith("2.9."), torch_version
+    assert not match.group(1).startswith("2.9."), image
 
 
 def test_env_sets_exactly_the_nnunet_variables(instructions):
@@ -595,6 +772,8 @@ def test_dockerignore_keeps_what_pip_install_reads(instructions):
         "demo_output",
         "bench_output",
         "tests/test_docker.py",
+        "docker/README.md",
+        "docker/test_image.sh",
     ):
         assert _ignored(path, patterns) is not None, f"{path} should be excluded from the build context"
 
@@ -609,29 +788,65 @@ def test_nnunetv2_range_matches_setup_py(instructions):
     )
 
 
+TORCH_CONSTRAINTS = "/opt/nnunet-rndpo/torch-constraints.txt"
+
+
 def test_pip_keeps_the_base_torch(instructions):
     packaging_version = pytest.importorskip("packaging.version")
     packaging_req = pytest.importorskip("packaging.requirements")
-    # setup.py must accept the base image's torch, so that pip has no reason to replace it.
-    image = _of(instructions, "FROM")[0].args.split()[0]
-    base_torch = packaging_version.Version(re.search(r":(\d+\.\d+\.\d+)-", image).group(1))
+    # setup.py must accept the default base's torch, so that pip has no reason to replace it.
+    base_torch = packaging_version.Version(BASE_TAG.fullmatch(_default_base(instructions)).group(1))
     torch_reqs = [
         packaging_req.Requirement(r)
         for r in _setup_keyword("install_requires")
         if packaging_req.Requirement(r).name == "torch"
     ]
     assert torch_reqs and all(base_torch in r.specifier for r in torch_reqs)
-    # Every pip install runs under the constraints file that pins the base's torch, written before it.
+    # The first RUN that installs anything makes sure of torch and writes the constraints file; every later
+    # pip install runs under it.
     runs = [i.args for i in _of(instructions, "RUN")]
-    constraints = "/opt/nnunet-rndpo/torch-constraints.txt"
     first_install = next(n for n, r in enumerate(runs) if "pip install" in r)
-    assert re.search(r"pip list --format=freeze \| grep -iE '\^\(torch\|torchvision\|", runs[first_install])
-    assert runs[first_install].index(f"> {constraints}") < runs[first_install].index("pip install")
-    for run in runs:
-        for command in re.findall(r"pip install[^&]*", run):
-            assert f"-c {constraints}" in command, command
+    torch_run = runs[first_install]
+    assert re.search(r"pip list --format=freeze \| grep -iE '\^\(torch\|torchvision\|", torch_run)
+    assert f"> {TORCH_CONSTRAINTS}" in torch_run
+    for run in runs[first_install + 1 :]:
+        for command in re.findall(r"pip install[^&;]*", run):
+            assert f"-c {TORCH_CONSTRAINTS}" in command, command
             assert "--no-cache-dir" in command, command
-            assert "torch" not in command.replace(constraints, ""), f"torch must come from the base: {command}"
+            assert "torch" not in command.replace(TORCH_CONSTRAINTS, ""), f"torch must not change here: {command}"
+
+
+def test_torch_is_installed_only_where_the_base_has_none_and_as_the_default_base_has_it(instructions):
+    """On another base (docker/test_image.sh builds on Debian), torch comes from the package index, at the
+    default base's versions; on a base with torch, nothing replaces it."""
+    runs = [i.args for i in _of(instructions, "RUN")]
+    torch_run = next(r for r in runs if "pip install" in r)
+    branch = re.search(
+        r"if (python -c '[^']*find_spec\(\"torch\"\)[^']*');\s*then\s*(.*?);\s*else\s*(.*?);\s*fi", torch_run
+    )
+    assert branch, "the torch step must branch on whether the base already has torch"
+    _, with_torch, without_torch = branch.groups()
+    assert "pip install" not in with_torch
+    installs = re.findall(r"pip install[^;&]*", without_torch)
+    assert len(installs) == 1 and "--no-cache-dir" in installs[0]
+    pinned = dict(re.findall(r'"(torch|torchvision)==\$\{(\w+)\}"', installs[0]))
+    assert set(pinned) == {"torch", "torchvision"}, installs[0]
+    defaults = _arg_defaults(instructions)
+    base_torch = BASE_TAG.fullmatch(_default_base(instructions)).group(1)
+    assert defaults[pinned["torch"]] == base_torch
+    # torchvision's minor version goes with torch's (0.23 with 2.8, 0.22 with 2.7, ...).
+    torch_minor = int(base_torch.split(".")[1])
+    assert defaults[pinned["torchvision"]].split(".")[:2] == ["0", str(torch_minor + 15)]
+    # The CUDA check comes after either branch: this is a GPU image on every base.
+    assert torch_run.index("assert torch.version.cuda") > torch_run.index(without_torch)
+
+
+def test_every_python_call_is_the_bases_python(instructions):
+    """One interpreter on every base: `python` on PATH (the base's), and pip through it."""
+    runs = " ".join(i.args for i in _of(instructions, "RUN"))
+    assert "command -v python" in runs
+    assert not re.search(r"(?<!-m )\bpip3? install", runs), "use `python -m pip install`"
+    assert not re.search(r"\bpython3\b|/opt/conda|/usr/bin/python", runs)
 
 
 def test_run_commands_have_valid_shell_syntax(instructions):
@@ -667,3 +882,83 @@ def test_entrypoint_python_fallback_snippet_compiles():
 def test_executable_bit_recorded_for_entrypoint():
     mode = ENTRYPOINT.stat().st_mode
     assert mode & stat.S_IXUSR and mode & stat.S_IXGRP and mode & stat.S_IXOTH
+
+
+# --------------------------------------------------------------------------------------------------
+# (d) docker/test_image.sh
+# --------------------------------------------------------------------------------------------------
+TEST_IMAGE = REPO / "docker" / "test_image.sh"
+# Every step the script reports; each must PASS in a full run.
+SCRIPT_STEPS = ("engine", "base", "build", "usage", "imports", "demo", "stop", "resume", "predict", "owner")
+
+
+def test_image_script_is_executable_bash_with_valid_syntax():
+    assert os.access(TEST_IMAGE, os.X_OK)
+    assert TEST_IMAGE.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash\n")
+    result = subprocess.run(["bash", "-n", str(TEST_IMAGE)], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+
+
+def test_image_script_help_lists_its_steps_and_needs():
+    result = subprocess.run(["bash", str(TEST_IMAGE), "--help"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    for words in ("--network host", "mmdebstrap", "docker stop", "--user", "apt-get install docker.io", "Exit status"):
+        assert words in result.stdout, words
+    wrong = subprocess.run(["bash", str(TEST_IMAGE), "--bogus"], capture_output=True, text=True, timeout=10)
+    assert wrong.returncode == 2 and "unknown argument '--bogus'" in wrong.stderr
+
+
+def test_image_script_says_what_is_missing_and_installs_nothing(tmp_path):
+    """Without an engine and without dockerd, it stops with exit status 2 and the package to install."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for folder in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for entry in Path(folder).iterdir():
+            if entry.name.startswith("docker") or entry.name in ("dockerd", "apt-get", "apt"):
+                continue
+            if not (tools / entry.name).exists() and os.access(entry, os.X_OK):
+                (tools / entry.name).symlink_to(entry)
+    fake_client = tmp_path / "docker"
+    fake_client.write_text("#!/bin/sh\nexit 1\n")  # a client that reaches no engine
+    fake_client.chmod(0o755)
+    state = tmp_path / "state"
+    env = {
+        "PATH": str(tools),
+        "HOME": str(tmp_path),
+        "DOCKER": str(fake_client),
+        "DOCKER_HOST": f"unix://{tmp_path}/no.sock",
+        "RNDPO_DOCKER_STATE": str(state),
+    }
+    result = subprocess.run(["bash", str(TEST_IMAGE)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "MISSING" in result.stdout and "apt-get install docker.io" in result.stdout
+    assert "PASS" not in result.stdout
+    assert sorted(p.name for p in state.iterdir()) == ["lock"], "nothing but its lock file may be made"
+
+
+def _engine_reachable() -> str | None:
+    """Why the full run cannot happen here, or None when `docker info` answers."""
+    client = os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else None)
+    client = client or shutil.which("docker")
+    if client is None:
+        return "no docker client"
+    try:
+        result = subprocess.run([client, "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"`docker info` failed: {error}"
+    if result.returncode != 0:
+        return "no Docker engine reachable (`docker info` failed)"
+    return None
+
+
+def test_image_builds_and_runs_as_a_user_would():
+    reason = _engine_reachable()
+    if reason is not None:
+        pytest.skip(f"{reason}; run docker/test_image.sh by hand (as root it starts a dockerd of its own)")
+    result = subprocess.run(["bash", str(TEST_IMAGE)], capture_output=True, text=True, timeout=4 * 3600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert re.search(r"^SUMMARY: \d+ passed, 0 failed", result.stdout, re.MULTILINE), output[-3000:]
+    assert "FAIL" not in result.stdout
+    for step in SCRIPT_STEPS:
+        assert re.search(rf"^PASS  {step}:", result.stdout, re.MULTILINE), f"no PASS line for {step}"
