@@ -121,3 +121,25 @@ def test_outside_marks_hide_the_labels_and_read_only_the_slice():
     patch = marks[(slice(None), slice(0, 4), slice(2, 5), slice(2, 5))]
     assert patch.shape == (1, 4, 3, 3) and patch.dtype == np.int8
     assert (patch[0, 0] == -1).all() and (patch[0, 1:] == 0).all()
+
+
+def test_labeled_cases_are_read_from_nnunets_preprocessed_folder_lazily_with_their_labels_hidden(tmp_path):
+    import blosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
+    data, _, _ = case_arrays(2)
+    seg = np.zeros((1, *SHAPE), np.int16)
+    seg[0, :3] = -1
+    seg[0, 8:12, 8:12, 8:12] = 2  # a true label: hidden from the pool reader
+    folder = tmp_path / "nnUNetPlans_3d_fullres"
+    folder.mkdir()
+    blocks, chunks = comp_blosc2_params(data.shape, (16, 16, 16), 4)
+    nnUNetDatasetBlosc2.save_case(data, seg, {"p": 1}, str(folder / "case_2"), chunks, blocks)
+    pool = CasePool("Dataset999_X", "training cases", ["case_2"], preprocessed_folder=folder, in_sample=True)
+    reader = PoolReader(pool, None, SimpleNamespace(patch_size=(16, 16, 16)), {"channel_names": {"0": "MR"}})
+    lazy_data, outside, properties = reader.open_case("case_2")
+    assert isinstance(lazy_data, blosc2.NDArray) and isinstance(outside, OutsideMarks) and properties == {"p": 1}
+    loaded_data, loaded_outside, _ = reader.load("case_2")
+    assert np.array_equal(loaded_data, data)
+    assert np.array_equal(loaded_outside, np.where(seg < 0, -1, 0)) and loaded_outside.dtype == np.int8
+    assert not (tmp_path / "cache").exists()  # nothing cached: nnU-Net's files are read in place
