@@ -7,10 +7,16 @@ within-case ranks), and the research-only oracle (reads the true labels). A user
 subclass, given to `get_judge` as a dotted path "package.module:ClassName" or registered with `register_judge`.
 """
 
+if __name__ != "nnunet_rndpo.judges":
+    # The repository's top-level folder is the installed package nnunet_rndpo.judges (setup.py); imported as a
+    # top-level `judges` (the repository root on sys.path) every judge class would exist twice, the registry too.
+    raise ImportError(f"import the judges as nnunet_rndpo.judges, not as {__name__!r} (the repository's folder)")
+
 from .agreement import AgreementJudge
 from .anatomy import AnatomyJudge
 from .atlas import AtlasJudge
 from .base import (
+    FitExamples,
     Judge,
     JudgeError,
     JudgeInput,
@@ -40,13 +46,12 @@ for _judge_class in (
     register_judge(_judge_class.name, _judge_class)
 del _judge_class
 
-load_judge = Judge.load
-
 __all__ = [
     "AgreementJudge",
     "AnatomyJudge",
     "AtlasJudge",
     "CombinationJudge",
+    "FitExamples",
     "Judge",
     "JudgeError",
     "JudgeInput",
@@ -57,7 +62,6 @@ __all__ = [
     "available_judges",
     "get_judge",
     "judges_with_voxel_probabilities",
-    "load_judge",
     "register_judge",
     "score_case",
     "score_case_with_voxels",

@@ -72,7 +72,6 @@ class AnatomyJudge(Judge):
     labeled cases' true label maps (module docstring: features, standardisation, shrinkage)."""
 
     name = "anatomy"
-    fit_reads_proposals = False  # fit reads the true label maps only
 
     def __init__(self, features: Sequence[str] = FEATURE_GROUPS, min_shrinkage: float = 0.1) -> None:
         features = tuple(features)
@@ -134,6 +133,10 @@ class AnatomyJudge(Judge):
         if self.labels is None:
             raise JudgeError("anatomy judge is not fitted: feature names depend on the fitted labels")
         return [name for name, _ in feature_layout(self.labels, self.features)]
+
+    def fit_from(self, examples) -> None:
+        """Learns from the labeled training cases' true label maps (no model prediction needed)."""
+        self.fit(examples.true_label_maps())
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Fit the density on the cases' references (their proposals are not used)."""

@@ -11,9 +11,8 @@ from __future__ import annotations
 import abc
 import importlib
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -26,7 +25,6 @@ class JudgeError(ValueError):
     """A judge could not be built, failed on a case, or returned unusable scores."""
 
 
-@dataclass
 class JudgeInput:
     """Everything a judge may look at for one case.
 
@@ -38,51 +36,89 @@ class JudgeInput:
     true_labels: (*spatial) true label map: only for the oracle, for fitting learned judges, and the audit.
     proposal_models: which model made each proposal (K entries: 0 = the base, i = extra network i (another fold),
         "ensemble" = nnU-Net's ensemble of them all), if known.
+
+    `image` and `mean_probabilities` may be given as functions that load them: a judge that never looks at one
+    never loads it (at CT size the mean probabilities of a case are gigabytes). They are checked when loaded.
     """
 
-    case_id: str
-    proposals: np.ndarray
-    labels: tuple[int, ...]
-    image: np.ndarray | None = None
-    mean_probabilities: np.ndarray | None = None
-    true_labels: np.ndarray | None = None
-    proposal_models: tuple | None = None
-
-    def __post_init__(self) -> None:
-        self.case_id = str(self.case_id)
-        self.proposals = np.asarray(self.proposals)
-        self.labels = tuple(int(label) for label in self.labels)
-        where = f"case {self.case_id!r}"
+    def __init__(
+        self,
+        case_id: str,
+        proposals: np.ndarray,
+        labels: Sequence[int],
+        image: np.ndarray | Callable[[], np.ndarray | None] | None = None,
+        mean_probabilities: np.ndarray | Callable[[], np.ndarray | None] | None = None,
+        true_labels: np.ndarray | None = None,
+        proposal_models: Sequence | None = None,
+    ) -> None:
+        self.case_id = str(case_id)
+        self.proposals = np.asarray(proposals)
+        self.labels = tuple(int(label) for label in labels)
+        where = self._where
         if self.proposals.ndim < 2:
             raise ValueError(f"{where}: proposals must be (K, *spatial), got shape {self.proposals.shape}")
         if not np.issubdtype(self.proposals.dtype, np.integer) and self.proposals.dtype != bool:
             raise ValueError(f"{where}: proposals must be integer label maps, got dtype {self.proposals.dtype}")
         if not self.labels or 0 in self.labels or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"{where}: labels must be distinct foreground values (not 0), got {self.labels}")
-        spatial = self.spatial_shape
-        for field_name in ("image", "mean_probabilities"):
-            value = getattr(self, field_name)
-            if value is not None:
-                value = np.asarray(value)
-                if value.shape[1:] != spatial:
-                    raise ValueError(f"{where}: {field_name} must be (channels, *{spatial}), got shape {value.shape}")
-                setattr(self, field_name, value)
-        if self.mean_probabilities is not None and self.mean_probabilities.shape[0] <= max(self.labels):
+        self._sources: dict[str, Any] = {}
+        self._loaded: dict[str, np.ndarray | None] = {}
+        self.image = image
+        self.mean_probabilities = mean_probabilities
+        self.true_labels = None if true_labels is None else np.asarray(true_labels)
+        if self.true_labels is not None and self.true_labels.shape != self.spatial_shape:
+            raise ValueError(f"{where}: true_labels must have shape {self.spatial_shape}, got {self.true_labels.shape}")
+        self.proposal_models = None if proposal_models is None else tuple(proposal_models)
+        if self.proposal_models is not None and len(self.proposal_models) != self.proposal_count:
             raise ValueError(
-                f"{where}: mean_probabilities has {self.mean_probabilities.shape[0]} channels, "
+                f"{where}: proposal_models names {len(self.proposal_models)} models for {self.proposal_count} proposals"
+            )
+
+    @property
+    def _where(self) -> str:
+        return f"case {self.case_id!r}"
+
+    def _checked(self, name: str, value: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        value = np.asarray(value)
+        if value.shape[1:] != self.spatial_shape:
+            raise ValueError(
+                f"{self._where}: {name} must be (channels, *{self.spatial_shape}), got shape {value.shape}"
+            )
+        if name == "mean_probabilities" and value.shape[0] <= max(self.labels):
+            raise ValueError(
+                f"{self._where}: mean_probabilities has {value.shape[0]} channels, "
                 f"too few for label {max(self.labels)} (channel index = label value)"
             )
-        if self.true_labels is not None:
-            self.true_labels = np.asarray(self.true_labels)
-            if self.true_labels.shape != spatial:
-                raise ValueError(f"{where}: true_labels must have shape {spatial}, got {self.true_labels.shape}")
-        if self.proposal_models is not None:
-            self.proposal_models = tuple(self.proposal_models)
-            if len(self.proposal_models) != self.proposal_count:
-                raise ValueError(
-                    f"{where}: proposal_models names {len(self.proposal_models)} models for "
-                    f"{self.proposal_count} proposals"
-                )
+        return value
+
+    def _get(self, name: str) -> np.ndarray | None:
+        if name not in self._loaded:
+            self._loaded[name] = self._checked(name, self._sources[name]())
+        return self._loaded[name]
+
+    def _set(self, name: str, value: Any) -> None:
+        self._sources[name] = value
+        self._loaded.pop(name, None)
+        if not callable(value):
+            self._loaded[name] = self._checked(name, value)
+
+    @property
+    def image(self) -> np.ndarray | None:
+        return self._get("image")
+
+    @image.setter
+    def image(self, value: Any) -> None:
+        self._set("image", value)
+
+    @property
+    def mean_probabilities(self) -> np.ndarray | None:
+        return self._get("mean_probabilities")
+
+    @mean_probabilities.setter
+    def mean_probabilities(self, value: Any) -> None:
+        self._set("mean_probabilities", value)
 
     @property
     def proposal_count(self) -> int:
@@ -93,8 +129,22 @@ class JudgeInput:
         return tuple(self.proposals.shape[1:])
 
 
+class FitExamples(Protocol):
+    """The labeled examples a judge may learn from, each kind made only when a judge asks for it
+    (nnunet_rndpo/judging.py makes them from nnU-Net's folders; tests make them by hand)."""
+
+    def true_label_maps(self, with_images: bool = False) -> Sequence[JudgeInput]:
+        """The labeled training cases, each as its true label map (one 'proposal') with `true_labels` set, and
+        with its image when asked: what a judge of anatomy or an atlas learns from."""
+
+    def held_out_predictions(self) -> Sequence[JudgeInput]:
+        """Each fold model's proposals for the labeled cases it did not train on, with `true_labels` set: honest
+        examples of the model's errors, for a judge that learns from proposals."""
+
+
 class Judge(abc.ABC):
-    """Base class of all judges. Subclasses set `name` and implement `score`.
+    """Base class of all judges. Subclasses set `name` and implement `score`; a judge that learns implements `fit`
+    and, when it learns from anything but the models' held-out predictions, `fit_from` (which asks for its data).
 
     Persistence: `options()` returns the constructor keywords, `fitted_state()` what `fit` learned; `state()`
     bundles both with the class path so `Judge.load` can rebuild the judge beside the proposal store.
@@ -102,17 +152,19 @@ class Judge(abc.ABC):
 
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
-    # False for judges whose `fit` reads only the references (e.g. anatomy): a caller may then pass labeled
-    # cases whose proposals are placeholders instead of running the model on them.
-    fit_reads_proposals: ClassVar[bool] = True
-    # True for judges that read the labeled cases' images in `fit` (atlas): only then are the images loaded.
-    fit_reads_images: ClassVar[bool] = False
     # True for judges whose scores come from per-voxel class probabilities of their own (atlas), which
     # `score_with_voxels` returns: the `judge_voxels` preference region pushes only where they side with the pick.
     gives_voxel_probabilities: ClassVar[bool] = False
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Learn from labeled cases (proposals + reference). Most judges have nothing to learn."""
+
+    def fit_from(self, examples: FitExamples) -> None:
+        """Ask `examples` for what this judge learns from, and fit on it. By default a judge that learns learns from
+        proposals: the fold models' held-out predictions (a regressor of mask quality, a user's own judge). Judges
+        that learn from the labels alone override this to ask for the true label maps."""
+        if self.learns:
+            self.fit(examples.held_out_predictions())
 
     @property
     def learns(self) -> bool:

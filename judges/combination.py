@@ -83,9 +83,12 @@ class CombinationJudge(Judge):
     def learns(self) -> bool:
         return any(judge.learns for judge in self.judges)
 
-    @property
-    def fit_reads_proposals(self) -> bool:  # type: ignore[override]
-        return any(judge.learns and judge.fit_reads_proposals for judge in self.judges)
+    def fit_from(self, examples) -> None:
+        """Each learning sub-judge asks for its own kind of examples (labels for anatomy, held-out predictions for
+        learned_qc), each made once by `examples`."""
+        for judge in self.judges:
+            if judge.learns:
+                judge.fit_from(examples)
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         labeled_cases = list(labeled_cases)

@@ -48,7 +48,6 @@ class ClassShapeStatistics:
 
 class VirtualAnnotatorJudge(Judge):
     name = "virtual_annotator"
-    fit_reads_proposals = False  # fit reads the true label maps only (of the fold's labeled training cases)
 
     def __init__(self, weights: dict[str, float] | None = None) -> None:
         weights = dict(weights or {})
@@ -70,6 +69,10 @@ class VirtualAnnotatorJudge(Judge):
         self.class_statistics = {
             int(label): ClassShapeStatistics(**stats) for label, stats in fitted.get("class_statistics", {}).items()
         }
+
+    def fit_from(self, examples) -> None:
+        """Learns from the labeled training cases' true label maps (no model prediction needed)."""
+        self.fit(examples.true_label_maps())
 
     def fit(self, labeled_cases: Sequence[JudgeInput]) -> None:
         """Learn per-class presence, log-volume, component count and roughness from the references."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -19,14 +20,24 @@ def export_model_folder(
     model_folder: str | Path,
     output_folder: str | Path,
     checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth"),
+    folds: Optional[Sequence[str]] = None,
 ) -> list[Path]:
-    """Copy `model_folder` (…/<Trainer>__<Plans>__<config>) to `output_folder` with stock trainer names."""
+    """Copy `model_folder` (…/<Trainer>__<Plans>__<config>) to `output_folder` with stock trainer names; `folds`:
+    only these folds (nnU-Net's -f: "0", "all"), default every fold_* folder."""
     model_folder, output_folder = Path(model_folder), Path(output_folder)
     if not (model_folder / "plans.json").is_file():
         raise FileNotFoundError(f"{model_folder} is not an nnU-Net model folder (plans.json missing)")
-    folds = sorted(p for p in model_folder.glob("fold_*") if p.is_dir())
-    if not folds:
+    present = sorted(p for p in model_folder.glob("fold_*") if p.is_dir())
+    if not present:
         raise FileNotFoundError(f"{model_folder} has no fold_* folders")
+    if folds is not None:
+        missing = [fold for fold in folds if not (model_folder / f"fold_{fold}").is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{model_folder} has no fold_{missing[0]}; its folds: {', '.join(p.name[5:] for p in present)}"
+            )
+        present = [model_folder / f"fold_{fold}" for fold in folds]
+    folds = present
     written = []
     output_folder.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FOLDER_FILES:

@@ -42,13 +42,16 @@ def ensure_ext_trainer(environ: dict | None = None) -> None:
 
 
 def export_lines(environ: dict | None = None) -> list[str]:
-    """Shell lines that make nnU-Net find our trainers, plus placeholders for unset nnU-Net folders."""
+    """Shell lines that make nnU-Net find our trainers; an unset nnU-Net folder is a comment saying what to do (never
+    a live export of a made-up folder: `eval "$(nnunet_rndpo env)"` must not set a folder the user did not choose)."""
     environ = os.environ if environ is None else environ
     lines = [f"export {EXT_TRAINER_VARIABLE}={_shell_quote(ext_trainer_value(environ.get(EXT_TRAINER_VARIABLE)))}"]
     for name in NNUNET_FOLDER_VARIABLES:
         if not environ.get(name):
-            lines.append(f"# {name} is not set; nnU-Net needs it, e.g.:")
-            lines.append(f"export {name}={_shell_quote(str(Path.home() / 'nnUNet_data' / name))}")
+            lines.append(
+                f"# {name} is not set: nnU-Net needs it. Set it to your folder before training, e.g. "
+                f"export {name}=/path/to/{name} (nnU-Net's documentation: set_environment_variables.md)"
+            )
     return lines
 
 

@@ -100,6 +100,24 @@ def fold_split(preprocessed_base: Path, data_folder: Path, fold) -> tuple[list[s
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
+def check_label_layout(dataset_json: dict, dataset_name: str, user: str) -> None:
+    """Refuse a region-based dataset (labels given as lists of label values, trained with sigmoids) before any
+    work: proposals, judges and pairs are label maps of one class per voxel. The error names the dataset.json
+    keys that make it region-based."""
+    regions = {
+        name: value for name, value in dataset_json.get("labels", {}).items() if isinstance(value, (list, tuple))
+    }
+    if regions or "regions_class_order" in dataset_json:
+        example = next(iter(regions.items()), None)
+        shown = f' (e.g. "{example[0]}": {json.dumps(example[1])})' if example else ""
+        raise ValueError(
+            f"{user}: dataset {dataset_name} is region-based: dataset.json 'labels' define regions{shown}"
+            f"{' with' if regions else ''} 'regions_class_order'. Region-based (sigmoid) training is not supported: "
+            "proposals, judges and preference pairs are label maps with one class per voxel. Train the base on "
+            "the dataset's plain labels (one integer per class in 'labels', no 'regions_class_order') to use it."
+        )
+
+
 def set_nnunet_folders(root: Path) -> None:
     """nnUNet_raw, nnUNet_preprocessed and nnUNet_results as folders of `root` (made if missing), for this process
     and its children. Call it before nnunetv2 is imported: nnU-Net reads them once, at import."""

@@ -56,14 +56,14 @@ def test_perfect_reversed_and_constant_judges():
     assert perfect["spearman"] == pytest.approx(1.0) and perfect["kendall"] == pytest.approx(1.0)
     assert perfect["top1_hit_rate"] == 1.0 and perfect["top1_true_dice"] == pytest.approx(0.85)
     # top_bottom pairs: (0.9 vs 0.5) and (0.8 vs 0.4) -> gaps 0.4; top_rest: gaps 0.2, 0.4, 0.2, 0.4
-    assert perfect["mining"]["top_bottom"]["mean_true_dice_gap"] == pytest.approx(0.4)
-    assert perfect["mining"]["top_rest"]["mean_true_dice_gap"] == pytest.approx(0.3)
+    assert perfect["mining"]["top_bottom"]["chosen_minus_rejected_true_dice"] == pytest.approx(0.4)
+    assert perfect["mining"]["top_rest"]["chosen_minus_rejected_true_dice"] == pytest.approx(0.3)
     assert perfect["mining"]["top_rest"]["pairs"] == 4
     assert perfect["mining"]["top_rest"]["wrong_role_fraction"] == 0.0
 
     assert reverse["spearman"] == pytest.approx(-1.0) and reverse["kendall"] == pytest.approx(-1.0)
     assert reverse["top1_hit_rate"] == 0.0 and reverse["top1_true_dice"] == pytest.approx(0.45)
-    assert reverse["mining"]["top_bottom"]["mean_true_dice_gap"] == pytest.approx(-0.4)
+    assert reverse["mining"]["top_bottom"]["chosen_minus_rejected_true_dice"] == pytest.approx(-0.4)
     assert reverse["mining"]["top_bottom"]["wrong_role_fraction"] == 1.0
 
     # constant scores: no ranking (both cases skipped), top-1 is the expectation of a random pick
@@ -72,7 +72,7 @@ def test_perfect_reversed_and_constant_judges():
     assert constant["top1_true_dice"] == pytest.approx(0.65)
     assert constant["mining"]["top_bottom"]["pairs"] == 0
     assert constant["mining"]["top_bottom"]["cases_without_pair"] == 2
-    assert constant["mining"]["top_bottom"]["mean_true_dice_gap"] is None
+    assert constant["mining"]["top_bottom"]["chosen_minus_rejected_true_dice"] is None
 
 
 def test_ties_in_true_dice_count_as_a_hit_and_as_neither_right_nor_wrong():
@@ -145,6 +145,7 @@ def test_audit_accepts_a_generator_and_checks_consistency():
 
 def test_write_audit_writes_json_and_png_without_temporaries(tmp_path):
     report = audit_judges(hand_cases(perfect=lambda dice: dice, reversed=lambda dice: -dice, oracle=lambda d: d))
+    report["recommendation"] = recommend(report)  # the caller adds it once (audit/run.py); written as it is
     paths = write_audit(report, tmp_path / "audit")
     names = {"json": AUDIT_JSON_NAME, "png": AUDIT_PNG_NAME}
     names.update(ranks_png=AUDIT_RANKS_PNG_NAME, pairs_png=AUDIT_PAIRS_PNG_NAME)

@@ -57,9 +57,10 @@ def test_judge_scores_a_store_and_mines_pairs(preprocessed_synthetic, tiny_confi
 
 
 @pytest.mark.slow
-def test_judge_without_proposals_says_what_to_run(preprocessed_synthetic, tiny_configuration, isolated_base):
-    with pytest.raises(SystemExit, match="run `nnunet_rndpo propose` first"):
-        main(["judge", *run_arguments(preprocessed_synthetic, tiny_configuration, isolated_base)])
+def test_judge_without_proposals_says_what_to_run(preprocessed_synthetic, tiny_configuration, isolated_base, capsys):
+    # an error that names what to do is one line on stderr and exit code 2, not a traceback
+    assert main(["judge", *run_arguments(preprocessed_synthetic, tiny_configuration, isolated_base)]) == 2
+    assert "run `nnunet_rndpo propose` first" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nnunet_rndpo.judges import AnatomyJudge, JudgeError, JudgeInput, get_judge, load_judge, score_case
+from nnunet_rndpo.judges import AnatomyJudge, Judge, JudgeError, JudgeInput, get_judge, score_case
 from nnunet_rndpo.judges.anatomy import (
     anatomy_features,
     cavity_count,
@@ -143,7 +143,7 @@ def test_refit_is_deterministic_and_save_load_round_trips(tmp_path):
     first, second = fitted_judge(), fitted_judge()
     assert np.array_equal(first.score(case), second.score(case))
     first.save(tmp_path / "anatomy.pkl")
-    reloaded = load_judge(tmp_path / "anatomy.pkl")
+    reloaded = Judge.load(tmp_path / "anatomy.pkl")
     assert isinstance(reloaded, AnatomyJudge) and reloaded.training_cases == 10
     assert np.array_equal(reloaded.score(case), first.score(case))
     assert "fitted on 10 reference label maps" in reloaded.describe()

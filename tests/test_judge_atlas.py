@@ -9,10 +9,10 @@ import pytest
 
 from nnunet_rndpo.judges import (
     AtlasJudge,
+    Judge,
     JudgeError,
     JudgeInput,
     get_judge,
-    load_judge,
     score_case,
     score_case_with_voxels,
 )
@@ -101,7 +101,7 @@ def test_keeps_at_most_max_atlases_spread_over_the_cases_and_round_trips(tmp_pat
     assert [atlas[0] for atlas in judge.atlases] == ["atlas_0", "atlas_3"]
     assert "2 atlases (atlas_0, atlas_3)" in judge.describe()
     judge.save(tmp_path / "atlas.pkl")
-    reloaded = load_judge(tmp_path / "atlas.pkl")
+    reloaded = Judge.load(tmp_path / "atlas.pkl")
     case, _ = target_case()
     assert reloaded.options() == judge.options()
     assert score_case(reloaded, case) == pytest.approx(score_case(judge, case))

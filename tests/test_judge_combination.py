@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from nnunet_rndpo.judges import CombinationJudge, JudgeError, JudgeInput, get_judge, load_judge, score_case
+from nnunet_rndpo.judges import CombinationJudge, Judge, JudgeError, JudgeInput, get_judge, score_case
 from nnunet_rndpo.judges.combination import normalised_ranks
 
 FIXED_SCORES = '''
@@ -76,7 +76,7 @@ def test_fit_reaches_learning_sub_judges_and_round_trips(fixed_judges, tmp_path)
     judge.fit([four_proposals("a"), four_proposals("b"), four_proposals("c")])
     assert judge.judges[1].seen == 3
     judge.save(tmp_path / "combination.pkl")
-    reloaded = load_judge(tmp_path / "combination.pkl")
+    reloaded = Judge.load(tmp_path / "combination.pkl")
     assert isinstance(reloaded, CombinationJudge) and reloaded.judges[1].seen == 3
     assert reloaded.options() == judge.options()
     case = four_proposals("test")
@@ -94,17 +94,41 @@ def test_builtin_agreement_plus_anatomy_fits_and_ranks():
     assert "anatomy" in judge.describe() and "fitted on 6" in judge.describe()
 
 
+class RecordingExamples:
+    """FitExamples that records what each judge asks for (the data a judge learns from is its own request)."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def true_label_maps(self, with_images=False):
+        self.asked.append("label maps with images" if with_images else "label maps")
+        return [four_proposals(f"labeled_{i}") for i in range(3)]
+
+    def held_out_predictions(self):
+        self.asked.append("held-out predictions")
+        return [four_proposals(f"held_out_{i}") for i in range(3)]
+
+
+def asked_by(spec: str, **options) -> list[str]:
+    examples = RecordingExamples()
+    get_judge(spec, **options).fit_from(examples)
+    return examples.asked
+
+
 def test_combination_learns_only_when_a_sub_judge_learns(fixed_judges):
     assert not get_judge("combination", judges=["agreement", "uncertainty"]).learns
     assert get_judge("combination", judges=["agreement", "anatomy"]).learns
     assert get_judge("anatomy").learns and not get_judge("agreement").learns
-    # anatomy fits on the references alone, learned_qc on the labeled cases' proposals
-    assert not get_judge("anatomy").fit_reads_proposals
-    assert not get_judge("combination", judges=["agreement", "anatomy"]).fit_reads_proposals
-    assert get_judge("combination", judges=["anatomy", "learned_qc"]).fit_reads_proposals
-    # judges that learn from label maps alone are fitted on the training cases' label maps, never on proposals
-    assert not get_judge("virtual_annotator").fit_reads_proposals and not get_judge("anatomy").fit_reads_proposals
-    assert not get_judge("combination", judges=["agreement", "virtual_annotator"]).fit_reads_proposals
+    # each judge asks for its own kind of examples: anatomy and the virtual annotator the references alone, a judge
+    # that learns from proposals (learned_qc, a user's own) the held-out predictions; one that learns nothing, nothing
+    assert asked_by("anatomy") == ["label maps"] and asked_by("virtual_annotator") == ["label maps"]
+    assert asked_by("agreement") == [] and asked_by("combination", judges=["agreement", "uncertainty"]) == []
+    assert asked_by(f"{fixed_judges}:Counting") == ["held-out predictions"]
+    assert asked_by("combination", judges=["agreement", "anatomy"]) == ["label maps"]
+    assert asked_by("combination", judges=["anatomy", f"{fixed_judges}:Counting"]) == [
+        "label maps",
+        "held-out predictions",
+    ]
 
 
 def test_label_reading_sub_judge_makes_the_combination_read_labels():

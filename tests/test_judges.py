@@ -19,7 +19,6 @@ from nnunet_rndpo.judges import (
     VirtualAnnotatorJudge,
     available_judges,
     get_judge,
-    load_judge,
     register_judge,
     score_case,
 )
@@ -182,7 +181,7 @@ def test_user_judge_by_dotted_path_scores_and_round_trips(user_judges, tmp_path)
     volumes = case.proposals.reshape(4, -1).sum(axis=1)
     assert np.array_equal(score_case(judge, case), 2.0 * volumes)
     judge.save(tmp_path / "judge.pkl")
-    reloaded = load_judge(tmp_path / "judge.pkl")
+    reloaded = Judge.load(tmp_path / "judge.pkl")
     assert type(reloaded).__name__ == "VolumeJudge" and reloaded.scale == 2.0
 
 
@@ -389,7 +388,7 @@ def test_virtual_annotator_fitted_on_references_prefers_the_plausible_volume(tmp
     scores = score_case(judge, ordered_case("test"))
     assert_strictly_decreasing(scores)
     judge.save(tmp_path / "annotator.pkl")
-    reloaded = load_judge(tmp_path / "annotator.pkl")
+    reloaded = Judge.load(tmp_path / "annotator.pkl")
     assert reloaded.class_statistics == judge.class_statistics
     assert np.array_equal(score_case(reloaded, ordered_case("test")), scores)
 
@@ -434,7 +433,7 @@ def test_learned_qc_fit_score_save_load_round_trip(tmp_path):
     assert np.array_equal(score_case(judge, unlabeled), scores)
 
     judge.save(tmp_path / "qc.pkl")
-    reloaded = load_judge(tmp_path / "qc.pkl")
+    reloaded = Judge.load(tmp_path / "qc.pkl")
     assert isinstance(reloaded, LearnedQCJudge) and reloaded.training_samples == 16
     assert np.array_equal(score_case(reloaded, test_case), scores)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_judges import ordered_case
 
-from nnunet_rndpo.judges import JudgeError, LearnedQCJudge, load_judge, score_case
+from nnunet_rndpo.judges import Judge, JudgeError, LearnedQCJudge, score_case
 from nnunet_rndpo.judges.learned_qc import HeldOutPrediction, fit_on_held_out_predictions
 from nnunet_rndpo.segmentation_metrics import proposal_dice
 
@@ -29,7 +29,7 @@ def test_fits_on_held_out_examples_and_ranks(tmp_path):
     scores = score_case(judge, test_case)
     assert scores[0] > scores[2] > scores[3]
     judge.save(tmp_path / "qc.pkl")
-    reloaded = load_judge(tmp_path / "qc.pkl")
+    reloaded = Judge.load(tmp_path / "qc.pkl")
     assert reloaded.training_source == judge.training_source
     assert np.array_equal(score_case(reloaded, test_case), scores)
 

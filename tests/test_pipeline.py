@@ -1,4 +1,5 @@
-"""pipeline.prepare_pairs: the one path from a pool to a pairs file, and what it refuses or warns about."""
+"""pipeline.prepare_pairs: the one path from a pool to a pairs file, and what it refuses or warns about; the judge's
+life cycle beside the store (judging.py) and the audit's cross-fitting (audit/run.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ import json
 
 import pytest
 
-from nnunet_rndpo.pipeline import JUDGE_TOP, PairPreparationError, PairSettings, prepare_pairs
+from nnunet_rndpo.judging import JudgingError
+from nnunet_rndpo.pairs import JUDGE_TOP, PairSettings
+from nnunet_rndpo.pipeline import PairPreparationError, Ranks, prepare_pairs
 from nnunet_rndpo.proposals.plan import ProposalSettings
 from nnunet_rndpo.proposals.pool import labeled_training_pool, unlabeled_pool, validation_pool
+from nnunet_rndpo.training.settings import PreferenceSettings
+
+
+def pair_settings(**changes) -> PairSettings:
+    """What a run with the default settings makes, with `changes` (the defaults' one home: the settings)."""
+    return PairSettings.from_run_settings(PreferenceSettings(), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +39,7 @@ def in_sample_pool(location, cases: int = 2):
 @pytest.mark.slow
 def test_a_learning_judge_on_the_base_models_own_training_cases_is_refused(location_and_model, tmp_path):
     location, model = location_and_model
-    settings = PairSettings(proposals=ProposalSettings(num_proposals=2), judge="learned_qc")
+    settings = pair_settings(proposals=ProposalSettings(num_proposals=2), judge="learned_qc")
     with pytest.raises(PairPreparationError, match="in-sample"):
         prepare_pairs(
             location, model, settings, pool=in_sample_pool(location), store_folder=tmp_path / "store", progress=False
@@ -43,7 +52,7 @@ def test_a_pool_of_training_cases_is_said_loudly_and_pairs_are_written_once(loca
     location, model = location_and_model
     logged: list[str] = []
     pairs_file = tmp_path / "rndpo_pairs.json"
-    settings = PairSettings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection=JUDGE_TOP)
+    settings = pair_settings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection=JUDGE_TOP)
     prepared = prepare_pairs(
         location,
         model,
@@ -76,15 +85,16 @@ def test_a_pool_of_training_cases_is_said_loudly_and_pairs_are_written_once(loca
 
 def test_pair_settings_refuse_an_unknown_selection():
     with pytest.raises(ValueError, match="selection 'best'"):
-        PairSettings(selection="best")
+        pair_settings(selection="best")
 
 
 @pytest.mark.slow
 def test_another_rank_reads_the_pairs_file_that_rank_0_wrote(location_and_model, tmp_path):
     location, model = location_and_model
-    settings = PairSettings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection="top_rest")
+    settings = pair_settings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection="top_rest")
     pool = validation_pool(location)
     first = prepare_pairs(location, model, settings, pool=pool, store_folder=tmp_path / "store", progress=False)
+    # the pairs file of the store, made with these settings, is read as it is: no judge, no scores
     other = prepare_pairs(
         location,
         model,
@@ -92,12 +102,23 @@ def test_another_rank_reads_the_pairs_file_that_rank_0_wrote(location_and_model,
         pool=pool,
         store_folder=tmp_path / "store",
         make_proposals=False,
-        rank=1,
-        world_size=2,
+        ranks=Ranks(1, 2),
         log=lambda line: None,
         progress=False,
     )
     assert other.judge is None and other.pairs_file == first.pairs_file and other.record == first.record
+    # other settings (another seed) are not those of the file: judged again (scores reused from the store)
+    reseeded = prepare_pairs(
+        location,
+        model,
+        pair_settings(proposals=ProposalSettings(num_proposals=3), judge="agreement", selection="top_rest", seed=1),
+        pool=pool,
+        store_folder=tmp_path / "store",
+        make_proposals=False,
+        log=lambda line: None,
+        progress=False,
+    )
+    assert reseeded.judge is not None and reseeded.record["made_with"]["seed"] == 1
 
 
 @pytest.fixture
@@ -114,7 +135,7 @@ def two_fold_base(base_checkpoint, tmp_path):
 
 
 def fitting_examples(location, model, tmp_path, exclude=()):
-    from nnunet_rndpo.pipeline import FittingExamples
+    from nnunet_rndpo.judging import FittingExamples
     from nnunet_rndpo.proposals.store import ProposalStore
 
     store = ProposalStore(tmp_path / "store")
@@ -130,11 +151,13 @@ def test_a_judge_that_learns_from_proposals_sees_only_cases_held_out_of_the_mode
 
     location, _ = location_and_model
     model = load_model(two_fold_base)
-    examples = fitting_examples(location, model, tmp_path).held_out()
+    made = fitting_examples(location, model, tmp_path)
+    examples = made.held_out_predictions()
     validation_0, validation_1 = location.fold_split(0)[1], location.fold_split(1)[1]
     # both folds' validation cases, each with its own fold model's proposals, never a training case of that fold
     assert sorted(example.case_id for example in examples) == sorted(validation_0 + validation_1)
     assert all(example.true_labels is not None and example.proposal_count == 2 for example in examples)
+    assert made.cases_read == set(validation_0 + validation_1)  # what the audit reads to cross-fit
     stores = sorted(path.name for path in tmp_path.iterdir() if "held_out" in path.name)
     assert stores == ["store__held_out_fold_0", "store__held_out_fold_1"]
     # the other fold's model trained on this fold's validation cases: no member of it in the held-out proposals
@@ -144,7 +167,7 @@ def test_a_judge_that_learns_from_proposals_sees_only_cases_held_out_of_the_mode
     assert manifest["settings"]["extra_checkpoints"] == [] and manifest["settings"]["sources"] == ["tta"]
     # the audit's cases are left out of what the judge learns from
     excluded = validation_0[:1]
-    again = fitting_examples(location, model, tmp_path, exclude=excluded).held_out()
+    again = fitting_examples(location, model, tmp_path, exclude=excluded).held_out_predictions()
     assert sorted(example.case_id for example in again) == sorted(set(validation_0 + validation_1) - set(excluded))
 
 
@@ -163,41 +186,58 @@ def test_learned_qc_without_any_held_out_case_says_what_to_train(
     shutil.copy(base_checkpoint, fold_all / base_checkpoint.name)
     location = locate(preprocessed_synthetic.dataset_id, tiny_configuration, "all")
     model = load_model(fold_all / base_checkpoint.name)
-    with pytest.raises(PairPreparationError, match="no held-out examples.*fold all has no validation cases"):
-        fitting_examples(location, model, tmp_path).held_out()
+    with pytest.raises(JudgingError, match="no held-out examples.*fold all has no validation cases"):
+        fitting_examples(location, model, tmp_path).held_out_predictions()
 
 
 @pytest.mark.slow
 def test_the_audit_scores_each_case_with_a_learned_judge_fitted_without_it(location_and_model, tmp_path, monkeypatch):
-    from nnunet_rndpo import pipeline
-    from nnunet_rndpo.proposals.run import generate_proposals
+    from nnunet_rndpo import judging
+    from nnunet_rndpo.audit import run as audit_run
 
     location, model = location_and_model
-    pool = validation_pool(location)
-    store, _ = generate_proposals(model, pool, tmp_path / "audit", ProposalSettings(num_proposals=2), progress=False)
     fits = []
-    real_ready_judge = pipeline.ready_judge
+    real_ready_judge = judging.ready_judge
 
     def recording_ready_judge(*args):
-        judge = real_ready_judge(*args)
-        fits.append((sorted(args[-1]), judge))
-        return judge
+        judge, learned_from = real_ready_judge(*args)
+        fits.append((sorted(args[-1]), judge, learned_from))
+        return judge, learned_from
 
-    monkeypatch.setattr(pipeline, "ready_judge", recording_ready_judge)
-    _, scores = pipeline.cross_fitted_scores("learned_qc", model, location, store, pool, progress=False)
-    assert sorted(scores) == pool.case_ids
-    assert [excluded for excluded, _ in fits] == [pool.case_ids[0::2], pool.case_ids[1::2]]
-    for excluded, judge in fits:
+    monkeypatch.setattr(audit_run, "ready_judge", recording_ready_judge)
+    report = audit_run.run_audit(
+        model,
+        location,
+        ["learned_qc", "anatomy"],
+        ProposalSettings(num_proposals=2),
+        tmp_path / "report",
+        margin=0.02,
+        seed=0,
+        store_folder=tmp_path / "audit",
+        progress=False,
+    )
+    pool = validation_pool(location)
+    qc_fits = [fit for fit in fits if fit[1].display_name == "learned_qc"]
+    # learned_qc learned from the audited cases (the fold's held-out predictions): fitted again on each half
+    assert [excluded for excluded, _, _ in qc_fits] == [[], pool.case_ids[0::2], pool.case_ids[1::2]]
+    assert set(pool.case_ids) <= qc_fits[0][2]
+    scores = {entry["case_id"]: entry["scores"]["learned_qc"] for entry in report["per_case"]}
+    for excluded, judge, learned_from in qc_fits[1:]:
         # fitted on the other cases' proposals only (2 per case), and it scored exactly the cases left out
+        assert not set(excluded) & learned_from
         assert judge.training_samples == 2 * (len(pool.case_ids) - len(excluded))
-        reader = pipeline.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-        for case in pipeline.judge_inputs(store, reader, excluded, pipeline.foreground_labels(model)):
+        store = judging.ProposalStore(tmp_path / "audit")
+        reader = judging.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+        for case in judging.judge_inputs(store, reader, excluded, judging.foreground_labels(model)):
             assert scores[case.case_id] == pytest.approx(list(judge.score(case)))
+    # anatomy learned from the training cases' label maps only: fitted once, never on an audited case
+    anatomy_fits = [fit for fit in fits if fit[1].display_name == "anatomy"]
+    assert len(anatomy_fits) == 1 and not set(pool.case_ids) & anatomy_fits[0][2]
 
 
 @pytest.mark.slow
 def test_proposals_of_other_folds_carry_their_model_to_the_judge(location_and_model, two_fold_base, tmp_path):
-    from nnunet_rndpo import pipeline
+    from nnunet_rndpo import judging
     from nnunet_rndpo.judges import get_judge
     from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.proposals.run import generate_proposals
@@ -209,9 +249,9 @@ def test_proposals_of_other_folds_carry_their_model_to_the_judge(location_and_mo
     store, _ = generate_proposals(model, pool, tmp_path / "store", settings, progress=False)
     models = store.member_models()
     assert set(models) == {0, 1, "ensemble"} and models.count("ensemble") == 1
-    reader = pipeline.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
-    labels = pipeline.foreground_labels(model)
-    scores = pipeline.score_store(get_judge("agreement", to="other_models"), store, reader, pool.case_ids, labels)
+    reader = judging.PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    labels = judging.foreground_labels(model)
+    scores = judging.score_store(get_judge("agreement", to="other_models"), store, reader, pool.case_ids, labels)
     assert len(scores[pool.case_ids[0]]) == len(models)
 
 
@@ -219,13 +259,22 @@ def test_proposals_of_other_folds_carry_their_model_to_the_judge(location_and_mo
 def test_the_audit_reports_one_judge_with_several_options_under_their_labels(location_and_model, tmp_path):
     import shutil
 
-    from nnunet_rndpo.pipeline import run_audit
+    from nnunet_rndpo.audit.run import run_audit
 
     location, model = location_and_model
     specs = [("oracle_exact", "oracle", {}), ("oracle_noisy", "oracle", {"noise_std": 0.5, "seed": 0}), "agreement"]
     store = location.store_folder(model.checkpoint_path)
     try:
-        report = run_audit(model, location, specs, ProposalSettings(num_proposals=3), tmp_path / "a", progress=False)
+        report = run_audit(
+            model,
+            location,
+            specs,
+            ProposalSettings(num_proposals=3),
+            tmp_path / "a",
+            margin=0.02,
+            seed=0,
+            progress=False,
+        )
     finally:  # the audit's store lies beside the shared base's: leave none behind
         shutil.rmtree(store.parent / f"{store.name}__audit", ignore_errors=True)
     assert set(report["judges"]) == {"oracle_exact", "oracle_noisy", "agreement"}
@@ -236,7 +285,7 @@ def test_the_audit_reports_one_judge_with_several_options_under_their_labels(loc
 
 @pytest.mark.slow
 def test_an_audit_of_other_proposals_keeps_them_in_its_own_store(location_and_model, tmp_path):
-    from nnunet_rndpo.pipeline import run_audit
+    from nnunet_rndpo.audit.run import run_audit
     from nnunet_rndpo.proposals.store import ProposalStore
 
     location, model = location_and_model
@@ -245,7 +294,15 @@ def test_an_audit_of_other_proposals_keeps_them_in_its_own_store(location_and_mo
     assert not default_audit.exists()
     settings = ProposalSettings(num_proposals=3, sources=("tta", "ensemble"))
     report = run_audit(
-        model, location, ["agreement"], settings, tmp_path / "a", progress=False, store_folder=tmp_path / "store"
+        model,
+        location,
+        ["agreement"],
+        settings,
+        tmp_path / "a",
+        margin=0.02,
+        seed=0,
+        progress=False,
+        store_folder=tmp_path / "store",
     )
     assert not default_audit.exists()  # a store holds one setting's proposals: the default one is left alone
     manifest = ProposalStore(tmp_path / "store").manifest()
@@ -261,7 +318,7 @@ def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location
     pairs_file = tmp_path / "rndpo_pairs.json"
     record = {"summary": {"pairs": 1}, "judge": "learned_qc (first start)", "items": [{"case_id": pool.case_ids[0]}]}
     pairs_file.write_text(json.dumps({**record, "items": [{**record["items"][0], "chosen": 1, "rejected": 0}]}))
-    settings = PairSettings(proposals=ProposalSettings(num_proposals=2), judge="learned_qc")
+    settings = pair_settings(proposals=ProposalSettings(num_proposals=2), judge="learned_qc")
     prepared = prepare_pairs(
         location,
         model,
@@ -279,7 +336,7 @@ def test_a_resumed_run_reuses_its_pairs_without_fitting_the_judge_again(location
 
 
 def test_held_out_settings_keep_only_the_base_models_members_and_as_many_as_they_give():
-    from nnunet_rndpo.pipeline import single_model_settings
+    from nnunet_rndpo.judging import single_model_settings
 
     cross_model = ProposalSettings(
         num_proposals=25, sources=("tta", "checkpoint", "checkpoint_tta", "ensemble"), extra_checkpoints=("a", "b")
@@ -307,7 +364,7 @@ def test_judge_voxels_pairs_read_the_atlas_labels_kept_in_the_store(location_and
 
     location, model = location_and_model
     atlas = {"registration": "affine", "max_atlases": 2}
-    settings = PairSettings(
+    settings = pair_settings(
         proposals=ProposalSettings(num_proposals=3),
         judge="atlas",
         judge_options=atlas,
@@ -337,7 +394,7 @@ def test_judge_voxels_pairs_read_the_atlas_labels_kept_in_the_store(location_and
     )
     assert again.items == items
 
-    refused = PairSettings(judge="agreement", preference_region="judge_voxels")
+    refused = pair_settings(judge="agreement", preference_region="judge_voxels")
     with pytest.raises(PairPreparationError, match="judge 'agreement' has none. Judges that have them: atlas"):
         prepare_pairs(location, model, refused, pool=unlabeled_pool(location), store_folder=tmp_path / "other")
     assert not (tmp_path / "other").exists()

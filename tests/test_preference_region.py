@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nnunet_rndpo import pipeline
+from nnunet_rndpo import pairs
 from nnunet_rndpo.audit import AuditCase, audit_judges
 from nnunet_rndpo.preference_region import (
     check_region,
@@ -86,17 +86,17 @@ class OneCaseStore:
 
 def test_pairs_file_names_the_halves_and_counts_the_kept_voxels():
     scores = {"case": SCORES.tolist()}
-    plain = pipeline.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0)
+    plain = pairs.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0)
     assert "top_half" not in plain["items"][0] and plain["summary"]["preference_region"] == "disagreement"
-    record = pipeline.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0, "ranked_consensus")
+    record = pairs.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0, "ranked_consensus")
     (item,) = record["items"]
     assert (item["chosen"], item["rejected"], item["disagreement_voxels"]) == (0, 5, 4)
     assert (item["top_half"], item["bottom_half"], item["preference_voxels"]) == ([0, 1, 2], [3, 4, 5], 2)
     assert item["preference_region"] == "ranked_consensus" and record["summary"]["mean_preference_voxels"] == 2.0
-    (majority,) = pipeline.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0, "majority")["items"]
+    (majority,) = pairs.pairs_record(OneCaseStore(), scores, "top_bottom", 0.0, 0, "majority")["items"]
     assert majority["preference_voxels"] == 1 and "top_half" not in majority
     with pytest.raises(ValueError, match="preference_region"):
-        pipeline.PairSettings(preference_region="everywhere")
+        pairs.PairSettings.from_run_settings(PreferenceSettings(), preference_region="everywhere")
 
 
 class ImageReader:
@@ -105,7 +105,7 @@ class ImageReader:
 
 
 def test_pair_loader_trains_on_the_narrowed_rejected_mask_and_samples_only_kept_voxels():
-    record = pipeline.pairs_record(OneCaseStore(), {"case": SCORES.tolist()}, "top_bottom", 0.0, 0, "ranked_consensus")
+    record = pairs.pairs_record(OneCaseStore(), {"case": SCORES.tolist()}, "top_bottom", 0.0, 0, "ranked_consensus")
     item = TrainingItem.from_record(record["items"][0])
     assert (item.region, item.top_half, item.bottom_half) == ("ranked_consensus", (0, 1, 2), (3, 4, 5))
     dataset = PairDataset([item], OneCaseStore(), ImageReader())
@@ -121,7 +121,7 @@ def test_pair_loader_trains_on_the_narrowed_rejected_mask_and_samples_only_kept_
 
 def test_settings_carry_the_region_to_pair_preparation():
     settings = validate(PreferenceSettings(preference_region="ranked_consensus"))
-    assert settings.pair_settings(overwrite_proposals=False).preference_region == "ranked_consensus"
+    assert pairs.PairSettings.from_run_settings(settings).preference_region == "ranked_consensus"
     with pytest.raises(SettingsError, match="preference_region='voxels' is not valid; valid: disagreement"):
         validate(PreferenceSettings(preference_region="voxels"))
 
@@ -178,8 +178,8 @@ class VoxelStore(OneCaseStore):
 def test_pairs_file_and_pair_loader_read_the_judges_voxels():
     scores = {"case": SCORES.tolist()}
     with pytest.raises(ValueError, match="key of the judge's per-voxel probabilities"):
-        pipeline.pairs_record(VoxelStore(), scores, "top_bottom", 0.0, 0, "judge_voxels")
-    record = pipeline.pairs_record(VoxelStore(), scores, "top_bottom", 0.0, 0, "judge_voxels", "atlas")
+        pairs.pairs_record(VoxelStore(), scores, "top_bottom", 0.0, 0, "judge_voxels")
+    record = pairs.pairs_record(VoxelStore(), scores, "top_bottom", 0.0, 0, "judge_voxels", "atlas")
     (entry,) = record["items"]
     assert (entry["preference_region"], entry["voxel_judge_key"], entry["preference_voxels"]) == (
         "judge_voxels",
@@ -195,7 +195,7 @@ def test_pairs_file_and_pair_loader_read_the_judges_voxels():
 
 def test_settings_refuse_judge_voxels_with_a_judge_without_voxel_probabilities():
     settings = validate(PreferenceSettings(judge="atlas", preference_region="judge_voxels"))
-    assert settings.pair_settings(overwrite_proposals=False).preference_region == "judge_voxels"
+    assert pairs.PairSettings.from_run_settings(settings).preference_region == "judge_voxels"
     with pytest.raises(
         SettingsError, match=r"judge \(for preference_region 'judge_voxels'\)='agreement'.*valid: atlas"
     ):

@@ -4,7 +4,7 @@ left behind; runs killed with SIGKILL resume and finish; the same seed gives the
 Nothing here modifies Dataset901's files. Tests that need their own unlabeled images build a raw dataset folder
 and a preprocessed root under tmp_path; the subprocess tests use a copy of the base checkpoint under a folder
 name of their own, so their proposal store (named after that folder) is theirs alone and is removed afterwards.
-The training subprocess uses nnUNetTrainerDPO_tiny (test_trainers uses the RNDPO and SelfTrain variants).
+The training subprocess uses nnUNetTrainerDPO with a short schedule (test_trainers: RNDPO and SelfTrain).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_unreadable_nifti_names_case_and_file_and_caches_nothing(tmp_path, base_
     with pytest.raises(PoolError, match=rf"unlabeled case 'case_b' could not be read or preprocessed \({bad_file}\)"):
         reader.load("case_b")
     assert_nothing_cached_for(pool, "case_b")
-    assert (pool.cache_folder / "case_a.npz").is_file()
+    assert (pool.cache_folder / "case_a.b2nd").is_file()  # the good case is cached (nnU-Net's blosc2 layout)
 
 
 @pytest.mark.slow
@@ -238,18 +238,20 @@ def identical_cases(empty: bool, count: int = 3, k: int = 4, shape=(16, 16, 16))
 
 @pytest.mark.parametrize("empty", [False, True], ids=["identical_proposals", "all_background"])
 def test_pool_without_any_pair(tmp_path, empty):
-    from nnunet_rndpo import pipeline
+    from nnunet_rndpo.judges import get_judge
+    from nnunet_rndpo.judging import score_store
+    from nnunet_rndpo.pairs import mine_store
 
     cases = identical_cases(empty)
     store = fake_store(tmp_path / "store", cases, k=4)
     reader = ArrayReader({c: np.random.default_rng(0).random((1, 16, 16, 16), dtype=np.float32) for c in cases})
     for name in ("agreement", "uncertainty", "virtual_annotator"):
-        judge, _ = pipeline.build_judge(name, {}, store)  # virtual_annotator unfitted: its fallback statistics
-        scores = pipeline.score_store(judge, store, reader, sorted(cases), LABELS, progress=False)
+        judge = get_judge(name)  # virtual_annotator unfitted: its fallback statistics
+        scores = score_store(judge, store, reader, sorted(cases), LABELS, progress=False)
         assert sorted(scores) == sorted(cases)
         assert all(len(s) == 4 and np.all(np.isfinite(s)) for s in scores.values()), f"{name}: {scores}"
         for strategy in MINING_STRATEGIES:
-            mined = pipeline.mine_store(store, scores, strategy, 0.02, seed=0)
+            mined = mine_store(store, scores, strategy, 0.02, seed=0)
             summary = mined.summary()
             assert mined.pairs == (), f"{name}/{strategy} mined {mined.pairs}"
             assert summary["cases_all_identical"] == summary["cases_without_pair"] == len(cases), summary
@@ -305,7 +307,8 @@ def user_judges(tmp_path, monkeypatch):
     ],
 )
 def test_failing_user_judge_names_judge_and_case_and_writes_no_scores(tmp_path, user_judges, judge_class, message):
-    from nnunet_rndpo import pipeline
+    from nnunet_rndpo.judges import get_judge
+    from nnunet_rndpo.judging import score_store
 
     cases = {
         f"case_{i}": np.stack(
@@ -315,18 +318,23 @@ def test_failing_user_judge_names_judge_and_case_and_writes_no_scores(tmp_path, 
     }
     store = fake_store(tmp_path / "store", cases, k=3)
     reader = ArrayReader({c: np.zeros((1, 8, 8, 8), np.float32) for c in cases})
-    judge, _ = pipeline.build_judge(f"{user_judges}:{judge_class}", {}, store)
+    judge = get_judge(f"{user_judges}:{judge_class}")
     with pytest.raises(JudgeError, match=message):
-        pipeline.score_store(judge, store, reader, sorted(cases), LABELS, progress=False)
-    judges_folder = store.folder / "judges"
-    assert not judges_folder.exists() or list(judges_folder.iterdir()) == []  # no scores file, whole or half
+        score_store(judge, store, reader, sorted(cases), LABELS, progress=False)
+    # each case's score is its own file, written whole: case_0's (scored before the failure, kept for a rerun),
+    # none for the failing case, no merged file, nothing half-written
+    written = sorted(path.relative_to(store.folder).as_posix() for path in (store.folder / "judges").rglob("*"))
+    key = written[0]
+    assert written == [key, f"{key}/case_0.json"] and key.endswith(".scores")
     assert partial_files(store.folder) == []
 
 
 # ================================================================================================ same seed, same pairs
 @pytest.mark.slow
 def test_same_seed_gives_the_same_proposals_scores_and_pairs(tmp_path, base_model, synthetic_dataset):
-    from nnunet_rndpo import pipeline
+    from nnunet_rndpo.judges import get_judge
+    from nnunet_rndpo.judging import foreground_labels, score_store
+    from nnunet_rndpo.pairs import pairs_record
     from nnunet_rndpo.proposals.run import generate_proposals
 
     pool = discover_pool(
@@ -344,11 +352,9 @@ def test_same_seed_gives_the_same_proposals_scores_and_pairs(tmp_path, base_mode
         # temperature members are random draws: only the seed makes them repeat
         settings = ProposalSettings(num_proposals=4, sources=("temperature",), seed=seed)
         store, _ = generate_proposals(base_model, pool, tmp_path / name, settings, progress=False)
-        judge, _ = pipeline.build_judge("agreement", {}, store)
-        scores = pipeline.score_store(
-            judge, store, reader, pool.case_ids, pipeline.foreground_labels(base_model), progress=False
-        )
-        pairs = pipeline.pairs_record(store, scores, "top_bottom", 0.0, seed)
+        judge = get_judge("agreement")
+        scores = score_store(judge, store, reader, pool.case_ids, foreground_labels(base_model), progress=False)
+        pairs = pairs_record(store, scores, "top_bottom", 0.0, seed)
         return {c: store.load_case(c)["proposals"] for c in pool.case_ids}, scores, pairs
 
     proposals_1, scores_1, pairs_1 = run(7, "first")
@@ -466,11 +472,11 @@ def test_proposal_run_killed_mid_pool_resumes_and_completes(own_checkpoint, synt
 def test_training_killed_after_the_first_epoch_resumes_and_completes(
     own_checkpoint, preprocessed_synthetic, tiny_configuration, tmp_path
 ):
-    from nnunet_rndpo.pipeline import PAIRS_FILE_NAME
+    from nnunet_rndpo.pairs import PAIRS_FILE_NAME
     from nnunet_rndpo.proposals.model import read_checkpoint
 
     checkpoint, store_folder = own_checkpoint
-    trainer = "nnUNetTrainerDPO_tiny"
+    trainer = "nnUNetTrainerDPO"
     output = nnunet_paths.trainer_output_folder(
         preprocessed_synthetic.dataset_id, tiny_configuration, 0, trainer_name=trainer
     )
@@ -482,6 +488,7 @@ def test_training_killed_after_the_first_epoch_resumes_and_completes(
                 "num_epochs": 2,
                 "iterations_per_epoch": 2,
                 "val_iterations_per_epoch": 1,
+                "recipe": "none",
                 "base_checkpoint": str(checkpoint),
                 "proposals": {"num_proposals": 4},
             }
@@ -501,9 +508,9 @@ def test_training_killed_after_the_first_epoch_resumes_and_completes(
     kill_when(process, second_epoch_started, tmp_path / "first.log", "second epoch")
     assert process.returncode == -signal.SIGKILL
     assert not (output / "checkpoint_final.pth").exists()
-    # nnU-Net saves checkpoint_latest only every 50 epochs, but checkpoint_best after the first epoch; --c falls
-    # back to it, so the restart resumes at epoch 1 with the trained policy and the pairs of the first start
-    assert (output / "checkpoint_best.pth").is_file()
+    # the preference trainers save checkpoint_latest after every epoch: --c resumes at epoch 1 with the trained
+    # policy and the pairs of the first start
+    assert (output / "checkpoint_latest.pth").is_file()
     pairs_before = pairs_file.read_bytes()
     assert json.loads(pairs_before)["items"], "the first run mined no pairs"
 

@@ -18,21 +18,27 @@ import torch
 
 from nnunet_rndpo.training import trainers as named
 from nnunet_rndpo.training.losses import preference_loss_over_scales
+from nnunet_rndpo.training.pair_data import TrainingItem
 from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE, SettingsError
 
 BIN = Path(sys.executable).parent
 
 
+# The tests' short schedule, given as a user gives settings: the RNDPO_SETTINGS file (no test-only trainer ships).
+# recipe none: the plain defaults (agreement judge), fast on the synthetic data; the recipes are tested on their own.
+TINY = {"num_epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 2, "recipe": "none"}
+
+
 # In-process runs use their own class names, so their output folders never collide with the subprocess runs.
-class InProcessRNDPO(named.nnUNetTrainerRNDPO_tiny):
+class InProcessRNDPO(named.nnUNetTrainerRNDPO):
     pass
 
 
-class InProcessDPO(named.nnUNetTrainerDPO_tiny):
+class InProcessDPO(named.nnUNetTrainerDPO):
     pass
 
 
-class InProcessSelfTrain(named.nnUNetTrainerSelfTrain_tiny):
+class InProcessSelfTrain(named.nnUNetTrainerSelfTrain):
     pass
 
 
@@ -44,8 +50,9 @@ def make_trainer(trainer_class, dataset, configuration: str):
 
 
 def write_settings(tmp_path: Path, **settings) -> Path:
+    """An RNDPO_SETTINGS file: the tiny schedule and `settings`."""
     path = tmp_path / "settings.json"
-    path.write_text(json.dumps(settings))
+    path.write_text(json.dumps({**TINY, **settings}))
     return path
 
 
@@ -80,25 +87,30 @@ def test_each_trainer_runs_in_process(
     pairs = json.loads((output / "rndpo_pairs.json").read_text())
     assert pairs["items"], "the synthetic pool must give training items"
     assert "agreement" in pairs["judge"]
-    logged = trainer.logger.local_logger.my_fantastic_logging
-    assert len(logged["mean_fg_dice"]) == 2
-    # nnU-Net's progress.png plots as many epochs as its shortest logged list: nothing of ours may lag
-    assert min(len(values) for values in logged.values()) == 2
+    assert len(trainer.logger.get_value("mean_fg_dice", step=None)) == 2
+    # nnU-Net's logger holds its own keys only; ours are in rndpo_statistics.json, one value per epoch
+    statistics = json.loads((output / "rndpo_statistics.json").read_text())["history"]
+    assert statistics == trainer.statistics.history
     # validate_base (default): the base was validated before epoch 0 and saved as the first best checkpoint
     assert isinstance(trainer.base_pseudo_dice, float) and (output / "checkpoint_best.pth").is_file()
+    summary = json.loads((output / "rndpo_summary.json").read_text())
+    assert summary["pairs"]["pairs"] == len(pairs["items"]) and summary["pseudo_dice"]["epochs"] == 2
+    assert summary["pseudo_dice"]["base"] == trainer.base_pseudo_dice and summary["final_checkpoint"] == "last"
+    assert summary["recipe"].startswith("recipe 'none'") and summary["seconds"]["start_phase_s"] > 0
+    assert "summary of the run:" in Path(trainer.log_file).read_text()
     if objective == "self_train":
-        assert trainer.reference_network is None
+        assert trainer.reference is None
         assert all(item["chosen"] == item["rejected"] for item in pairs["items"])
-        assert "rewards/margins" not in logged
+        assert statistics == {}
     else:
-        assert len(logged["rewards/margins"]) == 2 and all(np.isfinite(logged["rewards/margins"]))
-        assert all(0.0 <= a <= 1.0 for a in logged["rewards/accuracies"])
+        assert len(statistics["rewards/margins"]) == 2 and all(np.isfinite(statistics["rewards/margins"]))
+        assert all(0.0 <= a <= 1.0 for a in statistics["rewards/accuracies"])
         assert (output / "progress_preference.png").stat().st_size > 0
         # the reference is frozen: still the base checkpoint's weights after training
         base = torch.load(base_checkpoint, map_location="cpu", weights_only=False)["network_weights"]
-        for name, value in trainer.reference_network.state_dict().items():
+        for name, value in trainer.reference.state_dict().items():
             assert torch.equal(value, base[name]), name
-        assert not any(p.requires_grad for p in trainer.reference_network.parameters())
+        assert not any(p.requires_grad for p in trainer.reference.parameters())
         # and the policy moved away from it
         policy = trainer.network.state_dict()
         assert any(not torch.equal(policy[name], base[name]) for name in base)
@@ -207,7 +219,7 @@ def _environment(**extra) -> dict:
 def test_real_nnunetv2_train_and_predict_entry_points_with_resume(
     preprocessed_synthetic, tiny_configuration, base_checkpoint, tmp_path
 ):
-    """nnUNetv2_train -tr nnUNetTrainerRNDPO_tiny finds our class (nnUNet_extTrainer from conftest), trains,
+    """nnUNetv2_train -tr nnUNetTrainerRNDPO finds our class (nnUNet_extTrainer from conftest), trains,
     validates; nnUNetv2_predict loads the checkpoint; --c resumes with the same pairs and no new proposals."""
     dataset_id = str(preprocessed_synthetic.dataset_id)
     settings = write_settings(tmp_path, base_checkpoint=str(base_checkpoint), num_epochs=2)
@@ -218,7 +230,7 @@ def test_real_nnunetv2_train_and_predict_entry_points_with_resume(
         tiny_configuration,
         "0",
         "-tr",
-        "nnUNetTrainerRNDPO_tiny",
+        "nnUNetTrainerRNDPO",
         "-device",
         "cpu",
     ]
@@ -227,7 +239,7 @@ def test_real_nnunetv2_train_and_predict_entry_points_with_resume(
     output = (
         Path(os.environ["nnUNet_results"])
         / preprocessed_synthetic.name
-        / f"nnUNetTrainerRNDPO_tiny__nnUNetPlans__{tiny_configuration}"
+        / f"nnUNetTrainerRNDPO__nnUNetPlans__{tiny_configuration}"
         / "fold_0"
     )
     assert (output / "checkpoint_final.pth").is_file()
@@ -249,7 +261,7 @@ def test_real_nnunetv2_train_and_predict_entry_points_with_resume(
             "-f",
             "0",
             "-tr",
-            "nnUNetTrainerRNDPO_tiny",
+            "nnUNetTrainerRNDPO",
             "-device",
             "cpu",
             "--disable_tta",
@@ -338,7 +350,7 @@ def test_export_predicts_without_our_package_on_nnunets_path(
 def test_removed_precomputed_reference_says_what_to_use():
     from nnunet_rndpo.training.settings import resolve_settings
 
-    with pytest.raises(SettingsError, match=r"reference='precomputed' was removed.*'online'"):
+    with pytest.raises(SettingsError, match=r"setting 'reference' .*was removed: the frozen reference always runs"):
         resolve_settings({"reference": "precomputed"}, environ={})
     with pytest.raises(SettingsError, match="final_checkpoint='first'.*last, best"):
         resolve_settings({"final_checkpoint": "first"}, environ={})
@@ -370,15 +382,16 @@ def test_ranked_consensus_trains_on_the_narrowed_pairs(
     `proposal_store`: the proposals go to the folder given, not to the default store.)"""
     from nnunet_rndpo.preference_region import preference_rejected
 
-    class ConsensusRNDPO(named.nnUNetTrainerRNDPO_tiny):
+    class ConsensusRNDPO(named.nnUNetTrainerRNDPO):
         pass
 
     own_store = tmp_path / "proposals_of_this_run"
     settings_file(validate_base=False, preference_region="ranked_consensus", proposal_store=str(own_store))
     trainer = _started(ConsensusRNDPO, preprocessed_synthetic, tiny_configuration)
     try:
-        assert trainer._store.folder == own_store and (own_store / "manifest.json").is_file()
-        assert sorted(p.stem for p in (own_store / "cases").glob("*.npz")) == sorted(trainer._pool.case_ids)
+        store, pool = trainer.prepared.store, trainer.prepared.pool
+        assert store.folder == own_store and (own_store / "manifest.json").is_file()
+        assert sorted(p.stem for p in (own_store / "cases").glob("*.npz")) == sorted(pool.case_ids)
         pairs = json.loads((Path(trainer.output_folder) / "rndpo_pairs.json").read_text())
         assert pairs["summary"]["preference_region"] == "ranked_consensus"
         assert all(item["top_half"] and item["bottom_half"] for item in pairs["items"])
@@ -386,13 +399,13 @@ def test_ranked_consensus_trains_on_the_narrowed_pairs(
         assert any(item["preference_voxels"] < item["disagreement_voxels"] for item in pairs["items"]), (
             "the synthetic pool's pairs should lose some voxels to the consensus"
         )
-        item = trainer.training_items[0]
-        proposals = trainer._store.load_case(item.case_id)["proposals"]
+        item = TrainingItem.from_record(trainer.prepared.items[0])
+        proposals = store.load_case(item.case_id)["proposals"]
         narrowed = preference_rejected(
             proposals, item.chosen, item.rejected, item.region, item.top_half, item.bottom_half
         )
         trainer.train_step(next(trainer.dataloader_train))
-        assert np.isfinite(trainer.read_preference_statistics()["rewards/margins"])
+        assert np.isfinite(trainer.statistics.epoch_means()["rewards/margins"])
         assert np.count_nonzero(narrowed != proposals[item.chosen]) == pairs["items"][0]["preference_voxels"]
     finally:
         trainer.on_train_end()
@@ -407,7 +420,7 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(
     every pair's margin is 0, and so are the logged margins of that step."""
     from nnunet_rndpo.objectives import pair_log_ratios
 
-    class FirstStepRNDPO(named.nnUNetTrainerRNDPO_tiny):
+    class FirstStepRNDPO(named.nnUNetTrainerRNDPO):
         pass
 
     settings_file(validate_base=False, deep_supervision=deep_supervision)
@@ -417,21 +430,23 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(
         data, targets = batch["data"], batch["target"]
         assert isinstance(targets, list) and len(targets) > 1
         policy = trainer.network(data)
-        reference_network = copy.deepcopy(trainer.reference_network)
+        reference_network = copy.deepcopy(trainer.reference.network)
         reference_network.decoder.deep_supervision = True  # every scale, also those the loss leaves out
         with torch.inference_mode():
             reference = reference_network(data)
         assert len(policy) == len(reference) == len(targets)
         # the reference runs its lower-resolution heads only when the loss uses them
-        assert trainer.reference_network.decoder.deep_supervision == (deep_supervision == "all_scales")
+        lower_scales_used = any(weight != 0 for weight in trainer.loss.scale_weights[1:])
+        assert lower_scales_used == (deep_supervision == "all_scales" and len(targets) > 2)
+        assert trainer.reference.network.decoder.deep_supervision == lower_scales_used
         for scale, (p, r, masks) in enumerate(zip(policy, reference, targets)):
             ratios = pair_log_ratios(p, r, masks[:, :1], masks[:, 1:2])
             assert ratios.disagreement_voxels.sum() > 0 or scale > 0
             assert torch.allclose(ratios.margin, torch.zeros_like(ratios.margin), atol=1e-4), scale
             assert torch.allclose(ratios.chosen, torch.zeros_like(ratios.chosen), atol=1e-4), scale
         # the reference's terms, as the step computes them, at every scale the loss weights
-        terms = trainer._reference_terms(data, targets)
-        assert [t is not None for t in terms] == [w != 0 for w in trainer._scale_weights(len(targets))]
+        terms = trainer.reference.terms(data, targets)
+        assert [t is not None for t in terms] == [w != 0 for w in trainer.loss.scale_weights]
         for scale, (term, p, masks) in enumerate(zip(terms, policy, targets)):
             if term is not None:
                 ratios = pair_log_ratios(
@@ -439,7 +454,7 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(
                 )
                 assert torch.allclose(ratios.margin, torch.zeros_like(ratios.margin), atol=1e-4), scale
         trainer.train_step(batch)
-        statistics = trainer.read_preference_statistics()
+        statistics = trainer.statistics.epoch_means()
         assert statistics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
         assert statistics["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     finally:
@@ -450,7 +465,7 @@ def test_margin_is_zero_at_the_first_step_at_every_scale(
 def test_warmup_raises_the_learning_rate_linearly(
     preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file
 ):
-    class WarmupRNDPO(named.nnUNetTrainerRNDPO_tiny):
+    class WarmupRNDPO(named.nnUNetTrainerRNDPO):
         pass
 
     settings_file(validate_base=False, warmup_iterations=3, initial_lr=0.01)
@@ -472,7 +487,7 @@ def test_final_checkpoint_best_never_ends_below_the_validated_base(
     """An absurd learning rate ruins fine-tuning: the base, validated before epoch 0, stays the best, and
     final_checkpoint "best" makes it the final checkpoint."""
 
-    class RuinedRNDPO(named.nnUNetTrainerRNDPO_tiny):
+    class RuinedRNDPO(named.nnUNetTrainerRNDPO):
         pass
 
     settings_file(final_checkpoint="best", initial_lr=50.0)
@@ -484,7 +499,8 @@ def test_final_checkpoint_best_never_ends_below_the_validated_base(
     final = torch.load(output / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
     assert best["_best_ema"] == pytest.approx(trainer.base_pseudo_dice)
     assert best["current_epoch"] == 0  # --c from the base's checkpoint starts at epoch 0
-    logged = trainer.logger.local_logger.my_fantastic_logging
-    assert len(logged["mean_fg_dice"]) == 2  # the base's validation is not an epoch of the log
-    assert all(not (dice > trainer.base_pseudo_dice) for dice in logged["ema_fg_dice"])
+    assert len(trainer.logger.get_value("mean_fg_dice", step=None)) == 2  # the base's validation is not an epoch
+    assert all(not (dice > trainer.base_pseudo_dice) for dice in trainer.logger.get_value("ema_fg_dice", step=None))
     assert all(torch.equal(final[name], base[name]) for name in base)
+    summary = json.loads((output / "rndpo_summary.json").read_text())
+    assert summary["final_checkpoint"] == "best (the base)"

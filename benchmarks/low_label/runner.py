@@ -317,8 +317,8 @@ def audit_on_validation(
     members, into <work>/<folder>."""
     import torch
 
+    from nnunet_rndpo.audit.run import run_audit
     from nnunet_rndpo.nnunet_paths import locate
-    from nnunet_rndpo.pipeline import run_audit
     from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.proposals.plan import ProposalSettings
 

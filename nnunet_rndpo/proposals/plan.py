@@ -12,55 +12,88 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from nnunet_rndpo.proposals.dropout import DROPOUT_LOCATIONS, DROPOUT_MODES
 from nnunet_rndpo.proposals.members import ProposalMember
-from nnunet_rndpo.proposals.sources import SOURCES
+from nnunet_rndpo.proposals.sources import PROPOSAL_SOURCES, SOURCES
+from nnunet_rndpo.typed_settings import SettingsError, apply_overrides, check_fields, setting
+
+
+def dropout_locations() -> tuple[str, ...]:
+    # read when a setting is checked: the dropout hooks are torch, and reading settings should not import it
+    from nnunet_rndpo.proposals.dropout import DROPOUT_LOCATIONS
+
+    return DROPOUT_LOCATIONS
+
+
+def dropout_modes() -> tuple[str, ...]:
+    from nnunet_rndpo.proposals.dropout import DROPOUT_MODES
+
+    return DROPOUT_MODES
 
 
 @dataclass(frozen=True)
 class ProposalSettings:
-    num_proposals: int = 8
-    sources: tuple[str, ...] = ("tta",)
-    dropout_p: float = 0.2
-    dropout_location: str = "bottleneck"
-    dropout_mode: str = "element"
-    thresholds: tuple[float, ...] = (0.3, 0.7)
-    temperature: float = 2.0
-    temperature_smoothing_voxels: float = 2.0
-    extra_checkpoints: tuple[str, ...] = ()
-    # add the base's sibling fold models (same trainer folder and checkpoint name) to extra_checkpoints: models
-    # trained on other data, whose disagreement carries information that one model's mirror members lack
-    other_folds: bool = False
-    seed: int = 0
-    tile_step_size: float = 0.5
-    members_per_batch: int = 8
+    """Which K proposals each pool case gets (the `proposals` setting of a run; the flags of `nnunet_rndpo propose`
+    and `audit`). Each field's help is what the CLI and the README's table show."""
+
+    num_proposals: int = setting(
+        8,
+        "K, proposals per case: the plain pass, then members drawn round-robin from the sources",
+        minimum=2,
+        cli_flags=("-k",),
+    )
+    sources: tuple[str, ...] = setting(
+        ("tta",),
+        "proposal sources after the plain pass (the list of sources below `nnunet_rndpo propose --help` says what "
+        "each is)",
+        choices=PROPOSAL_SOURCES,
+    )
+    dropout_p: float = setting(
+        0.2, "MC dropout rate of the `dropout` source", minimum=0.0, maximum=1.0, maximum_exclusive=True
+    )
+    dropout_location: str = setting("bottleneck", "where the `dropout` source drops", choices=dropout_locations)
+    dropout_mode: str = setting(
+        "element", "what the `dropout` source drops: single values or whole channels", choices=dropout_modes
+    )
+    thresholds: tuple[float, ...] = setting(
+        (0.3, 0.7),
+        "foreground thresholds on 1 - p(background) of the `threshold` source",
+        minimum=0.0,
+        maximum=1.0,
+        minimum_exclusive=True,
+        maximum_exclusive=True,
+    )
+    temperature: float = setting(
+        2.0, "softmax temperature of the `temperature` source", minimum=0.0, minimum_exclusive=True
+    )
+    temperature_smoothing_voxels: float = setting(
+        2.0, "spatial smoothing (voxels) of the `temperature` source's Gumbel noise", minimum=0.0
+    )
+    extra_checkpoints: tuple[str, ...] = setting(
+        (), "further checkpoint files (same plans) for the `checkpoint` and `checkpoint_tta` sources"
+    )
+    other_folds: bool = setting(
+        False,
+        "add the base's other trained folds (same trainer folder and checkpoint name) to extra_checkpoints: models "
+        "trained on other data, whose disagreement carries information that one model's mirror members lack",
+    )
+    seed: int = setting(0, "seed of the stochastic sources (each case draws from its own seed)")
+    tile_step_size: float = setting(
+        0.5,
+        "sliding-window step as a fraction of the patch (nnU-Net's -step_size)",
+        minimum=0.0,
+        maximum=1.0,
+        minimum_exclusive=True,
+    )
+    members_per_batch: int = setting(8, "members of one network passed through it together", minimum=1)
 
     def __post_init__(self):
-        valid = [name for name, source in SOURCES.items() if source.selectable]
-        unknown = [s for s in self.sources if s not in valid]
-        if unknown:
-            raise ValueError(f"unknown proposal source(s) {unknown}; valid: {', '.join(valid)}")
-        if self.num_proposals < 2:
-            raise ValueError(f"num_proposals must be at least 2 (pairs need two masks), got {self.num_proposals}")
-        if not 0.0 <= self.dropout_p < 1.0:
-            raise ValueError(f"dropout_p must lie in [0, 1), got {self.dropout_p}")
-        if self.dropout_location not in DROPOUT_LOCATIONS:
-            raise ValueError(f"dropout_location {self.dropout_location!r}; valid: {', '.join(DROPOUT_LOCATIONS)}")
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode {self.dropout_mode!r}; valid: {', '.join(DROPOUT_MODES)}")
-        if any(not 0.0 < t < 1.0 for t in self.thresholds):
-            raise ValueError(f"thresholds must lie in (0, 1), got {self.thresholds}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.tile_step_size <= 1.0:
-            raise ValueError(f"tile_step_size must lie in (0, 1], got {self.tile_step_size}")
+        check_fields(self, "the proposal settings")
         needing = [name for name in self.sources if SOURCES[name].uses_extra_networks]
         if needing and not self.extra_checkpoints and not self.other_folds:
-            raise ValueError(
-                f"source(s) {needing} need extra_checkpoints (paths of further checkpoint files) or other_folds"
+            raise SettingsError(
+                f"proposal source(s) {needing} need extra_checkpoints (paths of further checkpoint files) "
+                "or other_folds"
             )
-        if self.members_per_batch < 1:
-            raise ValueError("members_per_batch must be >= 1")
 
     @property
     def uses_extra_networks(self) -> bool:
@@ -72,11 +105,8 @@ class ProposalSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProposalSettings":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown proposal setting(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        """From a JSON object (the `proposals` setting, a store's manifest): unknown keys fail with the valid ones."""
+        return apply_overrides(cls(), data, "the proposal settings")
 
 
 def available_members(

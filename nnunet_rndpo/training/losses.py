@@ -1,10 +1,13 @@
-"""The preference loss over nnU-Net's deep-supervision outputs (pure torch; the trainer passes its weights)."""
+"""The preference loss over nnU-Net's deep-supervision outputs (pure torch; the trainer passes its weights), and the
+loss module the trainers give nnU-Net (`PreferenceObjective`)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from nnunet_rndpo.objectives import pair_log_ratios, preference_loss, preference_statistics
 
@@ -78,3 +81,70 @@ def preference_loss_over_scales(
             statistics = preference_statistics(result)
     statistics["preference_loss"] = total.detach()
     return total, statistics
+
+
+class PreferenceObjective(torch.nn.Module):
+    """nnU-Net's loss hook for the preference trainers (`_build_loss` returns it): nnU-Net's own `train_step` calls
+    it as `loss(output, target)` inside its autocast region, then does the backward pass, clipping and step.
+
+    Inside `step(...)` (one training step) it is the configured objective over the output scales plus the SFT term
+    (nnU-Net's Dice+CE on the chosen mask) plus the anchor (Dice+CE on a labeled batch), and it adds the step's
+    statistics to `statistics`; the reference's terms of the step's patch come from the trainer, which ran the
+    frozen reference on it. Outside a step (nnU-Net's validation) it is nnU-Net's supervised loss, unchanged.
+    """
+
+    def __init__(self, supervised_loss, settings, scale_weights: Sequence[float], ignore_label, ddp: bool, statistics):
+        super().__init__()
+        self.supervised = supervised_loss
+        self.settings = settings
+        self.scale_weights = list(scale_weights)
+        self.ignore_label = ignore_label
+        self.keep_every_head = ddp  # DDP fails on an output head without a gradient
+        self.statistics = statistics
+        self._reference_terms = None
+        self._anchor = None
+        self._in_step = False
+
+    @contextlib.contextmanager
+    def step(self, reference_terms, anchor=None):
+        """One training step: `reference_terms` per scale (None for self-training), `anchor` a function returning
+        the Dice+CE of the policy on a labeled batch (None: no anchor)."""
+        self._reference_terms, self._anchor, self._in_step = reference_terms, anchor, True
+        try:
+            yield self
+        finally:
+            self._reference_terms, self._anchor, self._in_step = None, None, False
+
+    def forward(self, output, target):
+        if not self._in_step:
+            return self.supervised(output, target)
+        settings = self.settings
+        statistics: dict = {}
+        if self._reference_terms is None:  # self-training: nnU-Net's loss on the chosen mask (one channel)
+            total = self.supervised(output, target)
+        else:
+            with record_function("rndpo/preference_loss"):
+                total, statistics = preference_loss_over_scales(
+                    output,
+                    None,
+                    target,
+                    self.scale_weights if isinstance(output, (list, tuple)) else [1.0],
+                    loss_type=settings.objective,
+                    beta=settings.beta,
+                    label_smoothing=settings.label_smoothing,
+                    normalization=settings.normalization,
+                    ignore_label=self.ignore_label,
+                    target_margin=settings.target_margin,
+                    reference_voxel_ll=self._reference_terms,
+                    keep_every_head=self.keep_every_head,
+                )
+            if settings.sft_weight > 0:
+                chosen = [t[:, :1] for t in target] if isinstance(target, (list, tuple)) else target[:, :1]
+                with record_function("rndpo/sft_loss"):
+                    total = total + settings.sft_weight * self.supervised(output, chosen)
+        if self._anchor is not None:
+            anchor = self._anchor()
+            statistics["anchor_loss"] = anchor.detach()
+            total = total + settings.anchor_weight * anchor
+        self.statistics.add(statistics)
+        return total

@@ -3,32 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from nnunet_rndpo.atomic import atomic_path
 
 
-def plot_preference_progress(logging: dict, path: Path) -> None:
+def plot_preference_progress(statistics: dict[str, list[float]], pseudo_dice: Sequence[float], path: Path) -> None:
+    """statistics: the run's per-epoch history (training/epoch_statistics.py); pseudo_dice: nnU-Net's per epoch."""
     import matplotlib
 
     # nnU-Net's logger imports seaborn, which enlarges fonts globally; draw with matplotlib's defaults
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
-        _plot(logging, path)
+        _plot(statistics, pseudo_dice, path)
 
 
-def _plot(logging: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(statistics: dict[str, list[float]], pseudo_dice: Sequence[float], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def series(key):
-        return np.asarray(logging.get(key) or [], dtype=float)
+        return np.asarray(statistics.get(key) or [], dtype=float)
 
-    if not len(series("rewards/chosen")) and not len(series("mean_fg_dice")):
+    dice = np.asarray(pseudo_dice, dtype=float)
+    if not len(series("rewards/chosen")) and not len(dice):
         return
-    figure, axes = plt.subplots(3, 1, figsize=(10, 12))
+    figure = Figure(figsize=(10, 12))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(3, 1)
     for key, colour in (("rewards/chosen", "g"), ("rewards/rejected", "r"), ("rewards/margins", "b")):
         values = series(key)
         if len(values):
@@ -40,7 +43,6 @@ def _plot(logging: dict, path: Path) -> None:
     skipped = series("pairs/skipped_fraction")
     if len(skipped):
         axes[1].plot(np.arange(len(skipped)), skipped, color="k", ls="--", label="pairs/skipped_fraction")
-    dice = series("mean_fg_dice")
     if len(dice):
         axes[1].plot(np.arange(len(dice)), dice, color="g", ls=":", label="validation pseudo Dice")
     axes[1].set_ylim(0, 1)
@@ -54,4 +56,3 @@ def _plot(logging: dict, path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
-    plt.close(figure)

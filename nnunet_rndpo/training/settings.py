@@ -1,112 +1,182 @@
-"""Settings of a preference fine-tuning run: defaults, a trainer class's overrides, then a JSON file.
+"""Settings of a preference fine-tuning run: one typed definition (types, defaults, help, bounds) from which the
+validation, the command-line flags and the README's settings table are generated (nnunet_rndpo/typed_settings.py).
 
-Precedence (later wins): the defaults below < the trainer class's `settings_overrides` (how the named
-trainers and nnU-Net-style short-schedule subclasses differ) < the JSON file named by the environment
-variable RNDPO_SETTINGS. nnUNetv2_train passes nothing else to a trainer, so that file is how a user
-changes a setting from the command line. The effective settings are written into the output folder.
+Precedence (later wins): the defaults below < the recipe (nnunet_rndpo/training/recipes.py: the measured set-up for
+the user's situation, chosen at start) < the trainer class's `settings_overrides` (how the named trainers and
+nnU-Net-style short-schedule subclasses differ) < the JSON file named by the environment variable RNDPO_SETTINGS.
+nnUNetv2_train passes nothing else to a trainer, so that file is how a user changes a setting. The effective
+settings are written into the output folder. Reading this module imports neither torch nor the judges.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Callable, Optional
 
 from nnunet_rndpo.mining import MINING_STRATEGIES
-from nnunet_rndpo.objectives import LOSS_TYPES, NORMALIZATIONS
-from nnunet_rndpo.pipeline import JUDGE_TOP, PairSettings
 from nnunet_rndpo.preference_region import PREFERENCE_REGIONS
 from nnunet_rndpo.proposals.plan import ProposalSettings
+from nnunet_rndpo.training.recipes import RECIPE_CHOICES, Situation, choose_recipe, recipe_settings
+from nnunet_rndpo.typed_settings import SettingsError, apply_overrides, check_fields, setting
+
+__all__ = ["PreferenceSettings", "SettingsError", "apply_overrides", "resolve_settings", "validate"]
 
 SETTINGS_ENV_VARIABLE = "RNDPO_SETTINGS"
 SETTINGS_FILE_NAME = "rndpo_settings.json"
-OBJECTIVES = (*LOSS_TYPES, "self_train")  # self_train: Dice+CE on the judge's top proposal (pseudo-labels)
 DEEP_SUPERVISION_MODES = ("all_scales", "full_resolution")
-# online: the frozen reference runs on each augmented patch (exact: the margin is 0 at the first step).
-REFERENCE_MODES = ("online",)
-# Values that existed once, and what to say to a settings file that still names them.
-REMOVED_VALUES = {
-    ("reference", "precomputed"): (
-        "was removed: the stored log-probabilities come from a sliding-window pass over the unaugmented image, "
-        "so they differ from the reference on an augmented, zero-padded patch (the margin was not 0 at the "
-        "first step; BENCHMARKS.md, 'Step cost'). Use reference 'online' (the default; exact), or drop the key"
+FINAL_CHECKPOINTS = ("last", "best")
+# Settings that existed once, and what to say to a settings file that still names them.
+REMOVED_SETTINGS = {
+    "reference": (
+        "was removed: the frozen reference always runs on each augmented patch (exact: the margin is 0 at the first "
+        "step; BENCHMARKS.md, 'Step cost'). Drop the key"
     ),
 }
-FINAL_CHECKPOINTS = ("last", "best")
 
 
-class SettingsError(ValueError):
-    """A setting with a wrong name or value; the message lists the valid ones."""
+def objectives() -> tuple[str, ...]:
+    """The losses of nnunet_rndpo/objectives.py (pure torch: read when a setting is checked, so that reading the
+    settings does not import torch), and self_train: Dice+CE on the judge's top proposal (pseudo-labels)."""
+    from nnunet_rndpo.objectives import LOSS_TYPES
+
+    return (*LOSS_TYPES, "self_train")
+
+
+def normalizations() -> tuple[str, ...]:
+    from nnunet_rndpo.objectives import NORMALIZATIONS
+
+    return NORMALIZATIONS
+
+
+def _registered_judges() -> list[str]:
+    # read at validation time: judges registered by a user's own code count too
+    from nnunet_rndpo.judges import available_judges
+
+    return available_judges()
 
 
 @dataclass(frozen=True)
 class PreferenceSettings:
-    # objective
-    objective: str = "rn_dpo"
-    normalization: Optional[str] = None  # None: the objective's own (rn_dpo -> disagreement, dpo -> sum, ...)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    deep_supervision: str = "all_scales"  # preference loss on every output scale, weighted as nnU-Net's
-    anchor_weight: float = 0.0  # lambda * nnU-Net Dice+CE on labeled batches (costs one more pass)
-    # Dice+CE on the chosen mask over the whole patch, added to the preference loss (as RPO adds NLL). The
-    # preference term only touches the disagreement region (<1% of a patch); without this anchor the rest of
-    # the prediction drifts: on the demo data RN-DPO alone fell from 0.80 to 0.50 test Dice in 500 steps. 3, not 1:
-    # validation preferred it on both Hippocampus protocols (v3: 3 seeds with the agreement judge; BENCHMARKS.md).
-    sft_weight: float = 3.0
-    reference: str = "online"  # see REFERENCE_MODES
-    # IPO's target (ipo: regress the normalised margin onto it instead of 1 / (2 beta)); for the sigmoid types a
-    # shift, -log sigmoid(beta (h - target_margin)). In nats per disagreement voxel for rn_dpo. None: off.
-    target_margin: Optional[float] = None
-    # judge and mining
-    judge: str = "agreement"
-    judge_options: dict = field(default_factory=dict)
-    mining: str = "top_bottom"
-    mining_margin: float = 0.02
-    # which voxels of a pair the preference term pushes: every disagreeing voxel, or only some of them, e.g. where
-    # the judge's top and bottom halves agree with the chosen and rejected labels, or where the judge's own voxel
-    # probabilities side with the chosen label (nnunet_rndpo/preference_region.py)
-    preference_region: str = "disagreement"
-    # patches
-    disagreement_sampling: float = 0.67  # fraction of patches centred on a disagreeing voxel
-    # proposals (see ProposalSettings for the keys)
-    proposals: dict = field(default_factory=dict)
-    overwrite_proposals: bool = False
-    # where the proposals are stored; None: nnUNet_preprocessed/<D>/rndpo_proposals/..., one store per base
-    # checkpoint. A folder of its own keeps the proposals of other settings (a comparison of proposal sources)
-    proposal_store: Optional[str] = None
-    # base model
-    base_checkpoint: Optional[str] = None  # default: nnUNet_results/<D>/<base_trainer>__<plans>__<config>/fold_F/<name>
-    base_trainer: str = "nnUNetTrainer"
-    base_checkpoint_name: str = "checkpoint_final.pth"
-    # schedule
-    num_epochs: int = 50
-    iterations_per_epoch: int = 250
-    val_iterations_per_epoch: int = 50
-    initial_lr: float = 1e-3
-    warmup_iterations: int = 0  # linear lr warm-up over the run's first iterations, on nnU-Net's poly schedule
-    # validation and the final checkpoint
-    validate_base: bool = True  # validate the base before epoch 0: it is checkpoint_best until an epoch beats it
-    final_checkpoint: str = "last"  # "best": checkpoint_final.pth gets checkpoint_best's weights (never below the base)
-    seed: int = 0
+    # ---- the objective
+    objective: str = setting(
+        "rn_dpo",
+        "the loss: `rn_dpo` (DPO margin averaged over the disagreement region), `dpo` (summed over voxels), `mean` "
+        "(averaged over all voxels), `ipo`, or `self_train` (Dice+CE on the judge's top proposal, no reference)",
+        choices=objectives,
+    )
+    normalization: Optional[str] = setting(
+        None, "override of the objective's own margin normalisation (null: the objective's)", choices=normalizations
+    )
+    beta: float = setting(0.1, "DPO temperature", minimum=0.0, minimum_exclusive=True)
+    label_smoothing: float = setting(0.0, "conservative DPO epsilon", minimum=0.0, maximum=0.5, maximum_exclusive=True)
+    deep_supervision: str = setting(
+        "all_scales",
+        "preference loss on every nnU-Net output scale (weighted as nnU-Net weights them) or at full resolution only",
+        choices=DEEP_SUPERVISION_MODES,
+    )
+    anchor_weight: float = setting(
+        0.0, "+ weight x nnU-Net's Dice+CE on a labeled batch per step (one more forward pass per step)", minimum=0.0
+    )
+    sft_weight: float = setting(
+        3.0,
+        "+ weight x nnU-Net's Dice+CE on the chosen mask over the whole patch: the preference term sees only the "
+        "disagreement region, and without this anchor the rest of the prediction drifts (BENCHMARKS.md, 'Stability "
+        "of the objective'; the value: 'The preference term's settings')",
+        minimum=0.0,
+    )
+    target_margin: Optional[float] = setting(
+        None,
+        "IPO's target for the normalised margin (nats per disagreement voxel for rn_dpo); a shift for the sigmoid "
+        "losses, -log sigmoid(beta (h - target_margin)); null: off",
+        minimum=0.0,
+    )
+    # ---- judge, mining and the pushed voxels
+    recipe: str = setting(
+        "auto",
+        "the measured set-up to start from (judge, proposals, mining; README 'Which judge'): `auto` picks `folds` "
+        "when the base's other folds are trained, else `single_model`; `none` keeps the plain defaults. Settings "
+        "you give win over the recipe's",
+        choices=RECIPE_CHOICES,
+    )
+    judge: str = setting(
+        "agreement",
+        "a registered judge or `package.module:Class`; what each one knows: docs/judges.md",
+        choices=None,  # checked in `validate` (registered names, or a dotted path checked when it is built)
+    )
+    judge_options: dict = setting({}, "the judge's constructor options")
+    mining: str = setting(
+        "top_bottom",
+        "how scores become pairs: the judge's best against its worst (`top_bottom`), against each other "
+        "(`top_rest`), every pair with a score gap >= mining_margin (`margin`), against the plain prediction "
+        "(`top_plain`), a top-half against a bottom-half member (`halves`), or a control (`random`)",
+        choices=MINING_STRATEGIES,
+    )
+    mining_margin: float = setting(0.02, "the score gap of `margin` mining", minimum=0.0)
+    preference_region: str = setting(
+        "disagreement",
+        "which voxels of a pair the preference term pushes: every disagreeing voxel, or only those where the judge's "
+        "top and bottom halves agree (`ranked_consensus`), where most proposals hold the chosen label (`majority`), "
+        "or where the judge's own voxel probabilities favour the chosen label (`judge_voxels`, atlas only); the rest "
+        "of the pair goes to the SFT term",
+        choices=PREFERENCE_REGIONS,
+    )
+    disagreement_sampling: float = setting(
+        0.67, "probability that a patch is centred on a disagreeing voxel", minimum=0.0, maximum=1.0
+    )
+    # ---- proposals and where they are kept
+    proposals: dict = setting({}, "proposal settings (the `proposals.*` rows below); unset keys keep their default")
+    overwrite_proposals: bool = setting(
+        False, "replace a proposal store made with other settings or checkpoints instead of stopping with an error"
+    )
+    proposal_store: Optional[str] = setting(
+        None,
+        "folder of the proposal store; null: nnUNet_preprocessed/<D>/rndpo_proposals/<plans>__<config>/fold_<F>/"
+        "<base model>, one per base checkpoint",
+    )
+    # ---- the base model
+    base_checkpoint: Optional[str] = setting(
+        None,
+        "the base checkpoint file; null: nnUNet_results/<D>/<base_trainer>__<plans>__<config>/fold_F/"
+        "<base_checkpoint_name>",
+    )
+    base_trainer: str = setting("nnUNetTrainer", "trainer of the base model (for the default base_checkpoint)")
+    base_checkpoint_name: str = setting("checkpoint_final.pth", "checkpoint name of the base (default base_checkpoint)")
+    # ---- schedule
+    num_epochs: int = setting(50, "fine-tuning epochs", minimum=1)
+    iterations_per_epoch: int = setting(250, "training iterations per epoch (nnU-Net's 250)", minimum=1)
+    val_iterations_per_epoch: int = setting(50, "validation iterations per epoch (nnU-Net's 50)", minimum=0)
+    initial_lr: float = setting(
+        1e-3, "learning rate at the first epoch (nnU-Net's poly schedule)", minimum=0.0, minimum_exclusive=True
+    )
+    warmup_iterations: int = setting(
+        0, "linear learning-rate warm-up over the run's first iterations, on top of the poly schedule", minimum=0
+    )
+    # ---- validation, checkpoints, start phase
+    validate_base: bool = setting(
+        True,
+        "validate the base weights before epoch 0 and save them as checkpoint_best.pth: an epoch must beat the base's "
+        "pseudo Dice to replace it (one validation pass)",
+    )
+    final_checkpoint: str = setting(
+        "last",
+        "`last`: nnU-Net's behaviour; `best`: checkpoint_final.pth (and the final validation) get checkpoint_best's "
+        "weights, so with validate_base the final model is never below the base on the validation patches",
+        choices=FINAL_CHECKPOINTS,
+    )
+    rank_timeout_minutes: float = setting(
+        720.0,
+        "under DDP: how long a rank waits for the others during the start phase (proposals, judging) before the run "
+        "fails with a message",
+        minimum=0.0,
+        minimum_exclusive=True,
+    )
+    seed: int = setting(0, "seed of proposals, mining and tie-breaks")
 
     def proposal_settings(self) -> ProposalSettings:
         return ProposalSettings.from_dict({"seed": self.seed, **self.proposals})
-
-    def pair_settings(self, overwrite_proposals: bool) -> PairSettings:
-        """What nnunet_rndpo.pipeline.prepare_pairs makes for this run: mined pairs, or for self-training the
-        judge's top proposal of each case."""
-        return PairSettings(
-            proposals=self.proposal_settings(),
-            judge=self.judge,
-            judge_options=dict(self.judge_options),
-            selection=JUDGE_TOP if self.objective == "self_train" else self.mining,
-            mining_margin=self.mining_margin,
-            seed=self.seed,
-            overwrite_proposals=overwrite_proposals,
-            preference_region=self.preference_region,
-        )
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -114,92 +184,78 @@ class PreferenceSettings:
         return data
 
 
-def _valid_names() -> list[str]:
-    return [f.name for f in fields(PreferenceSettings)]
-
-
 def validate(settings: PreferenceSettings) -> PreferenceSettings:
-    from nnunet_rndpo.judges import available_judges, judges_with_voxel_probabilities
-
-    def choose(name: str, value: Any, valid) -> None:
-        if value not in valid:
-            raise SettingsError(f"setting {name}={value!r} is not valid; valid: {', '.join(map(str, valid))}")
-
-    for (name, value), reason in REMOVED_VALUES.items():
-        if getattr(settings, name) == value:
-            raise SettingsError(f"setting {name}={value!r} {reason}")
-    choose("objective", settings.objective, OBJECTIVES)
-    if settings.normalization is not None:
-        choose("normalization", settings.normalization, NORMALIZATIONS)
-    choose("deep_supervision", settings.deep_supervision, DEEP_SUPERVISION_MODES)
-    choose("reference", settings.reference, REFERENCE_MODES)
-    choose("final_checkpoint", settings.final_checkpoint, FINAL_CHECKPOINTS)
-    choose("validate_base", settings.validate_base, (True, False))
-    if settings.target_margin is not None and not (
-        isinstance(settings.target_margin, (int, float))
-        and not isinstance(settings.target_margin, bool)
-        and 0 <= settings.target_margin < float("inf")
-    ):
-        raise SettingsError(f"setting target_margin must be a number >= 0 or null, got {settings.target_margin!r}")
-    if (
-        not isinstance(settings.warmup_iterations, int)
-        or isinstance(settings.warmup_iterations, bool)
-        or settings.warmup_iterations < 0
-    ):
-        raise SettingsError(f"setting warmup_iterations must be an integer >= 0, got {settings.warmup_iterations!r}")
-    choose("mining", settings.mining, MINING_STRATEGIES)
-    choose("preference_region", settings.preference_region, PREFERENCE_REGIONS)
-    if ":" not in settings.judge:  # dotted paths are checked when the judge is built
-        choose("judge", settings.judge, available_judges())
+    """Every field against its definition, then the rules between fields; SettingsError names the setting."""
+    check_fields(settings)
+    if ":" not in settings.judge:  # a dotted path is checked when the judge is built
+        judges = _registered_judges()
+        if settings.judge not in judges:
+            raise SettingsError(f"setting judge={settings.judge!r} is not valid; valid: {', '.join(judges)}")
         if settings.preference_region == "judge_voxels":
+            from nnunet_rndpo.judges import judges_with_voxel_probabilities
+
             # the region reads the judge's own voxel probabilities: say so before the base model is loaded
-            choose("judge (for preference_region 'judge_voxels')", settings.judge, judges_with_voxel_probabilities())
-    if settings.beta <= 0:
-        raise SettingsError(f"setting beta must be > 0, got {settings.beta}")
-    if not 0 <= settings.label_smoothing < 0.5:
-        raise SettingsError(f"setting label_smoothing must lie in [0, 0.5), got {settings.label_smoothing}")
-    for name in ("anchor_weight", "sft_weight", "mining_margin"):
-        if getattr(settings, name) < 0:
-            raise SettingsError(f"setting {name} must be >= 0, got {getattr(settings, name)}")
-    if not 0 <= settings.disagreement_sampling <= 1:
-        raise SettingsError(f"setting disagreement_sampling must lie in [0, 1], got {settings.disagreement_sampling}")
-    for name in ("num_epochs", "iterations_per_epoch"):
-        if int(getattr(settings, name)) < 1:
-            raise SettingsError(f"setting {name} must be >= 1, got {getattr(settings, name)}")
-    if settings.val_iterations_per_epoch < 0:
-        raise SettingsError("setting val_iterations_per_epoch must be >= 0")
-    if settings.initial_lr <= 0:
-        raise SettingsError(f"setting initial_lr must be > 0, got {settings.initial_lr}")
+            having = judges_with_voxel_probabilities()
+            if settings.judge not in having:
+                raise SettingsError(
+                    f"setting judge (for preference_region 'judge_voxels')={settings.judge!r} is not valid; "
+                    f"valid: {', '.join(having)}"
+                )
     try:
         settings.proposal_settings()
-    except ValueError as error:
+    except SettingsError as error:
         raise SettingsError(f"setting proposals: {error}") from error
     return settings
 
 
-def apply_overrides(settings: PreferenceSettings, overrides: dict, origin: str) -> PreferenceSettings:
-    unknown = sorted(set(overrides) - set(_valid_names()))
-    if unknown:
-        raise SettingsError(f"unknown setting(s) {unknown} in {origin}; valid: {', '.join(_valid_names())}")
-    return replace(settings, **overrides)
-
-
-def resolve_settings(class_overrides: dict, environ: Optional[dict] = None) -> tuple[PreferenceSettings, list[str]]:
-    """Defaults < class overrides < the RNDPO_SETTINGS JSON file. Returns the settings and their sources."""
+def read_settings_file(environ: Optional[dict] = None) -> tuple[dict, Optional[str]]:
+    """The overrides in the JSON file named by RNDPO_SETTINGS ({} and None when it is unset)."""
     environ = os.environ if environ is None else environ
-    settings = apply_overrides(PreferenceSettings(), class_overrides, "the trainer class")
-    sources = ["defaults", "trainer class"]
     path = environ.get(SETTINGS_ENV_VARIABLE)
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise SettingsError(f"{SETTINGS_ENV_VARIABLE}={path}: no such settings file")
-        try:
-            overrides = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
-            raise SettingsError(f"settings file {file} is not valid JSON: {error}") from error
-        if not isinstance(overrides, dict):
-            raise SettingsError(f"settings file {file} must hold a JSON object of settings")
-        settings = apply_overrides(settings, overrides, str(file))
-        sources.append(str(file))
+    if not path:
+        return {}, None
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"{SETTINGS_ENV_VARIABLE}={path}: no such settings file")
+    try:
+        overrides = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"settings file {file} is not valid JSON: {error}") from error
+    if not isinstance(overrides, dict):
+        raise SettingsError(f"settings file {file} must hold a JSON object of settings")
+    return overrides, str(file)
+
+
+def resolve_settings(
+    class_overrides: dict,
+    environ: Optional[dict] = None,
+    situation: Optional[Callable[[PreferenceSettings], Situation]] = None,
+) -> tuple[PreferenceSettings, list[str]]:
+    """Defaults < recipe < class overrides < the RNDPO_SETTINGS file; validated. Returns the settings and where they
+    came from (one line each, for the log). `situation(settings)` tells what the start phase finds (the base's other
+    folds, the pool) from the settings given so far; without it the recipe is not applied."""
+    file_overrides, file_name = read_settings_file(environ)
+    given = PreferenceSettings()
+    given = apply_overrides(given, class_overrides, "the trainer class", REMOVED_SETTINGS)
+    if file_name is not None:
+        given = apply_overrides(given, file_overrides, file_name, REMOVED_SETTINGS)
+    check_fields(given)
+    # the situation is read only for a recipe that depends on it (it looks at the base's folds and the pool)
+    found = situation(given) if situation is not None and given.recipe != "none" else None
+    recipe = choose_recipe(given.recipe, found)
+    if recipe is None:
+        recipe_overrides, recipe_line = {}, f"recipe {given.recipe!r}: the plain defaults"
+    else:
+        recipe_overrides, recipe_line = recipe_settings(recipe, given.recipe), recipe.describe(given.recipe)
+    explicit = {**class_overrides, **file_overrides}
+    settings = apply_overrides(PreferenceSettings(), recipe_overrides, "the recipe")
+    if "proposals" in explicit and "proposals" in recipe_overrides:
+        # proposal keys the user sets win one by one over the recipe's
+        explicit = {**explicit, "proposals": {**recipe_overrides["proposals"], **explicit["proposals"]}}
+    settings = apply_overrides(settings, {**class_overrides, **explicit}, "the trainer class and settings file")
+    sources = ["defaults", recipe_line, "trainer class"] + ([file_name] if file_name else [])
     return validate(settings), sources
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(PreferenceSettings)]
