@@ -126,7 +126,7 @@ class ProposalStore:
         save_npz(
             self.case_path(case_id),
             proposals=proposals,
-            mean_probabilities=mean_probabilities.astype(np.float16),
+            mean_probabilities=mean_probabilities.astype(np.float16, copy=False),  # no copy of a (C, *) array
             case_seed=np.int64(case_seed),
         )
 
