@@ -59,14 +59,13 @@ class AtlasJudge(Judge):
 
     registration: "affine", or "deformable" (affine then demons); max_atlases: how many labeled cases to keep
     (evenly spread over them in case-id order); channel: which image channel to register; demons_iterations and
-    demons_smoothing: the deformable step's iterations and the Gaussian smoothing (voxels) of its field;
+    demons_smoothing: the deformable step's iterations and the Gaussian smoothing (voxels of the grid it runs on) of
+    its field;
     crop_margin: voxels kept around the proposals' (and each atlas's labels') foreground, None for the whole
     volume; max_registration_voxels: above it a crop is registered on a shrunk copy, None never shrinks.
     """
 
     name = "atlas"
-    fit_reads_proposals = False  # fit reads the labeled images and true label maps only
-    fit_reads_images = True
     gives_voxel_probabilities = True  # the fused atlas labels
 
     def __init__(
@@ -77,7 +76,7 @@ class AtlasJudge(Judge):
         demons_iterations: int = 50,
         demons_smoothing: float = 1.5,
         crop_margin: Optional[int] = 16,
-        max_registration_voxels: Optional[int] = 2_000_000,
+        max_registration_voxels: Optional[int] = 1_000_000,
     ) -> None:
         if registration not in REGISTRATIONS:
             raise JudgeError(f"atlas option 'registration' must be one of {REGISTRATIONS}, got {registration!r}")
@@ -359,7 +358,8 @@ def register_atlas(fixed, moving, deformable: bool, demons_iterations: int, demo
     aligned = sitk.HistogramMatching(aligned, fixed, 128, 7, True)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(demons_iterations)
-    demons.SetStandardDeviations(demons_smoothing)
+    # smoothing in voxels of the grid it runs on (ITK reads it in physical units): a shrunk copy keeps its regularity
+    demons.SetStandardDeviations([demons_smoothing * spacing for spacing in fixed.GetSpacing()])
     field = demons.Execute(fixed, aligned)
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
 
