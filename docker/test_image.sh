@@ -119,7 +119,7 @@ trap 'say "interrupted"; exit 130' INT TERM
 # The whole run is one function, read in full before it starts: editing this file during a run (a rerun
 # after a change) cannot derail the run.
 main() {
-    say "docker/test_image.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM; $(uname -sr)"
+    say "docker/test_image.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM; $(uname -sr); load average $(cut -d' ' -f1-3 /proc/loadavg)"
     if revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); then
         git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && revision="$revision, with uncommitted changes"
     else
@@ -389,6 +389,7 @@ main() {
     fi
 
     say ""
+    say "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min; times above are wall-clock on a shared machine)"
     total_s=$(($(now) - started))
     if [ "$failed" -eq 0 ]; then
         say "SUMMARY: $passed passed, 0 failed, $skipped skipped in $((total_s / 60)) min $((total_s % 60)) s; logs in $LOGS"
