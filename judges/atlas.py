@@ -59,8 +59,8 @@ class AtlasJudge(Judge):
 
     registration: "affine", or "deformable" (affine then demons); max_atlases: how many labeled cases to keep
     (evenly spread over them in case-id order); channel: which image channel to register; demons_iterations and
-    demons_smoothing: the deformable step's iterations and the Gaussian smoothing (voxels of the grid it runs on) of
-    its field;
+    demons_smoothing: the deformable step's iterations and the Gaussian smoothing of its field (voxels of the
+    full-resolution volume, also when registering a shrunk copy);
     crop_margin: voxels kept around the proposals' (and each atlas's labels') foreground, None for the whole
     volume; max_registration_voxels: above it a crop is registered on a shrunk copy, None never shrinks.
     """
@@ -358,8 +358,9 @@ def register_atlas(fixed, moving, deformable: bool, demons_iterations: int, demo
     aligned = sitk.HistogramMatching(aligned, fixed, 128, 7, True)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(demons_iterations)
-    # smoothing in voxels of the grid it runs on (ITK reads it in physical units): a shrunk copy keeps its regularity
-    demons.SetStandardDeviations([demons_smoothing * spacing for spacing in fixed.GetSpacing()])
+    # in physical units, i.e. voxels of the full-resolution volume, also on a shrunk copy (its own voxels smoothed
+    # the field too much there: benchmarks/atlas_check.py, BENCHMARKS.md)
+    demons.SetStandardDeviations(demons_smoothing)
     field = demons.Execute(fixed, aligned)
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
 
