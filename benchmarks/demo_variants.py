@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         "iterations_per_epoch": FULL.tune_iterations,
         "val_iterations_per_epoch": FULL.val_iterations,
         "seed": 0,
+        "recipe": "none",  # the demo's own set-up (nnunet_rndpo/demo/run.py); a variant may name another
         **args.settings,
     }
     (work / "variants").mkdir(exist_ok=True)

@@ -286,6 +286,39 @@ def test_real_nnunetv2_train_and_predict_entry_points_with_resume(
     assert (output / "rndpo_pairs.json").read_text() == pairs_before
     assert re.search(r": Epoch 2$", resumed.stdout, re.M) and not re.search(r": Epoch [01]$", resumed.stdout, re.M)
 
+    # the fine-tuned model against its base on the fold's validation cases, as the README's block runs it
+    compare_folder = tmp_path / "compare"
+    compared = subprocess.run(
+        [
+            str(BIN / "nnunet_rndpo"),
+            "compare",
+            "-d",
+            dataset_id,
+            "-c",
+            tiny_configuration,
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "--disable_tta",
+            "-o",
+            str(compare_folder),
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert compared.returncode == 0, compared.stdout[-3000:] + compared.stderr[-3000:]
+    report = json.loads((compare_folder / "compare.json").read_text())
+    validation = json.loads((preprocessed_synthetic.preprocessed_folder / "splits_final.json").read_text())[0]["val"]
+    assert report["num_cases"] == len(validation) and set(report["per_case"]["base"]) == set(validation)
+    assert set(report["classes"]) == {"organ", "lesion", "mean"}
+    mean = report["classes"]["mean"]
+    assert mean["difference"]["cases"] == len(validation)
+    assert mean["fine_tuned"] - mean["base"] == pytest.approx(mean["difference"]["mean"])
+    assert "difference (points)" in compared.stdout and "organ" in compared.stdout
+
 
 @pytest.mark.slow
 def test_export_predicts_without_our_package_on_nnunets_path(
@@ -504,3 +537,36 @@ def test_final_checkpoint_best_never_ends_below_the_validated_base(
     assert all(torch.equal(final[name], base[name]) for name in base)
     summary = json.loads((output / "rndpo_summary.json").read_text())
     assert summary["final_checkpoint"] == "best (the base)"
+
+
+@pytest.mark.slow
+def test_prepare_before_training_then_the_trainer_only_reads_the_pairs(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file, monkeypatch
+):
+    """The two-step path: `nnunet_rndpo prepare` makes the proposals, the judge's scores and the pairs with the
+    settings the trainer will resolve; the trainer's start then reads that pairs file: no judge, no scores."""
+    from nnunet_rndpo import pipeline
+    from nnunet_rndpo.cli import main
+
+    settings_file(validate_base=False, mining="top_rest")
+    arguments = ["-d", str(preprocessed_synthetic.dataset_id), "-c", tiny_configuration, "-f", "0"]
+    assert main(["prepare", *arguments, "-tr", "nnUNetTrainerRNDPO", "-device", "cpu"]) == 0
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the trainer judged again instead of reading the prepared pairs")
+
+    monkeypatch.setattr(pipeline, "ready_judge", not_again)
+    monkeypatch.setattr(pipeline, "score_store", not_again)
+
+    class PreparedRNDPO(named.nnUNetTrainerRNDPO):
+        pass
+
+    trainer = _started(PreparedRNDPO, preprocessed_synthetic, tiny_configuration)
+    try:
+        prepared_file = next(trainer.prepared.store.folder.glob("pairs/agreement*__top_rest/rndpo_pairs.json"))
+        written = json.loads((Path(trainer.output_folder) / "rndpo_pairs.json").read_text())
+        assert written == json.loads(prepared_file.read_text()) and trainer.prepared.judge is None
+        assert written["summary"]["strategy"] == "top_rest"
+        trainer.train_step(next(trainer.dataloader_train))
+    finally:
+        trainer.on_train_end()

@@ -49,8 +49,9 @@ PREFERENCE_VARIANTS = {
 }
 
 # The preference settings every arm of these protocols was measured with, where a default has moved since: an arm's
-# result stays what its name and BENCHMARKS.md say it is (the SFT weight default became 3 on these measurements).
-MEASURED_WITH = {"sft_weight": 1.0}
+# result stays what its name and BENCHMARKS.md say it is (the SFT weight default became 3 on these measurements; the
+# recipe default became `auto`, which would change an arm's judge and proposals: every arm names its own).
+MEASURED_WITH = {"sft_weight": 1.0, "recipe": "none"}
 
 # Cross-model proposals: a model's plain pass and mirror members, one plain pass and the mirror members of each
 # other model, and nnU-Net's ensemble of every pass (3 models: 1 + 7 + 2 + 14 + 1). Disagreement between models

@@ -214,7 +214,7 @@ def run_demo(
     from nnunet_rndpo.atomic import save_json
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.demo.synthetic import make_synthetic_dataset
-    from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE, PreferenceSettings
+    from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
 
     schedule = QUICK if quick else FULL
     screen = Screen(work / "logs", verbose, total_phases=8)
@@ -277,12 +277,14 @@ def run_demo(
             "val_iterations_per_epoch": schedule.val_iterations,
             "initial_lr": 1e-3,
             "seed": seed,
+            # the agreement judge on the base's mirror members, the set-up this demo has always shown; on your
+            # data `recipe: auto` starts from what gained there (README, "Which judge")
+            "recipe": "none",
         },
         settings_file,
     )
     os.environ[SETTINGS_ENV_VARIABLE] = str(settings_file)
-    defaults = PreferenceSettings(seed=seed)
-    prepared = _proposals_and_pairs(screen, base_folder / "checkpoint_final.pth", defaults)
+    prepared = _proposals_and_pairs(screen, base_folder / "checkpoint_final.pth")
 
     from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO, nnUNetTrainerSelfTrain
 
@@ -353,15 +355,18 @@ def run_demo(
     return 0
 
 
-def _proposals_and_pairs(screen: Screen, checkpoint: Path, settings):
-    """Proposals, judge scores and pairs, made here as the trainers' start makes them (the same store, the same
-    scores file): the trainers then find them done."""
+def _proposals_and_pairs(screen: Screen, checkpoint: Path):
+    """Proposals, judge scores and pairs, made here with the settings the trainers resolve (RNDPO_SETTINGS, as
+    `nnunet_rndpo prepare` makes them): the trainers then find them done and read the pairs file."""
     from nnunet_rndpo.nnunet_paths import locate
+    from nnunet_rndpo.pairs import PairSettings
     from nnunet_rndpo.pipeline import prepare_pairs
     from nnunet_rndpo.proposals.model import load_model
     from nnunet_rndpo.proposals.plan import plan_members
     from nnunet_rndpo.proposals.pool import unlabeled_pool
     from nnunet_rndpo.proposals.run import generate_proposals
+    from nnunet_rndpo.training.run_settings import run_settings
+    from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO
 
     location = locate(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
     model = load_model(
@@ -371,7 +376,8 @@ def _proposals_and_pairs(screen: Screen, checkpoint: Path, settings):
         expected_configuration=DEMO_CONFIGURATION,
         expected_dataset_json=location.dataset_json,
     )
-    pair_settings = settings.pair_settings(overwrite_proposals=False)
+    settings, _ = run_settings(nnUNetTrainerRNDPO.settings_overrides, location)
+    pair_settings = PairSettings.from_run_settings(settings)
     members = plan_members(pair_settings.proposals, model.mirror_axes)
     sources = sorted({member.source for member in members})
     pool = unlabeled_pool(location)

@@ -3,6 +3,8 @@ README's table is this one): `nnunet_rndpo settings` prints it, `--example` an R
 
 from __future__ import annotations
 
+import json
+
 from nnunet_rndpo.proposals.plan import ProposalSettings
 from nnunet_rndpo.training.recipes import SINGLE_MODEL, folds_recipe
 from nnunet_rndpo.training.settings import PreferenceSettings
@@ -32,7 +34,7 @@ def settings_table() -> str:
 
 
 def _values(settings: dict) -> str:
-    return "; ".join(f"`{key}`: `{value}`" for key, value in settings.items() if value != {})
+    return "; ".join(f"`{key}`: `{json.dumps(value)}`" for key, value in settings.items() if value != {})
 
 
 def example_settings() -> dict:

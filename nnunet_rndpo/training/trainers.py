@@ -191,6 +191,7 @@ class nnUNetTrainerPreference(nnUNetTrainer):
             single_mask=not self.uses_reference,  # self-training: one channel, exactly nnU-Net's layout
             annotated_key=annotated_key(self.label_manager),
         )
+        pairs.prepare()  # unpack every case once here, not in each augmentation worker on first use
         return pairs, validation
 
     def get_dataloaders(self):
