@@ -19,7 +19,7 @@
 # Settings read from the environment (all optional):
 #   RNDPO_ENTRYPOINT_DRY_RUN=1  print the environment it settled on, the command it would run and how
 #                               (`exec` or `child`), then exit 0 without running it (used by
-#                               tests/test_docker.py; handy to debug)
+#                               tests/test_docker_entrypoint.py; handy to debug)
 #   RNDPO_SHM_PATH              shared-memory folder to check (default /dev/shm)
 #   RNDPO_SHM_SIZE_KB           pretend the shared memory has this size in KiB (tests; skips `df`)
 set -eu

@@ -297,8 +297,10 @@ main() {
         docker_ run -d --name "$CONTAINER_PREFIX-train" "${run_options[@]}" "${settings_env[@]}" "$IMAGE" \
             "${train_command[@]}" >/dev/null
         # Wait for checkpoint_latest.pth (written after every epoch) and a little more, into the next epoch.
+        # Up to 30 min: before its first epoch the trainer may fit its judge (the atlas judge's
+        # registrations took 8 min on the machine in docker/README.md).
         stop_after=""
-        for _ in $(seq 1200); do
+        for _ in $(seq 3600); do
             if [ -f "$TRAINING/checkpoint_latest.pth" ]; then
                 stop_after=$(($(now) - t0))
                 break
