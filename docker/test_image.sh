@@ -320,7 +320,7 @@ main() {
             # docker's SIGKILL after the grace period.
             if [ "$exit_code" = 130 ] && [ "$stop_s" -lt "$STOP_GRACE_S" ] &&
                 grep -q 'SIGTERM received; passing SIGINT on to nnUNetv2_train' "$LOGS/train.log"; then
-                pass "stop: docker stop ${stop_s} s after the first checkpoint (${stop_after} s into training) ended it with exit code 130, before the grace period"
+                pass "stop: docker stop, 3 s after the first checkpoint (${stop_after} s into training), took ${stop_s} s (grace ${STOP_GRACE_S} s): exit code 130"
             else
                 fail "stop: exit code $exit_code after ${stop_s} s (wanted 130, under ${STOP_GRACE_S} s; $LOGS/train.log)"
                 show_tail "$LOGS/train.log"
