@@ -314,7 +314,7 @@ def assert_same_as_reference(engine, data, case_seed=3):
     return result
 
 
-def test_engine_makes_the_proposals_of_the_engine_that_held_every_member():
+def test_engine_makes_the_proposals_of_the_engine_that_held_every_member(monkeypatch):
     rng = np.random.default_rng(0)
     case = rng.normal(size=(1, 37, 29, 41)).astype(np.float32)  # 3 x 3 x 4 tiles of 16^3, odd sizes
     members = ("tta", "threshold", "temperature", "ensemble")
@@ -329,24 +329,36 @@ def test_engine_makes_the_proposals_of_the_engine_that_held_every_member():
     assert_same_as_reference(tiny_engine(num_proposals=8, sources=members), small)
     # members_per_batch smaller than the passes: several sweeps, the same batches as before
     assert_same_as_reference(tiny_engine(num_proposals=8, sources=("tta",), members_per_batch=3), case)
+    # a case finished in many slabs (as a CT-sized one is)
+    from nnunet_rndpo.proposals import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SLAB_VOXELS", 2000)
+    wide = rng.normal(size=(1, 37, 32, 24)).astype(np.float32)
+    assert len(engine_module._slabs(wide.shape[1:])) == 19
+    assert_same_as_reference(tiny_engine(num_proposals=8, sources=members), wide)
 
 
-def test_softmax_and_argmax_by_slabs_equal_those_of_the_whole_volume(monkeypatch):
+def test_logits_labels_and_softmax_by_slabs_equal_those_of_the_whole_volume(monkeypatch):
     from nnunet_rndpo.proposals import engine as engine_module
 
     monkeypatch.setattr(engine_module, "SLAB_VOXELS", 4000)
     generator = torch.Generator().manual_seed(0)
     for shape in ((15, 37, 40, 28), (3, 45, 32, 32), (4, 70, 6, 12)):
-        logits = torch.randn(shape, generator=generator) * 5
+        sums = torch.randn((2, *shape), generator=generator) * 50
+        weight = torch.rand(shape[1:], generator=generator) * 10 + 0.1
         slabs = engine_module._slabs(shape[1:])
         assert len(slabs) > 1 and all((s.stop - s.start) * math.prod(shape[2:]) % 64 == 0 for s in slabs[:-1])
+        logits = sums / weight  # the whole volume at once, as the engine that held every member did
+        probabilities = torch.softmax(logits, dim=1)
+        proposals = torch.zeros((3, *shape[1:]), dtype=torch.uint8)
         total = torch.zeros(shape)
-        engine_module._add_softmax(total, logits)
+        engine_module._finish(sums, weight, proposals, total, [2, 0])
         # bit for bit (one torch thread, as these tests run): a slab never splits a vector of the whole-volume pass
-        assert torch.equal(total, torch.softmax(logits, dim=0))
-        labels = torch.empty(shape[1:], dtype=torch.uint8)
-        engine_module._argmax_into(labels, logits)
-        assert torch.equal(labels, logits.argmax(0).to(torch.uint8))
+        assert torch.equal(sums, logits)  # divided in place
+        assert torch.equal(proposals[2], logits[0].argmax(0).to(torch.uint8))
+        assert torch.equal(proposals[0], logits[1].argmax(0).to(torch.uint8))
+        assert torch.equal(total, probabilities[0] + probabilities[1])
+        assert not proposals[1].any()
 
 
 def test_engine_with_two_networks_keeps_every_member_and_the_mean():

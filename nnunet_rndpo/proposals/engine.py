@@ -53,8 +53,9 @@ DROPOUT_DRAWS = "one generator per member, seeded by (case seed, member index)"
 DEFAULT_ACCUMULATOR_MEMORY_GIB = 2.0
 # Derived sources that read the mean over every pass; the others read the plain pass's logits.
 DERIVED_FROM_THE_MEAN = frozenset({"ensemble"})
-# Softmax and argmax run slab by slab along the first spatial axis so that their temporaries stay small.
-SLAB_VOXELS = 1 << 21
+# A member's sums become logits, labels and probabilities slab by slab along the first spatial axis: one pass over
+# its sums from memory instead of four, and small temporaries.
+SLAB_VOXELS = 1 << 16
 # A slab's voxel count is a multiple of this: torch's CPU softmax then computes every voxel of a slab in the same
 # vector lanes as it would on the whole volume (a partial vector is rounded differently), so slabs change nothing.
 SLAB_VOXEL_MULTIPLE = 64
@@ -195,14 +196,12 @@ class ProposalEngine:
         probability_sum = torch.zeros((self.num_classes, *shape), dtype=torch.float32, device=results_device)
         passes = 0
         for network_index, group in self.sweeps(self.members_per_sweep(padded_shape)):
-            logits = self._sweep(padded, slicers, gaussian, weight, network_index, group, case_seed)
+            logits = self._sweep(padded, slicers, gaussian, network_index, group, case_seed)
             logits = logits[(slice(None), slice(None), *crop)]
-            for row, (member_index, _) in enumerate(group):
-                _argmax_into(proposals[member_index], logits[row])
-                _add_softmax(probability_sum, logits[row])
-                passes += 1
-                if member_index == 0:  # the plain pass: what threshold and temperature members read
-                    self._derive(proposals, case_seed, plain_logits=logits[row], mean_probabilities=None)
+            _finish(logits, weight[crop], proposals, probability_sum, [member_index for member_index, _ in group])
+            passes += len(group)
+            if group[0][0] == 0:  # the plain pass (first of the first sweep): what threshold and temperature read
+                self._derive(proposals, case_seed, plain_logits=logits[0], mean_probabilities=None)
             del logits
         mean_probabilities = probability_sum.div_(passes)
         self._derive(proposals, case_seed, plain_logits=None, mean_probabilities=mean_probabilities)
@@ -213,12 +212,12 @@ class ProposalEngine:
         padded: torch.Tensor,
         slicers: list,
         gaussian: torch.Tensor,
-        weight: torch.Tensor,
         network_index: int,
         group: list[tuple[int, ProposalMember]],
         case_seed: int,
     ) -> torch.Tensor:
-        """One sliding-window pass of one network for `group`: its members' logits, (G, C, *padded) float32."""
+        """One sliding-window pass of one network for `group`: its members' Gaussian-weighted sums of logits,
+        (G, C, *padded) float32, not yet divided by the sum of the weights."""
         network = self.networks[network_index]
         accumulated = torch.zeros(
             (len(group), self.num_classes, *padded.shape[1:]), dtype=torch.float32, device=padded.device
@@ -241,8 +240,9 @@ class ProposalEngine:
                 with autocast:
                     logits = network(batch).float().to(padded.device)
                 for row, (_, member) in enumerate(group):
-                    accumulated[(row, *slicer)] += _flip(logits[row : row + 1], member.flip_axes)[0] * gaussian
-        accumulated /= weight
+                    # flipped back (a copy) or the network's own output: weighted in place, no further tile copy
+                    weighted = _flip(logits[row : row + 1], member.flip_axes)[0].mul_(gaussian)
+                    accumulated[(row, *slicer)] += weighted
         return accumulated
 
     def _derive(self, proposals: torch.Tensor, case_seed: int, plain_logits, mean_probabilities) -> None:
@@ -268,14 +268,22 @@ def _slabs(shape: Sequence[int]) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, shape[0], rows)]
 
 
-def _argmax_into(label_map: torch.Tensor, logits: torch.Tensor) -> None:
-    for slab in _slabs(label_map.shape):
-        label_map[slab] = logits[:, slab].argmax(0)
-
-
-def _add_softmax(probability_sum: torch.Tensor, logits: torch.Tensor) -> None:
-    for slab in _slabs(probability_sum.shape[1:]):
-        probability_sum[:, slab] += torch.softmax(logits[:, slab], dim=0)
+def _finish(
+    sums: torch.Tensor,
+    weight: torch.Tensor,
+    proposals: torch.Tensor,
+    probability_sum: torch.Tensor,
+    member_indices: Sequence[int],
+) -> None:
+    """Slab by slab, while a slab is in the cache: each row of `sums` divided by the weights in place (its logits),
+    its argmax into the member's label map, its softmax added to `probability_sum`."""
+    for slab in _slabs(weight.shape):
+        slab_weight = weight[slab]
+        for row, member_index in enumerate(member_indices):
+            logits = sums[row][:, slab]
+            logits /= slab_weight
+            proposals[member_index][slab] = logits.argmax(0)
+            probability_sum[:, slab] += torch.softmax(logits, dim=0)
 
 
 def _flip(tensor: torch.Tensor, spatial_axes: tuple[int, ...]) -> torch.Tensor:
