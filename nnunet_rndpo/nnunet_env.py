@@ -7,6 +7,7 @@ top-level `trainers/`), whose modules only re-export classes defined in the libr
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,10 +16,10 @@ EXT_TRAINER_VARIABLE = "nnUNet_extTrainer"
 
 
 def ext_trainer_folder() -> Path:
-    """The installed folder that holds our trainer re-exports (works for editable and plain installs)."""
-    import nnunet_rndpo.trainers as trainers_package
-
-    return Path(next(iter(trainers_package.__path__))).resolve()
+    """The installed folder that holds our trainer re-exports (works for editable and plain installs). Found, not
+    imported: importing the trainers imports nnunetv2, which reads nnU-Net's variables once, at import."""
+    spec = importlib.util.find_spec("nnunet_rndpo.trainers")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def ext_trainer_value(current: str | None = None) -> str:

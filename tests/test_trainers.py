@@ -570,3 +570,26 @@ def test_prepare_before_training_then_the_trainer_only_reads_the_pairs(
         trainer.train_step(next(trainer.dataloader_train))
     finally:
         trainer.on_train_end()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_cut_short_while_written_leaves_the_previous_one_whole(
+    preprocessed_synthetic, tiny_configuration, base_checkpoint, settings_file, tmp_path, monkeypatch
+):
+    settings_file()
+    trainer = make_trainer(InProcessRNDPO, preprocessed_synthetic, tiny_configuration)
+    trainer.initialize()
+    target = tmp_path / "output" / "checkpoint_latest.pth"
+    target.parent.mkdir()
+    trainer.save_checkpoint(str(target))
+    before = target.read_bytes()
+    assert torch.load(target, map_location="cpu", weights_only=False)["trainer_name"] == "InProcessRNDPO"
+
+    def stopped_while_writing(checkpoint, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # docker stop reaches the training as SIGINT
+
+    monkeypatch.setattr(torch, "save", stopped_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(target))
+    assert target.read_bytes() == before and [p.name for p in target.parent.iterdir()] == [target.name]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nnunet_rndpo.atomic import atomic_path
 from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
 from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS, ProposalEngine
 from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model
@@ -151,8 +152,6 @@ def export_case_nifti(
 ) -> list[Path]:
     """Write each proposal in the original image geometry (nnU-Net's own revert of crop/resample/transpose)."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-    from nnunet_rndpo.atomic import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     plans_manager, configuration_manager, label_manager = (

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from nnunet_rndpo.nnunet_paths import RunLocation, sibling_fold_checkpoints
+from nnunet_rndpo.proposals.pool import unlabeled_pool
 from nnunet_rndpo.training.recipes import Situation
 from nnunet_rndpo.training.settings import PreferenceSettings, resolve_settings
 
@@ -20,8 +21,6 @@ def base_checkpoint_path(location: RunLocation, settings: PreferenceSettings) ->
 
 
 def situation(location: RunLocation, settings: PreferenceSettings) -> Situation:
-    from nnunet_rndpo.proposals.pool import unlabeled_pool
-
     return Situation(
         other_folds=len(sibling_fold_checkpoints(base_checkpoint_path(location, settings))),
         pool_in_sample=unlabeled_pool(location).in_sample,

@@ -26,7 +26,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_rndpo.atomic import save_json
+from nnunet_rndpo.atomic import atomic_path, save_json
 from nnunet_rndpo.nnunet_paths import check_label_layout, locate
 from nnunet_rndpo.objectives import STATISTIC_NAMES
 from nnunet_rndpo.pairs import PAIRS_FILE_NAME, PairSettings
@@ -265,6 +265,14 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.current_epoch -= 1
         self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
         self.current_epoch += 1
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written under a temporary name and renamed: a run stopped while writing (docker
+        stop, a killed job) leaves the previous checkpoint_latest.pth whole, and --c can load it."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)  # nnU-Net writes nothing there
+        with atomic_path(filename) as temporary:
+            super().save_checkpoint(str(temporary))
 
     # ------------------------------------------------------------------ steps
     def _warm_up_learning_rate(self) -> None:
