@@ -258,3 +258,35 @@ def test_hippocampus_fixture_preprocesses_five_cases(hippocampus_dataset):
     assert "CC-BY-SA" in dataset_json["licence"] and "Decathlon" in dataset_json["reference"]
     # A copy, never a link into the read-only shared folder.
     assert not any(p.is_symlink() for p in hippocampus_dataset.raw_folder.rglob("*"))
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_goes_on_from_its_latest_checkpoint(preprocessed_synthetic, tiny_configuration):
+    """train_supervised(resume=True) continues a fold from checkpoint_latest.pth, as nnUNetv2_train --c does (what
+    lets a benchmark's hours-long base survive the end of a session), and does not train a finished fold again."""
+    import shutil
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_rndpo.demo import nnunet_steps
+
+    trainer_class = type("ResumedTrainer", (nnUNetTrainer,), {"__module__": __name__})
+    schedule = dict(iterations_per_epoch=2, val_iterations=1, device="cpu", trainer_class=trainer_class, seed=0)
+    dataset = preprocessed_synthetic.dataset_id
+    folder = nnunet_steps.train_supervised(dataset, tiny_configuration, 0, num_epochs=1, save_every=1, **schedule)
+    try:
+        # as if the process had died after epoch 0 of a 2-epoch run: only the latest checkpoint is there
+        (folder / "checkpoint_final.pth").rename(folder / "checkpoint_latest.pth")
+        for log in folder.glob("training_log_*.txt"):
+            log.unlink()
+        nnunet_steps.train_supervised(dataset, tiny_configuration, 0, num_epochs=2, resume=True, **schedule)
+        final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert final["current_epoch"] == 2
+        log = "".join(path.read_text() for path in folder.glob("training_log_*.txt"))
+        assert "Epoch 1" in log and "Epoch 0" not in log
+        written = (folder / "checkpoint_final.pth").stat().st_mtime_ns
+        nnunet_steps.train_supervised(dataset, tiny_configuration, 0, num_epochs=2, resume=True, **schedule)
+        assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == written  # finished: not trained again
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)

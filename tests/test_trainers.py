@@ -96,7 +96,8 @@ def test_each_trainer_runs_in_process(
     summary = json.loads((output / "rndpo_summary.json").read_text())
     assert summary["pairs"]["pairs"] == len(pairs["items"]) and summary["pseudo_dice"]["epochs"] == 2
     assert summary["pseudo_dice"]["base"] == trainer.base_pseudo_dice and summary["final_checkpoint"] == "last"
-    assert summary["recipe"].startswith("recipe 'none'") and summary["seconds"]["start_phase_s"] > 0
+    # the start phase of a trainer that reuses prepared pairs rounds to 0.0 s: the key is what is asserted
+    assert summary["recipe"].startswith("recipe 'none'") and summary["seconds"]["start_phase_s"] >= 0
     assert "summary of the run:" in Path(trainer.log_file).read_text()
     if objective == "self_train":
         assert trainer.reference is None

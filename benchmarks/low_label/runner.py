@@ -91,6 +91,10 @@ def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
             seed=arm.seed,
             num_threads=bench.threads,
             device=bench.device,
+            # a checkpoint every epoch, and an interrupted fold goes on from it in the next run (a session's
+            # processes end with it; a base is hours of a 2-core CPU): training_s is then this run's part
+            resume=True,
+            save_every=1,
         )
         return folder, {"training_s": time.perf_counter() - started}
     trainer_class = {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}
@@ -111,6 +115,7 @@ def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
         seed=arm.seed,
         num_threads=bench.threads,
         device=bench.device,
+        resume=True,  # the preference trainers write checkpoint_latest every epoch; --c keeps the first pairs
     )
     os.environ.pop(SETTINGS_ENV_VARIABLE, None)
     return folder, {"total_s": time.perf_counter() - started}

@@ -213,6 +213,8 @@ def train_supervised(
     num_augmentation_workers: int | None = None,
     num_threads: int | None = None,
     in_process: bool = True,
+    resume: bool = False,
+    save_every: int | None = None,
 ) -> Path:
     """Train nnU-Net's stock `nnUNetTrainer` (or `trainer_class`) in this process; return the fold folder.
 
@@ -222,7 +224,9 @@ def train_supervised(
     `num_augmentation_workers` sets nnUNet_n_proc_DA for this call only (0: augment in this process; None: leave
     the environment as it is). `num_threads` sets torch's CPU threads for this call only: on a machine whose cores
     are shared with another busy process, 1 thread was 7x faster than 2 (threads that wait on each other).
-    `run_final_validation` runs nnU-Net's sliding-window validation of the fold.
+    `run_final_validation` runs nnU-Net's sliding-window validation of the fold. `resume`: continue from the fold
+    folder's checkpoint_latest.pth when there is one, as `nnUNetv2_train --c` does (a finished fold is not trained
+    again); `save_every`: write checkpoint_latest.pth every so many epochs (nnU-Net: 50), what a resume starts from.
     """
     import numpy as np
     import torch
@@ -258,6 +262,13 @@ def train_supervised(
         trainer.num_val_iterations_per_epoch = int(val_iterations)
         if initial_lr is not None:
             trainer.initial_lr = float(initial_lr)
+        if save_every is not None:
+            trainer.save_every = int(save_every)
+        output = Path(trainer.output_folder)
+        if resume and (output / "checkpoint_final.pth").is_file():
+            return output
+        if resume and (output / "checkpoint_latest.pth").is_file():
+            trainer.load_checkpoint(str(output / "checkpoint_latest.pth"))
         trainer.run_training()
         if run_final_validation:
             with in_process_pools(VALIDATION_POOL_MODULES, enabled=in_process):
