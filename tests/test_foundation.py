@@ -214,6 +214,15 @@ def test_predict_and_evaluate_test_cases(base_checkpoint, synthetic_dataset, tmp
     assert all(0.0 <= d <= 1.0 for scores in result["per_case"].values() for d in scores.values())
     assert result["foreground_mean"] == pytest.approx(np.mean(list(result["mean"].values())))
 
+    # evaluate_checkpoint: one checkpoint as predict_folder scores it; an ensemble of two copies of it averages equal
+    # logits, so it scores the same, to the digit
+    from nnunet_rndpo.demo.nnunet_steps import evaluate_checkpoint
+
+    single = evaluate_checkpoint(base_checkpoint, synthetic_dataset.raw_folder, tmp_path / "single")
+    assert single["per_case"] == result["per_case"]
+    twice = evaluate_checkpoint([base_checkpoint] * 2, synthetic_dataset.raw_folder, tmp_path / "twice")
+    assert twice["per_case"] == single["per_case"]
+
 
 def test_evaluate_folder_on_hand_made_maps(tmp_path):
     from nnunet_rndpo.demo.nnunet_steps import evaluate_folder

@@ -4,8 +4,6 @@ Also the judge audit on the validation cases, which the plans read to choose the
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import platform
@@ -207,45 +205,10 @@ def evaluate_ensemble(
 ) -> dict:
     """Predict the test images (or those of `cases`/imagesTs) with the ensemble of `checkpoints` (nnU-Net's predictor
     given every checkpoint's weights, as it loads several folds; no trainer look-up) and compute Dice per class."""
-    import shutil
-
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     from nnunet_rndpo.demo import nnunet_steps
-    from nnunet_rndpo.proposals.model import load_model
 
-    first = load_model(checkpoints[0], device)
-    weights = [first.network.state_dict()]
-    for checkpoint in checkpoints[1:]:
-        other = load_model(
-            checkpoint,
-            device,
-            expected_plans=first.plans,
-            expected_configuration=first.configuration,
-            expected_dataset_json=first.dataset_json,
-        )
-        weights.append(other.network.state_dict())
-    predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device), verbose=False, allow_tqdm=False)
-    predictor.manual_initialization(
-        first.network,
-        first.plans_manager,
-        first.configuration_manager,
-        weights,
-        first.dataset_json,
-        first.trainer_name,
-        first.mirror_axes,
-    )
     raw = Path(cases or raw_cases(dataset_id))
-    predictions = Path(predictions)
-    if predictions.exists():
-        shutil.rmtree(predictions)
-    predictions.mkdir(parents=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per case
-        predictor.predict_from_files_sequential(
-            str(raw / "imagesTs"), str(predictions), save_probabilities=False, overwrite=True
-        )
-    return nnunet_steps.evaluate_folder(predictions, raw / "labelsTs", first.dataset_json["labels"])
+    return nnunet_steps.evaluate_checkpoint(checkpoints, raw, predictions, device, mirroring=mirroring)
 
 
 def score_validation(work: Path, name: str, result: dict, device: str = "cpu") -> dict:

@@ -338,10 +338,18 @@ def predict_folder(
     return output_folder
 
 
-def evaluate_checkpoint(checkpoint: Path, raw_dataset_folder: Path, predictions: Path, device: str = "cpu") -> dict:
-    """Predict `raw_dataset_folder/imagesTs` with one checkpoint into a fresh `predictions` folder and score it
-    against `labelsTs` (evaluate_folder). The network is given to nnU-Net's predictor by hand, so a checkpoint of a
-    trainer class nnU-Net cannot import (a benchmark's per-arm subclass) predicts too."""
+def evaluate_checkpoint(
+    checkpoint: Path | Sequence[Path],
+    raw_dataset_folder: Path,
+    predictions: Path,
+    device: str = "cpu",
+    mirroring: bool = False,
+) -> dict:
+    """Predict `raw_dataset_folder/imagesTs` with one checkpoint, or the ensemble of several (their logits averaged,
+    as nnU-Net's predictor does with several folds), into a fresh `predictions` folder and score it against
+    `labelsTs` (evaluate_folder). The networks are given to nnU-Net's predictor by hand, so a checkpoint of a trainer
+    class nnU-Net cannot import (a benchmark's per-arm subclass) predicts too. `mirroring`: nnU-Net's test-time
+    mirroring (its default in nnUNetv2_predict)."""
     import shutil
 
     import torch
@@ -349,13 +357,24 @@ def evaluate_checkpoint(checkpoint: Path, raw_dataset_folder: Path, predictions:
 
     from nnunet_rndpo.proposals.model import load_model
 
-    model = load_model(checkpoint, device)
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device), verbose=False, allow_tqdm=False)
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+    model = load_model(checkpoints[0], device)
+    weights = [model.network.state_dict()]
+    for other_checkpoint in checkpoints[1:]:
+        other = load_model(
+            other_checkpoint,
+            device,
+            expected_plans=model.plans,
+            expected_configuration=model.configuration,
+            expected_dataset_json=model.dataset_json,
+        )
+        weights.append(other.network.state_dict())
+    predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device), verbose=False, allow_tqdm=False)
     predictor.manual_initialization(
         model.network,
         model.plans_manager,
         model.configuration_manager,
-        [model.network.state_dict()],
+        weights,
         model.dataset_json,
         "nnUNetTrainer",
         model.mirror_axes,
