@@ -6,6 +6,9 @@ Layout:
     judges/, pairs/        judge scores and mined pairs (written by later steps)
     judges/<judge>.voxels/<case>.npz
                            a judge's own per-voxel class probabilities (float16), for judges that have them
+    unpacked/<case>/<fingerprint of the case file>/
+                           the pair loader's memory-mappable .npy copies of a case (nnunet_rndpo/training/
+                           pair_data.py: UnpackedCases); a derived cache, made again when the case file changes
 Every file is written under a temporary name and renamed, so a killed run never leaves a case that reads as
 whole; a rerun skips finished cases. A store made by another checkpoint or other settings is refused with a
 message instead of being mixed with new proposals.
