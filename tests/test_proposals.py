@@ -236,7 +236,9 @@ def tiny_engine(network=None, patch_size=(16, 16, 16), num_classes=3, networks=N
 
     labels = {"background": 0, **{f"class{c}": c for c in range(1, num_classes)}}
     label_manager = LabelManager(labels, None)
-    engine_options = {key: kwargs.pop(key) for key in ("accumulator_memory_gib", "log") if key in kwargs}
+    engine_options = {
+        key: kwargs.pop(key) for key in ("accumulator_memory_gib", "max_batch_voxels", "log") if key in kwargs
+    }
     return ProposalEngine(
         networks if networks is not None else [network if network is not None else tiny_unet()],
         _PlansManager(label_manager),
@@ -392,6 +394,10 @@ def test_engine_in_less_memory_takes_fewer_members_per_sweep_and_keeps_the_label
     assert engine.members_per_sweep((40, 20, 24)) == 2
     assert [len(group) for _, group in engine.sweeps(2)] == [2, 2, 2, 2]
     assert tiny_engine(accumulator_memory_gib=1e-9).members_per_sweep((40, 20, 24)) == 1  # at least one
+    # a batch holds at most max_batch_voxels (default one 128^3 patch): 3 of these 16^3 patches, 1 of a 128^3 one
+    assert tiny_engine(num_proposals=8, max_batch_voxels=3 * 16**3 + 1).members_per_sweep((40, 20, 24)) == 3
+    assert tiny_engine(num_proposals=8, patch_size=(128, 128, 128)).members_per_sweep((128, 128, 128)) == 1
+    assert tiny_engine(num_proposals=8, patch_size=(64, 64, 64)).members_per_sweep((64, 64, 64)) == 8
     result = engine.generate(case, 3)
     _, mean_probabilities, logits = reference_generate(engine, case, 3)
     # batches of two rows instead of eight: the network's outputs may round differently (oneDNN picks its path by

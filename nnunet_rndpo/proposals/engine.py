@@ -15,8 +15,9 @@ Why groups and not one member per sweep: on the CPU a batch of one row takes ano
 batch of several (oneDNN), whose outputs differ in the last bits, so a member's logits depend on the batch it went
 through. A group of `members_per_batch` members is exactly the batch of the engine that kept every member at once,
 so its proposals are unchanged to the voxel; a case whose group of accumulators would exceed
-`accumulator_memory_gib` takes fewer members per sweep (one at least): bounded memory, and labels that may differ
-from a larger group's at near-ties only (tests/test_proposals.py checks both).
+`accumulator_memory_gib`, or a patch whose batch would exceed `max_batch_voxels` (one 128^3 patch), takes fewer
+members per sweep (one at least): bounded memory, and labels that may differ from a larger group's at near-ties
+only (tests/test_proposals.py checks both).
 
 Derived members (no pass) are made as soon as what they read is final: threshold and temperature members read the
 plain pass's logits (first sweep), the ensemble reads the mean over every pass (last sweep).
@@ -51,6 +52,10 @@ from nnunet_rndpo.proposals.sources import SOURCES, needs_forward
 DROPOUT_DRAWS = "one generator per member, seeded by (case seed, member index)"
 # float32 (C, *padded) sums one sweep may hold: members_per_batch of them when they fit, else fewer.
 DEFAULT_ACCUMULATOR_MEMORY_GIB = 2.0
+# Voxels one network batch may hold: one 128^3 patch, about the largest of nnU-Net's default 3d_fullres plans. On
+# such patches members pass one at a time, as nnU-Net's predictor passes its mirrors (8 members per sweep took 7.6x
+# its peak memory at 160^3, benchmarks/bench_scale.py); small patches keep batches of members_per_batch.
+DEFAULT_MAX_BATCH_VOXELS = 128**3
 # Derived sources that read the mean over every pass; the others read the plain pass's logits.
 DERIVED_FROM_THE_MEAN = frozenset({"ensemble"})
 # A member's sums become logits, labels and probabilities slab by slab along the first spatial axis: one pass over
@@ -82,6 +87,7 @@ class ProposalEngine:
         mirror_axes: Optional[Sequence[int]],
         device: torch.device | str = "cpu",
         accumulator_memory_gib: float = DEFAULT_ACCUMULATOR_MEMORY_GIB,
+        max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
         log: Callable[[str], None] = print,
     ):
         if label_manager.has_regions:
@@ -97,6 +103,7 @@ class ProposalEngine:
         self.settings = settings
         self.device = torch.device(device)
         self.accumulator_memory_bytes = int(accumulator_memory_gib * 2**30)
+        self.max_batch_voxels = int(max_batch_voxels)
         self.log = log
         self.num_classes = label_manager.num_segmentation_heads
         self.patch_size = tuple(configuration_manager.patch_size)
@@ -128,10 +135,11 @@ class ProposalEngine:
         return len(self.members)
 
     def members_per_sweep(self, padded_shape: Sequence[int]) -> int:
-        """How many members one sweep accumulates for a case padded to `padded_shape` (spatial)."""
-        accumulator_bytes = 4 * self.num_classes * math.prod(padded_shape)
-        fitting = self.accumulator_memory_bytes // accumulator_bytes
-        return int(max(1, min(self.settings.members_per_batch, fitting)))
+        """How many members one sweep accumulates (and passes through the network as one batch) for a case padded to
+        `padded_shape` (spatial): members_per_batch, fewer where their sums or their batch would not fit."""
+        sums_fitting = self.accumulator_memory_bytes // (4 * self.num_classes * math.prod(padded_shape))
+        batch_fitting = self.max_batch_voxels // math.prod(self.patch_size)
+        return int(max(1, min(self.settings.members_per_batch, sums_fitting, batch_fitting)))
 
     def sweeps(self, members_per_sweep: int) -> list[tuple[int, list[tuple[int, ProposalMember]]]]:
         """(network index, [(member index, member), ...]) per sweep: each network's members that take a pass, in

@@ -84,7 +84,12 @@ class ProposalSettings:
         maximum=1.0,
         minimum_exclusive=True,
     )
-    members_per_batch: int = setting(8, "members of one network passed through it together", minimum=1)
+    members_per_batch: int = setting(
+        8,
+        "members of one network passed through it together; fewer where the batch would exceed one 128^3 patch "
+        "or their sums 2 GiB",
+        minimum=1,
+    )
 
     def __post_init__(self):
         check_fields(self, "the proposal settings")
