@@ -35,6 +35,10 @@ On `--device cuda` also torch.cuda.max_memory_allocated over the phase, minus wh
 
 Writes benchmarks/results/bench_scale_<date>.json (atomically; -o to choose), with the machine, torch threads,
 versions and the load average around every measurement.
+
+One file of about 720 lines on purpose: every side of a comparison runs this same file again as a fresh process
+(`--worker` with a task in JSON), so the set-up that writes a task, the worker that reads it and the summary of its
+rows share one task format in one place.
 """
 
 from __future__ import annotations
@@ -82,6 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="nnunet_probabilities",
         action="store_false",
         help="leave out nnU-Net with save_probabilities=True (on case 0 and the --old-shape crop)",
+    )
+    parser.add_argument(
+        "--members-per-batch",
+        type=int,
+        default=None,
+        help="the proposal setting members_per_batch of our engine (default: the setting's, 8; 1 passes one member "
+        "at a time, as nnU-Net's predictor passes one mirror at a time)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every worker (default 2)")
@@ -343,7 +354,8 @@ def worker(task: dict) -> dict:
         from nnunet_rndpo.proposals.store import ProposalStore
 
         engine_class = old_engine_class() if task["kind"] == "old" else ProposalEngine
-        settings = ProposalSettings(num_proposals=NUM_PROPOSALS, sources=("tta",))
+        batch = {} if task.get("members_per_batch") is None else {"members_per_batch": task["members_per_batch"]}
+        settings = ProposalSettings(num_proposals=NUM_PROPOSALS, sources=("tta",), **batch)
         engine = engine_class(
             [network], plans_manager, configuration_manager, label_manager, dataset_json, settings, MIRROR_AXES, device
         )
@@ -544,6 +556,7 @@ def _describe(task: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ the run
 def proposal_rows(args, work: Path, setup: dict) -> tuple[list[dict], list[dict]]:
     base = {"work": str(work), "threads": args.threads, "device": args.device, "store": str(work / "store")}
+    base["members_per_batch"] = args.members_per_batch
     rows = []
     for index, case_id in enumerate(setup["case_ids"]):
         sides = ["ours", "nnunet"] if index % 2 == 0 else ["nnunet", "ours"]
