@@ -197,10 +197,11 @@ def _signal_recording_command(sandbox) -> Path:
     """A fake nnUNetv2_train in Python that starts a worker process, like nnU-Net's augmentation workers, and
     records in signals.log which of the two got a KeyboardInterrupt; it tells when both run via started.log."""
     log = sandbox["tmp"] / "signals.log"
+    # each process says it is up from inside its try block: a signal sent after that is caught and recorded
     worker = (
         "import sys, time\n"
-        "open(sys.argv[2], 'a').write('worker up\\n')\n"
         "try:\n"
+        "    open(sys.argv[2], 'a').write('worker up\\n')\n"
         "    time.sleep(60)\n"
         "except KeyboardInterrupt:\n"
         "    open(sys.argv[1], 'a').write('worker KeyboardInterrupt\\n')\n"
@@ -211,6 +212,7 @@ def _signal_recording_command(sandbox) -> Path:
         f"log, started = {str(log)!r}, {str(sandbox['tmp'] / 'started.log')!r}\n"
         f"worker = subprocess.Popen([sys.executable, '-c', {worker!r}, log, started])\n"
         "try:\n"
+        "    open(started, 'a').write('main up\\n')\n"
         "    time.sleep(60)\n"
         "except KeyboardInterrupt:\n"
         "    open(log, 'a').write('main KeyboardInterrupt\\n')\n"
@@ -236,10 +238,13 @@ def test_stop_signal_reaches_the_command_and_its_workers_as_keyboard_interrupt(s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as docker starts PID 1: SIGINT at its default. A pytest started in the background of a shell inherits
+        # SIGINT ignored, and a shell cannot trap a signal ignored on entry: the test would then wait in vain
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 20
-        while not (started.exists() and "worker up" in started.read_text()):
+        while not (started.exists() and {"main up", "worker up"} <= set(started.read_text().splitlines())):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the fake command did not start its worker"
             time.sleep(0.05)
