@@ -956,3 +956,18 @@ def test_the_folds_report_pairs_each_arm_with_its_folds_base_and_the_base_ensemb
         "- rn_dpo_atlas_folds − self_train_atlas_folds, fold by fold: test +0.33 ± 0.33 pts (1/3 cases better; folds 0)"
         in text
     )
+
+
+def test_start_phase_benchmark_compares_pairs_by_members_not_by_the_last_bits_of_their_scores():
+    from benchmarks.bench_start_phase import _compare_pairs
+
+    single = [
+        {"case_id": "a", "chosen": 6, "rejected": 1, "disagreement_voxels": 160, "score_gap": 0.0073549790},
+        {"case_id": "b", "chosen": 2, "rejected": 0, "disagreement_voxels": 12, "score_gap": 0.1},
+    ]
+    rounded = [dict(single[0], score_gap=0.0073549957), dict(single[1])]
+    same = _compare_pairs(single, rounded)
+    assert same["same_pairs"] and same["pairs"] == 2
+    assert same["score_gap_max_difference"] == pytest.approx(1.67e-8, rel=0.01)
+    assert not _compare_pairs(single, [single[0], dict(single[1], rejected=3)])["same_pairs"]
+    assert not _compare_pairs(single, single[:1])["same_pairs"]
