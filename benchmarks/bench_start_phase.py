@@ -154,13 +154,13 @@ def main(argv=None) -> int:
     ranks = [json.loads((two / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     print(f"two ranks:   {ranks_wall:.1f} s wall (rank 0 {ranks[0]['seconds']['total_s']:.1f} s)", flush=True)
 
-    import nnunetv2
+    from importlib.metadata import version
 
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "versions": {"torch": torch.__version__, "nnunetv2": getattr(nnunetv2, "__version__", "unknown")},
+        "versions": {"torch": torch.__version__, "nnunetv2": version("nnunetv2")},
         "load_average_before_after": [load_before, os.getloadavg()],
         "judge": args.judge,
         "num_proposals": args.num_proposals,
