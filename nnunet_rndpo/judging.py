@@ -27,7 +27,7 @@ from nnunet_rndpo.atomic import save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case, score_case_with_voxels
 from nnunet_rndpo.judges.learned_qc import check_held_out
 from nnunet_rndpo.nnunet_paths import RunLocation, checkpoint_fold, sibling_fold_checkpoints
-from nnunet_rndpo.proposals.model import LoadedModel, load_model
+from nnunet_rndpo.proposals.model import LoadedModel, load_model_like
 from nnunet_rndpo.proposals.plan import ProposalSettings, available_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader, held_out_pool, labeled_training_pool
 from nnunet_rndpo.proposals.run import generate_proposals
@@ -199,17 +199,7 @@ class FittingExamples:
             training_cases = {fold: set(location.fold_split(fold)[0])}
             for case_id in pool.case_ids:
                 check_held_out(case_id, fold, training_cases)
-            fold_model = (
-                model
-                if checkpoint is None
-                else load_model(
-                    checkpoint,
-                    self.device,
-                    expected_plans=model.plans,
-                    expected_configuration=model.configuration,
-                    expected_dataset_json=model.dataset_json,
-                )
-            )
+            fold_model = model if checkpoint is None else load_model_like(checkpoint, model, self.device)
             folder = self.store.folder.parent / f"{self.store.folder.name}__held_out_fold_{fold}"
             held_out_store, _ = generate_proposals(
                 fold_model, pool, folder, settings, device=self.device, progress=self.progress

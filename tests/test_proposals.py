@@ -900,6 +900,15 @@ def test_checkpoint_of_another_configuration_or_labels_is_refused(
             expected_configuration=tiny_configuration,
             expected_dataset_json=other_labels,
         )
+    # another checkpoint of a model's family (a fold, an ensemble member): checked against that model's setting
+    from dataclasses import replace
+
+    from nnunet_rndpo.proposals.model import load_model_like
+
+    model = load_model(base_checkpoint)
+    assert load_model_like(base_checkpoint, model).checkpoint_sha256 == model.checkpoint_sha256
+    with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: labels"):
+        load_model_like(base_checkpoint, replace(model, dataset_json=other_labels))
 
 
 @pytest.mark.slow

@@ -355,20 +355,13 @@ def evaluate_checkpoint(
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.model import load_model, load_model_like
 
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
     model = load_model(checkpoints[0], device)
     weights = [model.network.state_dict()]
     for other_checkpoint in checkpoints[1:]:
-        other = load_model(
-            other_checkpoint,
-            device,
-            expected_plans=model.plans,
-            expected_configuration=model.configuration,
-            expected_dataset_json=model.dataset_json,
-        )
-        weights.append(other.network.state_dict())
+        weights.append(load_model_like(other_checkpoint, model, device).network.state_dict())
     predictor = nnUNetPredictor(use_mirroring=mirroring, device=torch.device(device), verbose=False, allow_tqdm=False)
     predictor.manual_initialization(
         model.network,

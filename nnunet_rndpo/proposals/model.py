@@ -184,3 +184,15 @@ def load_model(
         checkpoint_sha256=file_sha256(checkpoint_path),
         mirror_axes=tuple(mirror_axes) if mirror_axes is not None else None,
     )
+
+
+def load_model_like(checkpoint_path: str | Path, like: LoadedModel, device: torch.device | str = "cpu") -> LoadedModel:
+    """Another checkpoint of `like`'s model family (another fold, an ensemble member): loaded with `like`'s plans,
+    configuration and dataset.json, refused with CheckpointError where it was trained on others."""
+    return load_model(
+        checkpoint_path,
+        device,
+        expected_plans=like.plans,
+        expected_configuration=like.configuration,
+        expected_dataset_json=like.dataset_json,
+    )

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from nnunet_rndpo.atomic import atomic_path
 from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
 from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS, ProposalEngine
-from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model
+from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model_like
 from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
@@ -82,14 +82,7 @@ def load_extra_networks(model: LoadedModel, settings: ProposalSettings, device) 
     networks = []
     if settings.uses_extra_networks:
         for path in settings.extra_checkpoints:
-            extra = load_model(
-                path,
-                device,
-                expected_plans=model.plans,
-                expected_configuration=model.configuration,
-                expected_dataset_json=model.dataset_json,
-            )
-            networks.append(extra.network)
+            networks.append(load_model_like(path, model, device).network)
     return networks
 
 
