@@ -16,6 +16,7 @@ iterations), is retired; its results in benchmarks/results/low_label/ still load
     python -m benchmarks.low_label ... --only base_s0 rn_dpo_agreement_top_bottom_s0   # a subset
     python -m benchmarks.low_label ... --part_id 0 --num_parts 2                        # shard the arms
     python -m benchmarks.low_label ... --report BENCHMARKS_low_label.md                # summarise finished arms
+    python -m benchmarks.low_label ... --pack DIR     # then on a new machine --unpack DIR: the run goes on
 
 Protocol (fixed seed, split written to <work>/split.json): L labeled training cases, V labeled validation
 cases (checkpoint selection and setting choices only), U unlabeled cases (imagesUnlabeled; their labels sit in
@@ -27,5 +28,6 @@ Modules: catalogue (judges, preference variants, proposal recipes), protocols, a
 name), plans (arm builders and the choices read from validation) with plan_v2, plan_cross_seed and plan_folds
 (each plan a list of stages), scheduling (claims, waits, parts, running stages), data (split, datasets), models
 (an arm's nnU-Net model folder), runner (train, score, record, audit), results, statistics (paired differences),
-timings, report, reliability and report_folds (the report), __main__ (the command line).
+timings, report, reliability and report_folds (the report), carry (a run moved to a new machine: --pack, --unpack),
+__main__ (the command line).
 """

@@ -33,6 +33,16 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a tiny schedule to check the runner")
     parser.add_argument("--report", type=Path, default=None, help="write the summary table of finished arms here")
     parser.add_argument(
+        "--pack",
+        type=Path,
+        default=None,
+        help="copy what a later run needs (results, audits, models without optimizer state, an unfinished model's "
+        "last checkpoint) from --work into this folder, for a new machine (carry.py), and stop",
+    )
+    parser.add_argument(
+        "--unpack", type=Path, default=None, help="put a folder written by --pack into --work, and stop"
+    )
+    parser.add_argument(
         "--protocol",
         default="v2",
         choices=sorted(PROTOCOLS),
@@ -73,6 +83,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.part_id < args.num_parts:
         parser.error(f"--part_id {args.part_id} must be between 0 and --num_parts - 1 ({args.num_parts - 1})")
+    if args.pack and args.unpack:
+        parser.error("--pack and --unpack: give one (pack on the old machine, unpack on the new one)")
     if args.cross_seed and (0 not in args.ensemble_seeds or len(set(args.ensemble_seeds)) < 2):
         parser.error(f"--ensemble_seeds {args.ensemble_seeds}: give seed 0 and at least one other seed")
     if args.cross_seed and PROTOCOLS[args.protocol].folds > 1:
@@ -105,6 +117,16 @@ def main(argv=None) -> int:
     from benchmarks.low_label.runner import Bench, record
     from benchmarks.low_label.scheduling import Context, Parts, run_stages
 
+    if args.pack or args.unpack:
+        from benchmarks.low_label.carry import pack, unpack
+
+        if args.pack:
+            manifest = pack(work, args.pack)
+            print(f"packed {len(manifest['files'])} files of {work} into {args.pack}")
+        else:
+            written = unpack(args.unpack, work)
+            print(f"unpacked {len(written)} files of {args.unpack} into {work}")
+        return 0
     if args.report:
         table = summarise(work, figures=args.report.parent / "figures")
         args.report.parent.mkdir(parents=True, exist_ok=True)
