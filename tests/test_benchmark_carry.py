@@ -107,3 +107,14 @@ def test_the_command_line_packs_and_unpacks_and_refuses_both_at_once(tmp_path, c
     assert "unpacked 7 files" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--pack", "a", "--unpack", "b"])
+
+
+def test_pack_refuses_a_checkpoint_caught_half_written_and_leaves_the_earlier_pack(tmp_path):
+    old = _work(tmp_path / "old")
+    pack(old, tmp_path / "carried")
+    latest = old / MODEL / "fold_1" / "checkpoint_latest.pth"
+    latest.write_bytes(latest.read_bytes()[:100])  # nnU-Net writes it in place: a copy can catch it half-written
+    with pytest.raises(CarryError, match="fold_1/checkpoint_latest.pth does not load"):
+        pack(old, tmp_path / "carried")
+    assert unpack(tmp_path / "carried", tmp_path / "new")  # the earlier pack is whole
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []

@@ -61,6 +61,18 @@ def weights_only(source: Path, target: Path) -> None:
         torch.save(checkpoint, temporary)
 
 
+def check_checkpoint(copy: Path, source: Path) -> None:
+    """nnU-Net writes checkpoint_latest.pth in place each epoch (not under a temporary name): a copy taken while it
+    was written, or of a file left half-written by a killed training, does not load. Pause the training (SIGSTOP)
+    and pack again."""
+    import torch
+
+    try:
+        torch.load(copy, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises RuntimeError, EOFError or pickle errors for a truncated file
+        raise CarryError(f"{source} does not load ({error}): was it being written? pause its training and pack again")
+
+
 def carried_files(work: Path) -> list[tuple[Path, str]]:
     """(path relative to the work folder, how it travels: 'copy' or 'weights_only'), in a fixed order."""
     files = [(Path("split.json"), "copy")] if (work / "split.json").is_file() else []
@@ -94,6 +106,8 @@ def pack(work: Path, destination: Path) -> dict:
                 weights_only(work / relative, target)
             else:
                 shutil.copy2(work / relative, target)
+                if target.suffix == ".pth":
+                    check_checkpoint(target, work / relative)
             manifest["files"][str(relative)] = {"sha256": sha256(target), "how": how}
         save_json(manifest, building / MANIFEST)
         old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
