@@ -20,6 +20,7 @@ def _checkpoint(epoch: int) -> dict:
         "logging": {"mean_fg_dice": [0.1 * epoch]},
         "current_epoch": epoch,
         "init_args": {"fold": 0},
+        "trainer_name": "Bench_base_folds_s0",
     }
 
 

@@ -19,13 +19,13 @@ the new one.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from nnunet_rndpo.atomic import atomic_path, save_json
+from nnunet_rndpo.proposals.model import CheckpointError, file_sha256, read_checkpoint
 
 MANIFEST = "carried.json"
 RESULTS_FOLDER = "nnUNet_results"
@@ -37,14 +37,6 @@ class CarryError(RuntimeError):
     pass
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fold_folders(work: Path) -> list[Path]:
     """Every `nnUNet_results/<dataset>/<trainer__plans__configuration>/fold_<f>` of the work folder."""
     return sorted(path for path in (work / RESULTS_FOLDER).glob("*/*/fold_*") if path.is_dir())
@@ -54,7 +46,7 @@ def weights_only(source: Path, target: Path) -> None:
     """A final checkpoint without the optimizer's state (about half its size)."""
     import torch
 
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(source)
     for key in OPTIMIZER_KEYS:
         checkpoint.pop(key, None)
     with atomic_path(target) as temporary:
@@ -65,11 +57,9 @@ def check_checkpoint(copy: Path, source: Path) -> None:
     """nnU-Net writes checkpoint_latest.pth in place each epoch (not under a temporary name): a copy taken while it
     was written, or of a file left half-written by a killed training, does not load. Pause the training (SIGSTOP)
     and pack again."""
-    import torch
-
     try:
-        torch.load(copy, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises RuntimeError, EOFError or pickle errors for a truncated file
+        read_checkpoint(copy)
+    except CheckpointError as error:
         raise CarryError(f"{source} does not load ({error}): was it being written? pause its training and pack again")
 
 
@@ -108,7 +98,7 @@ def pack(work: Path, destination: Path) -> dict:
                 shutil.copy2(work / relative, target)
                 if target.suffix == ".pth":
                     check_checkpoint(target, work / relative)
-            manifest["files"][str(relative)] = {"sha256": sha256(target), "how": how}
+            manifest["files"][str(relative)] = {"sha256": file_sha256(target), "how": how}
         save_json(manifest, building / MANIFEST)
         old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
         if destination.exists():
@@ -133,7 +123,7 @@ def unpack(source: Path, work: Path) -> list[Path]:
     plan = []
     for relative, entry in manifest["files"].items():
         carried = source / relative
-        if not carried.is_file() or sha256(carried) != entry["sha256"]:
+        if not carried.is_file() or file_sha256(carried) != entry["sha256"]:
             raise CarryError(f"{carried}: missing or not the file {MANIFEST} lists (sha256 differs)")
         content = carried.read_bytes()
         if relative.endswith(".json") and old_work != str(work):
