@@ -111,12 +111,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_flush_denormal(True)
-    from benchmarks.low_label.data import prepare_once
-    from benchmarks.low_label.report import summarise
-    from benchmarks.low_label.results import load_result
-    from benchmarks.low_label.runner import Bench, record
-    from benchmarks.low_label.scheduling import Context, Parts, run_stages
-
     if args.pack or args.unpack:
         from benchmarks.low_label.carry import pack, unpack
 
@@ -127,6 +121,12 @@ def main(argv=None) -> int:
             written = unpack(args.unpack, work)
             print(f"unpacked {len(written)} files of {args.unpack} into {work}")
         return 0
+    from benchmarks.low_label.data import prepare_once
+    from benchmarks.low_label.report import summarise
+    from benchmarks.low_label.results import load_result
+    from benchmarks.low_label.runner import Bench, record
+    from benchmarks.low_label.scheduling import Context, Parts, run_stages
+
     if args.report:
         table = summarise(work, figures=args.report.parent / "figures")
         args.report.parent.mkdir(parents=True, exist_ok=True)
