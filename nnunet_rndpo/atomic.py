@@ -90,6 +90,36 @@ def process_is_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def exclusive_claim(path: str | os.PathLike) -> Iterator[bool]:
+    """Yields whether this process holds `path`, a claim file made exclusively (O_EXCL) with its pid, so that
+    several processes over one folder (benchmark parts, two trainings sharing a proposal store) never do the same
+    work at once; the claim is removed on exit. A claim left by a process that died is taken over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and process_is_alive(owner):
+                yield False
+                return
+            path.unlink(missing_ok=True)  # its owner died: take over
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     """Delete temporaries left by killed writers (never a live writer's); returns how many were removed."""
     removed = 0

@@ -838,6 +838,53 @@ def test_generation_resumes_after_a_crash(base_model, unlabeled_pool, tmp_path):
     assert store.verify() == [] and len(store.case_ids()) == 4
 
 
+@pytest.mark.slow
+def test_a_case_another_process_is_generating_is_left_to_it(base_model, unlabeled_pool, tmp_path, monkeypatch):
+    """Two trainings on one base and pool fill one store: each takes the cases the other has not claimed, and a
+    held case is taken over once the other process has written it (reused) or has died (generated here)."""
+    import subprocess
+    import sys as system
+
+    from nnunet_rndpo.proposals import run as proposal_run
+
+    settings = ProposalSettings(num_proposals=2)
+    store = ProposalStore(tmp_path / "store")
+    finished_by_other, left_by_dead, *_ = unlabeled_pool.case_ids
+    other = subprocess.Popen([system.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for case_id in (finished_by_other, left_by_dead):
+            store.claim_path(case_id).parent.mkdir(parents=True, exist_ok=True)
+            store.claim_path(case_id).write_text(str(other.pid))
+        saved, waits = [], []
+        real_save = ProposalStore.save_case
+        monkeypatch.setattr(
+            ProposalStore,
+            "save_case",
+            lambda self, case_id, *arrays: (saved.append(case_id), real_save(self, case_id, *arrays)),
+        )
+
+        def other_process_finishes_one_case_and_dies():
+            waits.append(1)
+            shape = np.load(store.case_path(saved[0]))["proposals"].shape
+            real_save(store, finished_by_other, np.zeros(shape, np.uint8), np.zeros((3, *shape[1:]), np.float16), 0)
+            store.claim_path(finished_by_other).unlink()
+            other.kill()
+            other.wait()
+
+        monkeypatch.setattr(proposal_run, "wait_for_other_processes", other_process_finishes_one_case_and_dies)
+        store, summary = proposal_run.generate_proposals(
+            base_model, unlabeled_pool, store.folder, settings, progress=False
+        )
+    finally:
+        other.kill()
+        other.wait()
+    # the free cases first, then one wait for the two held ones: one written by the other, one taken over
+    assert saved[:2] == unlabeled_pool.case_ids[2:] and saved[2:] == [left_by_dead]
+    assert len(waits) == 1
+    assert (summary.cases_in_part, summary.cases_generated, summary.cases_reused) == (4, 3, 1)
+    assert store.case_ids() == unlabeled_pool.case_ids and not list(store.claim_path(left_by_dead).parent.iterdir())
+
+
 def test_store_refuses_proposals_of_an_extra_checkpoint_retrained_in_place(base_model, unlabeled_pool, tmp_path):
     # the trainer opens the store before any network is loaded: the manifest must hash the extra files itself
     from nnunet_rndpo.proposals.run import store_manifest

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,35 +12,13 @@ from typing import Callable, Optional
 from benchmarks.low_label.arms import Arm
 
 
-@contextlib.contextmanager
 def claim(folder: Path, arm_name: str):
-    """Yields whether this process may run the arm: a claim file made exclusively (O_EXCL), holding the pid, so
-    two runner processes over one work folder (e.g. a shard and an --only run) never train the same arm into
-    the same output folder. A claim left by a process that died is taken over."""
-    from nnunet_rndpo.atomic import process_is_alive
+    """Whether this process may run the arm (a context manager): the claim file `<arm>.claim`, so that two runner
+    processes over one work folder (e.g. a shard and an --only run) never train the same arm into the same output
+    folder (nnunet_rndpo.atomic.exclusive_claim: a dead process's claim is taken over)."""
+    from nnunet_rndpo.atomic import exclusive_claim
 
-    path = folder / f"{arm_name}.claim"
-    for _ in range(2):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and process_is_alive(owner):
-                yield False
-                return
-            path.unlink(missing_ok=True)  # its owner died: take over
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(str(os.getpid()))
-        try:
-            yield True
-        finally:
-            path.unlink(missing_ok=True)
-        return
-    yield False
+    return exclusive_claim(folder / f"{arm_name}.claim")
 
 
 def wait_for(path: Path, poll_seconds: float = 20.0) -> Path:

@@ -12,13 +12,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_rndpo.atomic import atomic_path
+from nnunet_rndpo.atomic import atomic_path, exclusive_claim
 from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
 from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS, ProposalEngine
 from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model_like
 from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
 from nnunet_rndpo.proposals.store import ProposalStore
+
+CLAIM_POLL_SECONDS = 5.0  # how often a process looks again at cases another process is generating
+
+
+def wait_for_other_processes() -> None:
+    time.sleep(CLAIM_POLL_SECONDS)
 
 
 @dataclass
@@ -121,21 +127,36 @@ def generate_proposals(
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
     started = time.perf_counter()
     generated = reused = 0
-    for case_id in tqdm(my_cases, desc="proposals", unit="case", disable=not progress):
-        if store.has_case(case_id) and export_nifti is None:
-            reused += 1
-            continue
-        data, _, properties = reader.load(case_id)
-        if store.has_case(case_id):
-            reused += 1
-            proposals = store.load_proposals(case_id)
-        else:
-            result = engine.generate(data, case_seed(settings.seed, case_id))
-            store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
-            proposals = result.proposals
-            generated += 1
-        if export_nifti is not None:
-            export_case_nifti(proposals, properties, model, Path(export_nifti), case_id)
+    # Another process filling the same store (a second training on the same base and pool) holds a claim on the
+    # case it is generating: this one takes the next case, and comes back for the held ones at the end.
+    pending = list(my_cases)
+    with tqdm(total=len(my_cases), desc="proposals", unit="case", disable=not progress) as bar:
+        while pending:
+            held = []
+            for case_id in pending:
+                if store.has_case(case_id) and export_nifti is None:
+                    reused += 1
+                    bar.update()
+                    continue
+                with exclusive_claim(store.claim_path(case_id)) as mine:
+                    if not mine:
+                        held.append(case_id)
+                        continue
+                    data, _, properties = reader.load(case_id)
+                    if store.has_case(case_id):
+                        reused += 1
+                        proposals = store.load_proposals(case_id)
+                    else:
+                        result = engine.generate(data, case_seed(settings.seed, case_id))
+                        store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
+                        proposals = result.proposals
+                        generated += 1
+                    if export_nifti is not None:
+                        export_case_nifti(proposals, properties, model, Path(export_nifti), case_id)
+                bar.update()
+            if held and len(held) == len(pending):
+                wait_for_other_processes()  # every case left is another process's now
+            pending = held
     summary = GenerationSummary(len(my_cases), generated, reused, engine.num_proposals, time.perf_counter() - started)
     return store, summary
 
