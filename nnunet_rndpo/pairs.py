@@ -9,6 +9,7 @@ judging again. Mining itself is pure (nnunet_rndpo/mining.py); this module adds 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from nnunet_rndpo.mining import MINING_STRATEGIES, MiningResult, mine_pairs
-from nnunet_rndpo.preference_region import check_region, kept_voxels, ranked_halves
+from nnunet_rndpo.preference_region import check_region, kept_voxels, majority_labels, ranked_halves
 from nnunet_rndpo.proposals.plan import ProposalSettings
 from nnunet_rndpo.proposals.store import ProposalStore
 
@@ -119,6 +120,12 @@ def pairs_record(
     ]
     summary = {**mined.summary(), "preference_region": preference_region}
     if preference_region != "disagreement":
+
+        @functools.lru_cache(maxsize=1)  # pairs come case by case: each case's masks read (and voted) once
+        def case_arrays(case_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+            proposals = store.load_proposals(case_id)
+            return proposals, majority_labels(proposals) if preference_region == "majority" else None
+
         for item in items:
             case_id = item["case_id"]
             top, bottom = (
@@ -131,9 +138,16 @@ def pairs_record(
                 if preference_region == "judge_voxels"
                 else None
             )
-            proposals = store.load_case(case_id)["proposals"]
+            proposals, majority = case_arrays(case_id)
             kept = kept_voxels(
-                proposals, item["chosen"], item["rejected"], preference_region, top, bottom, judge_probabilities
+                proposals,
+                item["chosen"],
+                item["rejected"],
+                preference_region,
+                top,
+                bottom,
+                judge_probabilities,
+                majority,
             )
             item.update(preference_region=preference_region, preference_voxels=int(np.count_nonzero(kept)))
             if top:

@@ -10,9 +10,11 @@ import pytest
 from nnunet_rndpo import pairs
 from nnunet_rndpo.audit import AuditCase, audit_judges
 from nnunet_rndpo.preference_region import (
+    NO_MAJORITY,
     check_region,
     holds_majority,
     kept_voxels,
+    majority_labels,
     preference_rejected,
     ranked_halves,
 )
@@ -56,6 +58,29 @@ def test_holds_majority_needs_more_than_half():
     assert holds_majority(masks, np.array([0, 1, 0])).tolist() == [False, True, True]
 
 
+def test_majority_labels_name_the_label_more_than_half_hold():
+    masks = np.array([[0, 1, 1, 2], [0, 1, 0, 2], [1, 1, 0, 0], [1, 0, 0, 1]])
+    # voxel 0: 0 and 1 twice each (no majority); voxel 1: 1 three times; voxel 2: 0 three times; voxel 3: 2 twice
+    assert majority_labels(masks).tolist() == [NO_MAJORITY, 1, 0, NO_MAJORITY]
+    assert majority_labels(PROPOSALS)[0].tolist() == [NO_MAJORITY, NO_MAJORITY, 1, NO_MAJORITY, 0, 2]
+
+
+def test_majority_labels_answer_holds_majority_for_every_label_map():
+    # many labels, odd and even counts, long runs where a candidate is replaced: against the direct count
+    generator = np.random.default_rng(0)
+    for count in (1, 2, 5, 8, 41):
+        masks = (generator.random((count, 300)) ** 3 * 7).astype(np.uint8)
+        majority = majority_labels(masks)
+        for label_map in masks:
+            assert np.array_equal(label_map == majority, holds_majority(masks, label_map))
+        for label in range(7):
+            expected = 2 * np.count_nonzero(masks == label, axis=0) > count
+            assert np.array_equal(majority == label, expected)
+        if count > 1:  # a pair's kept voxels with the case's vote given once, and without it
+            given = kept_voxels(masks, 0, count - 1, "majority", majority=majority)
+            assert np.array_equal(given, kept_voxels(masks, 0, count - 1, "majority"))
+
+
 def test_consensus_keeps_the_voxels_both_halves_agree_on():
     top, bottom = ranked_halves(SCORES, 0, 5)
     kept = kept_voxels(PROPOSALS, 0, 5, "ranked_consensus", top, bottom)
@@ -82,6 +107,9 @@ class OneCaseStore:
     def load_case(self, case_id):
         assert case_id == "case"
         return {"proposals": PROPOSALS}
+
+    def load_proposals(self, case_id):
+        return self.load_case(case_id)["proposals"]
 
 
 def test_pairs_file_names_the_halves_and_counts_the_kept_voxels():

@@ -14,7 +14,7 @@ from scipy import stats
 from nnunet_rndpo.audit.recommendation import MAX_WRONG_ROLE_FRACTION, MIN_TOP1_LIFT_FRACTION, RELIABLE_SPEARMAN
 from nnunet_rndpo.audit.reliability import ReliabilityCurve, expected_gain, load_reliability_curve
 from nnunet_rndpo.mining import MINING_STRATEGIES, PairMiner, disagreement_matrix
-from nnunet_rndpo.preference_region import PREFERENCE_REGIONS, kept_voxels, ranked_halves
+from nnunet_rndpo.preference_region import PREFERENCE_REGIONS, kept_voxels, majority_labels, ranked_halves
 
 TIE_TOLERANCE = 1e-12
 _NARROW_REGIONS = tuple(region for region in PREFERENCE_REGIONS if region != "disagreement")
@@ -123,6 +123,7 @@ class _JudgeTally:
         image: np.ndarray | None,
         true_labels: np.ndarray | None = None,
         judge_probabilities: np.ndarray | None = None,
+        majority: np.ndarray | None = None,
     ) -> None:
         self.has_voxel_probabilities |= judge_probabilities is not None
         if scores.size < 2 or np.ptp(scores) == 0 or np.ptp(true_dice) == 0:
@@ -148,7 +149,7 @@ class _JudgeTally:
                         if region == "judge_voxels" and judge_probabilities is None:
                             continue
                         kept = kept_voxels(
-                            proposals, pair.chosen, pair.rejected, region, top, bottom, judge_probabilities
+                            proposals, pair.chosen, pair.rejected, region, top, bottom, judge_probabilities, majority
                         )
                         self.region_voxels[strategy][region] += (
                             np.count_nonzero(kept),
@@ -360,6 +361,7 @@ def audit_judges(
             )
         proposals = np.asarray(case.proposals)
         disagreement = disagreement_matrix(proposals)
+        majority = majority_labels(proposals) if case.true_labels is not None else None  # once for every pair
         scores_of_case = {}
         for name in judge_names:
             scores = np.asarray(case.judge_scores[name], dtype=np.float64)
@@ -374,6 +376,7 @@ def audit_judges(
                 case.image,
                 case.true_labels,
                 case.judge_voxel_probabilities.get(name),
+                majority,
             )
             scores_of_case[name] = scores.tolist()
         mean_proposal_dice.append(float(true_dice.mean()))
