@@ -945,6 +945,7 @@ def test_the_folds_report_pairs_each_arm_with_its_folds_base_and_the_base_ensemb
         ensemble: result([0.82, 0.81, 0.80], 5),
         tuned0: result([0.83, 0.82, 0.81]),  # +3, +2, +1 over its base; +1, +1, +1 over the ensemble
         self_train0: result([0.82, 0.82, 0.81]),
+        replace(tuned0, fold=FOLD_ENSEMBLE): result([0.82, 0.82, 0.81], 5),  # +0, +1, +1 over the base ensemble
     }
     for value in results.values():
         value["test"]["checkpoint_final"]["foreground_mean"] = 0.8
@@ -956,6 +957,12 @@ def test_the_folds_report_pairs_each_arm_with_its_folds_base_and_the_base_ensemb
         "- rn_dpo_atlas_folds − self_train_atlas_folds, fold by fold: test +0.33 ± 0.33 pts (1/3 cases better; folds 0)"
         in text
     )
+    # issue 33's targets: each fold model against the base ensemble, the fine-tuned ensemble against +0.5
+    assert (
+        "- rn_dpo_atlas_folds: fold models against the base ensemble: 1 of 1 at or above (fold 0 +1.00 ± 0.00); "
+        "its five-fold ensemble against the base's: +0.67 ± 0.33 (met: +0.5 wanted)" in text
+    )
+    assert "- self_train_atlas_folds: fold models against the base ensemble: 1 of 1 at or above (fold 0 +0.67" in text
 
 
 def test_start_phase_benchmark_compares_pairs_by_members_not_by_the_last_bits_of_their_scores():
