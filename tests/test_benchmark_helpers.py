@@ -927,6 +927,31 @@ def test_the_folds_plan_trains_the_five_folds_then_scores_their_ensemble_then_fi
     assert stored["proposal_store"] == str(tmp_path / "proposals" / "fold4") and stored["sft_weight"] == 3.0
 
 
+def test_while_part_0_audits_the_other_parts_make_fold_0s_pool_proposals(tmp_path, monkeypatch):
+    (tmp_path / "split.json").write_text(json.dumps({"validation": ["v0", "v1"]}))
+    made = []
+
+    def fake_store(arm, bench):
+        made.append(arm)  # meanwhile part 0 finishes the audit
+        (tmp_path / plan_folds.AUDIT_FOLDER).mkdir()
+        judges = {"agreement": {"top1_lift": 0.004}, "entropy": {"top1_lift": 0.001}}
+        (tmp_path / plan_folds.AUDIT_FOLDER / "judge_audit.json").write_text(json.dumps({"judges": judges}))
+
+    monkeypatch.setattr(runner, "make_proposal_store", fake_store)
+    monkeypatch.setattr(runner, "audit_on_validation", lambda *args: pytest.fail("only part 0 audits"))
+    protocol = PROTOCOLS["folds"]
+    bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
+    context = scheduling.Context(tmp_path, scheduling.Parts(1, 2), Namespace(), bench)
+    (audit,) = [stage for stage in plan_folds.stages() if stage.name == "audit"]
+    audit.then(context, {})
+    ((arm,),) = [made]
+    assert (arm.fold, arm.settings["proposals"]) == (0, plan_folds.fold_proposals(5))
+    assert arm.settings["proposal_store"] == str(tmp_path / "proposals" / "fold0")  # the store every fold-0 arm reads
+    assert context.choices["best"] == "agreement"
+    audit.then(context, {})  # the audit is there: nothing more to make
+    assert len(made) == 1
+
+
 def test_the_folds_report_pairs_each_arm_with_its_folds_base_and_the_base_ensemble(tmp_path):
     split = {"seed": 0, "labeled": ["a"] * 5, "validation": ["v"] * 20, "unlabeled": ["u"] * 115, "test": ["t"] * 40}
     (tmp_path / "split.json").write_text(json.dumps(split))

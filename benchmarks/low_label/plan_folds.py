@@ -83,7 +83,7 @@ def fold0_arms(context: Context) -> list[Arm]:
 
 def stages() -> list[Stage]:
     def audit(context: Context, _results) -> None:
-        from benchmarks.low_label.runner import audit_on_validation
+        from benchmarks.low_label.runner import audit_on_validation, make_proposal_store
 
         bench = context.bench
         label_free = (*bench.protocol.label_free, *CROSS_MODEL_JUDGES)
@@ -91,6 +91,9 @@ def stages() -> list[Stage]:
             split = json.loads((context.work / "split.json").read_text())
             proposals = fold_proposals(bench.protocol.folds)
             audit_on_validation(bench, SEED, label_free, proposals, AUDIT_FOLDER, 0, split["validation"])
+        elif not (context.work / AUDIT_FOLDER / "judge_audit.json").is_file():
+            # meanwhile the other parts make the pool proposals every fold-0 arm shares (whichever its judge)
+            make_proposal_store(recipe_arms(context, 0, PACKAGE_DEFAULTS[0], None)[0], bench)
         audit = json.loads(wait_for(context.work / AUDIT_FOLDER / "judge_audit.json").read_text())
         best = best_label_free(audit, label_free)
         print(f"best label-free judge on fold 0's proposals: {best} (top-1 lift {audit['judges'][best]['top1_lift']})")

@@ -67,11 +67,9 @@ def fine_tuning_settings(arm: Arm, schedule: Schedule, dataset_id: int) -> dict:
 def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
     """Trains the arm's model; returns its fold folder and the seconds it took."""
     import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_rndpo.demo import nnunet_steps
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
-    from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerSelfTrain
 
     torch.set_num_threads(bench.threads)
     started = time.perf_counter()
@@ -84,7 +82,7 @@ def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
             num_epochs=schedule.base_epochs,
             iterations_per_epoch=schedule.base_iterations,
             val_iterations=schedule.val_iterations,
-            trainer_class=models.unique_trainer(nnUNetTrainer, arm),
+            trainer_class=models.unique_trainer(trainer_class(arm), arm),
             initial_lr=schedule.base_lr,
             seed=arm.seed,
             num_threads=bench.threads,
@@ -95,12 +93,8 @@ def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
             save_every=1,
         )
         return folder, {"training_s": time.perf_counter() - started}
-    trainer_class = {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}
     settings = fine_tuning_settings(arm, schedule, dataset_id)
-    settings_file = bench.work / "settings" / f"{arm.name}.json"
-    settings_file.parent.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
-    os.environ[SETTINGS_ENV_VARIABLE] = str(settings_file)
+    os.environ[SETTINGS_ENV_VARIABLE] = str(write_settings_file(arm, bench, settings))
     folder = nnunet_steps.train_supervised(
         dataset_id,
         CONFIGURATION,
@@ -108,7 +102,7 @@ def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
         num_epochs=settings["num_epochs"],
         iterations_per_epoch=settings["iterations_per_epoch"],
         val_iterations=settings["val_iterations_per_epoch"],
-        trainer_class=models.unique_trainer(trainer_class[arm.kind], arm),
+        trainer_class=models.unique_trainer(trainer_class(arm), arm),
         initial_lr=settings["initial_lr"],  # an arm's own (e.g. the step-matched self-training) wins
         seed=arm.seed,
         num_threads=bench.threads,
@@ -117,6 +111,62 @@ def train(arm: Arm, bench: Bench) -> tuple[Path, dict]:
     )
     os.environ.pop(SETTINGS_ENV_VARIABLE, None)
     return folder, {"total_s": time.perf_counter() - started}
+
+
+def trainer_class(arm: Arm) -> type:
+    """The nnU-Net trainer an arm trains with: nnU-Net's own for a base, the package's preference trainers else."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_rndpo.training.trainers import nnUNetTrainerDPO, nnUNetTrainerRNDPO, nnUNetTrainerSelfTrain
+
+    if arm.kind in BASE_KINDS:
+        return nnUNetTrainer
+    return {"rn_dpo": nnUNetTrainerRNDPO, "dpo": nnUNetTrainerDPO, "self_train": nnUNetTrainerSelfTrain}[arm.kind]
+
+
+def write_settings_file(arm: Arm, bench: Bench, settings: dict) -> Path:
+    """The arm's RNDPO_SETTINGS file, `<work>/settings/<arm>.json`."""
+    settings_file = bench.work / "settings" / f"{arm.name}.json"
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
+    return settings_file
+
+
+def make_proposal_store(arm: Arm, bench: Bench) -> None:
+    """Fills a fine-tuning arm's proposal store as its training's start phase would (the settings resolved the same
+    way, the same base, pool and store), so that the training then reuses every case: a part with nothing else to do
+    makes it while another part runs the audit. Cases another process is generating are left to it."""
+    import torch
+
+    from nnunet_rndpo.nnunet_paths import locate
+    from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.pool import unlabeled_pool
+    from nnunet_rndpo.proposals.run import generate_proposals
+    from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
+    from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
+
+    torch.set_num_threads(bench.threads)
+    settings_file = write_settings_file(
+        arm, bench, fine_tuning_settings(arm, bench.schedule, bench.protocol.dataset_id)
+    )
+    location = locate(bench.protocol.dataset_id, CONFIGURATION, models.nnunet_fold(arm))
+    environ = {**os.environ, SETTINGS_ENV_VARIABLE: str(settings_file)}
+    settings, _ = run_settings(trainer_class(arm).settings_overrides, location, environ)
+    model = load_model(
+        base_checkpoint_path(location, settings),
+        bench.device,
+        expected_plans=location.plans,
+        expected_configuration=CONFIGURATION,
+        expected_dataset_json=location.dataset_json,
+    )
+    store, summary = generate_proposals(
+        model,
+        unlabeled_pool(location),
+        Path(settings.proposal_store),
+        settings.proposal_settings(),
+        device=bench.device,
+    )
+    print(f"proposal store {store.folder} for {arm.name}: {summary.describe()}", flush=True)
 
 
 def run_arm(arm: Arm, bench: Bench) -> dict:
