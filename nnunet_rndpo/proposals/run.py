@@ -18,7 +18,8 @@ from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS, ProposalEngine
 from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model_like
 from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_members
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
-from nnunet_rndpo.proposals.store import ProposalStore
+from nnunet_rndpo.proposals.sharing import find_donors
+from nnunet_rndpo.proposals.store import ProposalStore, StoreError
 
 CLAIM_POLL_SECONDS = 5.0  # how often a process looks again at cases another process is generating
 
@@ -34,14 +35,17 @@ class GenerationSummary:
     cases_reused: int
     proposals_per_case: int
     seconds: float
+    cases_copied: int = 0  # taken from a sibling store of the same passes (nnunet_rndpo/proposals/sharing.py)
 
     @property
     def seconds_per_generated_case(self) -> float:
         return self.seconds / self.cases_generated if self.cases_generated else 0.0
 
     def describe(self) -> str:
+        copied = f", {self.cases_copied} copied from a store of the same passes" if self.cases_copied else ""
         return (
-            f"{self.cases_in_part} cases ({self.cases_generated} generated, {self.cases_reused} already in the store), "
+            f"{self.cases_in_part} cases ({self.cases_generated} generated, {self.cases_reused} already in the store"
+            f"{copied}), "
             f"{self.proposals_per_case} proposals each, {self.seconds:.1f} s "
             f"({self.seconds_per_generated_case:.2f} s per generated case)"
         )
@@ -125,8 +129,9 @@ def generate_proposals(
         device,
     )
     reader = PoolReader(pool, model.plans_manager, model.configuration_manager, model.dataset_json)
+    donors = [(ProposalStore(folder), order) for folder, order in find_donors(store.folder, store.manifest())]
     started = time.perf_counter()
-    generated = reused = 0
+    generated = reused = copied = 0
     # Another process filling the same store (a second training on the same base and pool) holds a claim on the
     # case it is generating: this one takes the next case, and comes back for the held ones at the end.
     pending = list(my_cases)
@@ -142,23 +147,42 @@ def generate_proposals(
                     if not mine:
                         held.append(case_id)
                         continue
-                    data, _, properties = reader.load(case_id)
                     if store.has_case(case_id):
                         reused += 1
                         proposals = store.load_proposals(case_id)
+                    elif (proposals := copy_from_donor(store, donors, case_id)) is not None:
+                        copied += 1
                     else:
-                        result = engine.generate(data, case_seed(settings.seed, case_id))
+                        result = engine.generate(reader.load(case_id)[0], case_seed(settings.seed, case_id))
                         store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
                         proposals = result.proposals
                         generated += 1
                     if export_nifti is not None:
+                        properties = reader.load(case_id)[2]
                         export_case_nifti(proposals, properties, model, Path(export_nifti), case_id)
                 bar.update()
             if held and len(held) == len(pending):
                 wait_for_other_processes()  # every case left is another process's now
             pending = held
-    summary = GenerationSummary(len(my_cases), generated, reused, engine.num_proposals, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    summary = GenerationSummary(len(my_cases), generated, reused, engine.num_proposals, seconds, copied)
     return store, summary
+
+
+def copy_from_donor(store: ProposalStore, donors: list, case_id: str) -> Optional[np.ndarray]:
+    """The case's proposals taken from the first donor store that has it (its members put in this store's order),
+    saved into `store`; None when no donor has it."""
+    for donor, order in donors:
+        if not donor.has_case(case_id):
+            continue
+        try:
+            case = donor.load_case(case_id)
+        except StoreError:
+            continue  # a damaged donor case: computed here instead
+        proposals = np.ascontiguousarray(case["proposals"][order])
+        store.save_case(case_id, proposals, case["mean_probabilities"], int(case["case_seed"]))
+        return proposals
+    return None
 
 
 def export_case_nifti(
