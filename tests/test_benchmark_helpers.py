@@ -927,6 +927,17 @@ def test_the_folds_plan_trains_the_five_folds_then_scores_their_ensemble_then_fi
     assert stored["proposal_store"] == str(tmp_path / "proposals" / "fold4") and stored["sft_weight"] == 3.0
 
 
+def test_a_part_goes_on_to_the_audit_without_waiting_for_the_other_parts_base_ensemble(tmp_path, monkeypatch):
+    protocol = PROTOCOLS["folds"]
+    bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
+    context = scheduling.Context(tmp_path, scheduling.Parts(0, 2), Namespace(), bench)
+    (stage,) = [stage for stage in plan_folds.stages() if stage.name == "base_ensemble"]
+    ran = []
+    monkeypatch.setattr(scheduling, "wait_for", lambda path: pytest.fail(f"waited for {path.name}"))
+    assert scheduling.run_stages([stage], context, lambda arm: ran.append(arm.name), lambda arms: {}) == 0
+    assert ran == ["base_folds_s0"]  # part 1 scores the mirrored one meanwhile
+
+
 def test_while_part_0_audits_the_other_parts_make_fold_0s_pool_proposals(tmp_path, monkeypatch):
     (tmp_path / "split.json").write_text(json.dumps({"validation": ["v0", "v1"]}))
     made = []

@@ -31,7 +31,7 @@ from benchmarks.low_label.catalogue import (
 )
 from benchmarks.low_label.plans import at_larger_step, best_label_free
 from benchmarks.low_label.results import validation_dice
-from benchmarks.low_label.scheduling import Context, Stage, wait_for
+from benchmarks.low_label.scheduling import SPLIT, Context, Stage, wait_for
 
 SEED = 0
 PACKAGE_DEFAULTS = ("agreement", "sft3")  # the package's default judge and SFT weight (PreferenceSettings)
@@ -119,7 +119,8 @@ def stages() -> list[Stage]:
 
     return [
         Stage("bases", lambda context: base_arms(context.bench.protocol.folds)),
-        Stage("base_ensemble", lambda context: ensemble_arms(Arm("base", SEED))),
+        # nothing later reads the base ensembles but the report: a part goes on to the audit without waiting
+        Stage("base_ensemble", lambda context: ensemble_arms(Arm("base", SEED)), share=SPLIT),
         Stage("audit", lambda context: [], then=audit),
         Stage("fold0", fold0_arms, then=choose_recipe),
         Stage("folds", all_folds),
