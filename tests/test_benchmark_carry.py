@@ -99,6 +99,19 @@ def test_pack_replaces_an_earlier_pack_whole(tmp_path):
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no temporaries left
 
 
+def test_a_finished_model_packed_again_keeps_the_bytes_carried_before(tmp_path):
+    """A checkpoint saved again (under another temporary name) has other bytes: a second pack of an unchanged model
+    must not put a new copy of its weights into git; one whose weights changed is written anew."""
+    work = _work(tmp_path / "work")
+    final = f"{MODEL}/fold_0/checkpoint_final.pth"
+    first = pack(work, tmp_path / "carried")["files"][final]["sha256"]
+    assert pack(work, tmp_path / "carried")["files"][final]["sha256"] == first
+    changed = _checkpoint(100)
+    changed["network_weights"]["weight"] += 1
+    torch.save(changed, work / final)
+    assert pack(work, tmp_path / "carried")["files"][final]["sha256"] != first
+
+
 def test_the_command_line_packs_and_unpacks_and_refuses_both_at_once(tmp_path, capsys):
     from benchmarks.low_label.__main__ import main
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +52,30 @@ def weights_only(source: Path, target: Path) -> None:
         checkpoint.pop(key, None)
     with atomic_path(target) as temporary:
         torch.save(checkpoint, temporary)
+
+
+def same_checkpoint(first: Path, second: Path) -> bool:
+    """Whether two checkpoint files hold the same content: torch.save names the archive inside the file after the
+    file it writes, here a temporary name of its own each time, so a checkpoint saved again never has the same bytes."""
+    import torch
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (
+                isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+            )
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, float) and isinstance(b, float):
+            return a == b or (math.isnan(a) and math.isnan(b))  # a NaN in the logging is the same NaN
+        return type(a) is type(b) and a == b
+
+    try:
+        return same(read_checkpoint(first), read_checkpoint(second))
+    except CheckpointError:
+        return False
 
 
 def check_checkpoint(copy: Path, source: Path) -> None:
@@ -94,6 +119,8 @@ def pack(work: Path, destination: Path) -> dict:
             target.parent.mkdir(parents=True, exist_ok=True)
             if how == "weights_only":
                 weights_only(work / relative, target)
+                if (destination / relative).is_file() and same_checkpoint(destination / relative, target):
+                    shutil.copy2(destination / relative, target)  # the bytes carried before: no new blob in git
             else:
                 shutil.copy2(work / relative, target)
                 if target.suffix == ".pth":
