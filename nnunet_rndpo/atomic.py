@@ -11,12 +11,14 @@ import os
 import pickle
 import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 TEMP_SUFFIX = ".partial"
+T = TypeVar("T")
 
 
 def _current_umask() -> int:
@@ -118,6 +120,32 @@ def exclusive_claim(path: str | os.PathLike) -> Iterator[bool]:
             path.unlink(missing_ok=True)
         return
     yield False
+
+
+CLAIM_POLL_SECONDS = 5.0  # how often a process looks again at items another process holds
+
+
+def wait_for_claims() -> None:
+    time.sleep(CLAIM_POLL_SECONDS)
+
+
+def each_claimed(items: Iterable[T], claim_path: Callable[[T], Path]) -> Iterator[T]:
+    """Yields each item while this process holds its claim (`exclusive_claim(claim_path(item))`), so that processes
+    working through the same items (two trainings filling one proposal store) share them: an item another live
+    process holds is left to it and visited again after the rest, when the caller finds it done (or takes it over
+    from a process that died)."""
+    pending = list(items)
+    while pending:
+        held = []
+        for item in pending:
+            with exclusive_claim(claim_path(item)) as mine:
+                if not mine:
+                    held.append(item)
+                    continue
+                yield item
+        if held and len(held) == len(pending):
+            wait_for_claims()  # every item left is another process's now
+        pending = held
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

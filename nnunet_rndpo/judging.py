@@ -23,7 +23,7 @@ from typing import Callable, Collection, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_rndpo.atomic import save_json
+from nnunet_rndpo.atomic import each_claimed, save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case, score_case_with_voxels
 from nnunet_rndpo.judges.learned_qc import check_held_out
 from nnunet_rndpo.nnunet_paths import RunLocation, checkpoint_fold, sibling_fold_checkpoints
@@ -313,8 +313,10 @@ def score_store(
                 scores[case_id] = case_scores
                 bar.update()
     else:
-        for case_id in missing:
-            scores[case_id] = task(case_id)[1]
+        # a case another process is scoring with the same judge (a second training on the same store) is left to it
+        for case_id in each_claimed(missing, lambda case: folder / "claims" / f"{case}.claim"):
+            saved = _saved_score(folder, case_id, judge, store, key, keep_voxel_probabilities)
+            scores[case_id] = saved if saved is not None else task(case_id)[1]
             bar.update()
     bar.close()
     return scores

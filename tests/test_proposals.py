@@ -845,6 +845,7 @@ def test_a_case_another_process_is_generating_is_left_to_it(base_model, unlabele
     import subprocess
     import sys as system
 
+    from nnunet_rndpo import atomic
     from nnunet_rndpo.proposals import run as proposal_run
 
     settings = ProposalSettings(num_proposals=2)
@@ -871,7 +872,7 @@ def test_a_case_another_process_is_generating_is_left_to_it(base_model, unlabele
             other.kill()
             other.wait()
 
-        monkeypatch.setattr(proposal_run, "wait_for_other_processes", other_process_finishes_one_case_and_dies)
+        monkeypatch.setattr(atomic, "wait_for_claims", other_process_finishes_one_case_and_dies)
         store, summary = proposal_run.generate_proposals(
             base_model, unlabeled_pool, store.folder, settings, progress=False
         )

@@ -236,6 +236,43 @@ def identical_cases(empty: bool, count: int = 3, k: int = 4, shape=(16, 16, 16))
     return cases
 
 
+def test_a_case_another_process_is_scoring_with_the_same_judge_is_left_to_it(tmp_path, monkeypatch):
+    """Two trainings on one store and judge (the benchmark's RN-DPO and self-training arms of a fold) score each case
+    once: a case held by the other process is reused from the score it writes."""
+    import json
+    import os
+
+    from nnunet_rndpo import atomic, judging
+    from nnunet_rndpo.judges import get_judge
+
+    cases = identical_cases(False)
+    store = fake_store(tmp_path / "store", cases, k=4)
+    reader = ArrayReader({c: np.zeros((1, 16, 16, 16), dtype=np.float32) for c in cases})
+    judge = get_judge("agreement")
+    folder = judging.scores_folder(store, judge)
+    held = "case_1"
+    (folder / "claims").mkdir(parents=True)
+    (folder / "claims" / f"{held}.claim").write_text(str(os.getppid()))  # a live process: this test's parent
+    scored = []
+    original = judging._CaseScorer.__call__
+
+    def scoring_here(scorer, case_id):
+        scored.append(case_id)
+        return original(scorer, case_id)
+
+    monkeypatch.setattr(judging._CaseScorer, "__call__", scoring_here)
+
+    def the_other_process_writes_its_score():
+        # what the other process's scorer writes for the held case, then its claim goes
+        original(judging._CaseScorer(judge, store, reader, LABELS, None, False, folder, judging.judge_key(judge)), held)
+        (folder / "claims" / f"{held}.claim").unlink()
+
+    monkeypatch.setattr(atomic, "wait_for_claims", the_other_process_writes_its_score)
+    scores = judging.score_store(judge, store, reader, sorted(cases), LABELS, progress=False)
+    assert scored == ["case_0", "case_2"] and sorted(scores) == sorted(cases)
+    assert scores[held] == json.loads((folder / f"{held}.json").read_text())["scores"]
+
+
 @pytest.mark.parametrize("empty", [False, True], ids=["identical_proposals", "all_background"])
 def test_pool_without_any_pair(tmp_path, empty):
     from nnunet_rndpo.judges import get_judge

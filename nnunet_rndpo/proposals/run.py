@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_rndpo.atomic import atomic_path, exclusive_claim
+from nnunet_rndpo.atomic import atomic_path, each_claimed
 from nnunet_rndpo.nnunet_paths import sibling_fold_checkpoints
 from nnunet_rndpo.proposals.engine import DROPOUT_DRAWS, ProposalEngine
 from nnunet_rndpo.proposals.model import LoadedModel, file_sha256, load_model_like
@@ -20,12 +20,6 @@ from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed, plan_member
 from nnunet_rndpo.proposals.pool import CasePool, PoolReader
 from nnunet_rndpo.proposals.sharing import find_donors
 from nnunet_rndpo.proposals.store import ProposalStore, StoreError
-
-CLAIM_POLL_SECONDS = 5.0  # how often a process looks again at cases another process is generating
-
-
-def wait_for_other_processes() -> None:
-    time.sleep(CLAIM_POLL_SECONDS)
 
 
 @dataclass
@@ -132,38 +126,25 @@ def generate_proposals(
     donors = [(ProposalStore(folder), order) for folder, order in find_donors(store.folder, store.manifest())]
     started = time.perf_counter()
     generated = reused = copied = 0
-    # Another process filling the same store (a second training on the same base and pool) holds a claim on the
-    # case it is generating: this one takes the next case, and comes back for the held ones at the end.
-    pending = list(my_cases)
     with tqdm(total=len(my_cases), desc="proposals", unit="case", disable=not progress) as bar:
-        while pending:
-            held = []
-            for case_id in pending:
-                if store.has_case(case_id) and export_nifti is None:
-                    reused += 1
+        # a case another process is generating (a second training on the same base and pool) is left to it
+        for case_id in each_claimed(my_cases, store.claim_path):
+            if store.has_case(case_id):
+                reused += 1
+                if export_nifti is None:
                     bar.update()
                     continue
-                with exclusive_claim(store.claim_path(case_id)) as mine:
-                    if not mine:
-                        held.append(case_id)
-                        continue
-                    if store.has_case(case_id):
-                        reused += 1
-                        proposals = store.load_proposals(case_id)
-                    elif (proposals := copy_from_donor(store, donors, case_id)) is not None:
-                        copied += 1
-                    else:
-                        result = engine.generate(reader.load(case_id)[0], case_seed(settings.seed, case_id))
-                        store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
-                        proposals = result.proposals
-                        generated += 1
-                    if export_nifti is not None:
-                        properties = reader.load(case_id)[2]
-                        export_case_nifti(proposals, properties, model, Path(export_nifti), case_id)
-                bar.update()
-            if held and len(held) == len(pending):
-                wait_for_other_processes()  # every case left is another process's now
-            pending = held
+                proposals = store.load_proposals(case_id)
+            elif (proposals := copy_from_donor(store, donors, case_id)) is not None:
+                copied += 1
+            else:
+                result = engine.generate(reader.load(case_id)[0], case_seed(settings.seed, case_id))
+                store.save_case(case_id, result.proposals, result.mean_probabilities, result.case_seed)
+                proposals = result.proposals
+                generated += 1
+            if export_nifti is not None:
+                export_case_nifti(proposals, reader.load(case_id)[2], model, Path(export_nifti), case_id)
+            bar.update()
     seconds = time.perf_counter() - started
     summary = GenerationSummary(len(my_cases), generated, reused, engine.num_proposals, seconds, copied)
     return store, summary
