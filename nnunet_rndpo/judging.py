@@ -314,7 +314,7 @@ def score_store(
                 bar.update()
     else:
         # a case another process is scoring with the same judge (a second training on the same store) is left to it
-        for case_id in each_claimed(missing, lambda case: folder / "claims" / f"{case}.claim"):
+        for case_id in each_claimed(missing, lambda case: folder / f".{case}.claim"):
             saved = _saved_score(folder, case_id, judge, store, key, keep_voxel_probabilities)
             scores[case_id] = saved if saved is not None else task(case_id)[1]
             bar.update()

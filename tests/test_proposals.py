@@ -883,7 +883,7 @@ def test_a_case_another_process_is_generating_is_left_to_it(base_model, unlabele
     assert saved[:2] == unlabeled_pool.case_ids[2:] and saved[2:] == [left_by_dead]
     assert len(waits) == 1
     assert (summary.cases_in_part, summary.cases_generated, summary.cases_reused) == (4, 3, 1)
-    assert store.case_ids() == unlabeled_pool.case_ids and not list(store.claim_path(left_by_dead).parent.iterdir())
+    assert store.case_ids() == unlabeled_pool.case_ids and not list(store.cases_folder.glob("*.claim"))
 
 
 def test_store_refuses_proposals_of_an_extra_checkpoint_retrained_in_place(base_model, unlabeled_pool, tmp_path):

@@ -251,8 +251,8 @@ def test_a_case_another_process_is_scoring_with_the_same_judge_is_left_to_it(tmp
     judge = get_judge("agreement")
     folder = judging.scores_folder(store, judge)
     held = "case_1"
-    (folder / "claims").mkdir(parents=True)
-    (folder / "claims" / f"{held}.claim").write_text(str(os.getppid()))  # a live process: this test's parent
+    folder.mkdir(parents=True)
+    (folder / f".{held}.claim").write_text(str(os.getppid()))  # a live process: this test's parent
     scored = []
     original = judging._CaseScorer.__call__
 
@@ -265,7 +265,7 @@ def test_a_case_another_process_is_scoring_with_the_same_judge_is_left_to_it(tmp
     def the_other_process_writes_its_score():
         # what the other process's scorer writes for the held case, then its claim goes
         original(judging._CaseScorer(judge, store, reader, LABELS, None, False, folder, judging.judge_key(judge)), held)
-        (folder / "claims" / f"{held}.claim").unlink()
+        (folder / f".{held}.claim").unlink()
 
     monkeypatch.setattr(atomic, "wait_for_claims", the_other_process_writes_its_score)
     scores = judging.score_store(judge, store, reader, sorted(cases), LABELS, progress=False)

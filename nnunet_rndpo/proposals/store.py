@@ -3,7 +3,7 @@
 Layout:
     manifest.json          what made the proposals: checkpoint hash, settings, members with provenance
     cases/<case>.npz       proposals (K, *spatial) uint8, mean_probabilities (C, *spatial) float16, case_seed
-    claims/<case>.claim    held while a process generates the case (its pid), so a second process filling
+    cases/.<case>.claim    held while a process generates the case (its pid), so a second process filling
                            the store at the same time takes other cases (nnunet_rndpo.atomic.exclusive_claim)
     judges/, pairs/        judge scores and mined pairs (written by later steps)
     judges/<judge>.voxels/<case>.npz
@@ -108,7 +108,7 @@ class ProposalStore:
         return self.cases_folder / f"{case_id}.npz"
 
     def claim_path(self, case_id: str) -> Path:
-        return self.folder / "claims" / f"{case_id}.claim"
+        return self.cases_folder / f".{case_id}.claim"
 
     def has_case(self, case_id: str) -> bool:
         return self.case_path(case_id).is_file()
