@@ -918,10 +918,10 @@ def test_the_folds_plan_trains_the_five_folds_then_scores_their_ensemble_then_fi
         "rn_dpo_agreement_sft3_fold0_s0",  # the package's defaults, judge too
     ]
     assert ran[:5] == fold0
-    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it and both self-training controls
-    recipe = [f"rn_dpo_{best}_sft3", f"self_train_{best}", f"self_train_{best}_lr3x"]
-    assert ran[5:17] == [f"{arm}_fold{fold}_s0" for fold in range(1, 5) for arm in recipe]
-    assert ran[17:] == [f"{arm}_folds{tta}_s0" for arm in recipe for tta in ("", "_tta")]
+    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it and its step-matched self-training
+    recipe = [f"rn_dpo_{best}_sft3", f"self_train_{best}_lr3x"]
+    assert ran[5:13] == [f"{arm}_fold{fold}_s0" for fold in range(1, 5) for arm in recipe]
+    assert ran[13:] == [f"{arm}_folds{tta}_s0" for arm in recipe for tta in ("", "_tta")]
     tuned = Arm("rn_dpo", 0, best, variant="sft3", fold=4)
     stored = finished([tuned])[tuned]["arm"]["settings"]
     assert stored["proposal_store"] == str(tmp_path / "proposals" / "fold4") and stored["sft_weight"] == 3.0
@@ -948,7 +948,7 @@ def test_while_part_0_audits_the_other_parts_make_fold_0s_pool_proposals(tmp_pat
         judges = {"agreement": {"top1_lift": 0.004}, "entropy": {"top1_lift": 0.001}}
         (tmp_path / plan_folds.AUDIT_FOLDER / "judge_audit.json").write_text(json.dumps({"judges": judges}))
 
-    monkeypatch.setattr(runner, "make_proposal_store", fake_store)
+    monkeypatch.setattr(runner, "prepare_start_phase", fake_store)
     monkeypatch.setattr(runner, "audit_on_validation", lambda *args: pytest.fail("only part 0 audits"))
     protocol = PROTOCOLS["folds"]
     bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
@@ -961,6 +961,35 @@ def test_while_part_0_audits_the_other_parts_make_fold_0s_pool_proposals(tmp_pat
     assert context.choices["best"] == "agreement"
     audit.then(context, {})  # the audit is there: nothing more to make
     assert len(made) == 1
+
+
+def test_a_part_done_with_its_fold0_arms_makes_the_other_folds_start_phase_while_the_others_train(
+    tmp_path, monkeypatch
+):
+    protocol = PROTOCOLS["folds"]
+    bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
+    context = scheduling.Context(tmp_path, scheduling.Parts(1, 2), Namespace(), bench, {"best": "agreement_atlas"})
+    (stage,) = [stage for stage in plan_folds.stages() if stage.name == "fold0"]
+    ran, prepared = [], []
+    fake_run, finished = _fake_plan_run(tmp_path, {}, ran)
+
+    def fake_start_phase(arm, bench):
+        prepared.append(arm)
+        if len(prepared) == 4:  # meanwhile part 0 finishes its fold-0 arms
+            for other in plan_folds.fold0_arms(context)[0::2]:
+                fake_run(other)
+
+    monkeypatch.setattr(runner, "prepare_start_phase", fake_start_phase)
+    monkeypatch.setattr(scheduling, "wait_for", lambda path: path if path.is_file() else pytest.fail(path.name))
+    assert scheduling.run_stages([stage], context, fake_run, finished) == 0
+    assert ran[:2] == ["self_train_agreement_atlas_fold0_s0", "self_train_agreement_atlas_lr3x_fold0_s0"]
+    # the judge's scores and pairs on folds 1-4, under the self-training every recipe with that judge carries
+    assert [arm.name for arm in prepared] == [f"self_train_agreement_atlas_fold{fold}_s0" for fold in range(1, 5)]
+    assert prepared[0].settings["proposal_store"] == str(tmp_path / "proposals" / "fold1")
+    assert context.choices["recipe"] == ("agreement_atlas", None)  # every RN-DPO arm at 0.8: the first
+    prepared.clear()
+    assert scheduling.run_stages([stage], context, fake_run, finished) == 0
+    assert prepared == []  # every fold-0 arm finished: nothing to do meanwhile
 
 
 def test_the_folds_report_pairs_each_arm_with_its_folds_base_and_the_base_ensemble(tmp_path):

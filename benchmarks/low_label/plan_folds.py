@@ -10,7 +10,8 @@
 4. fold0: fold 0 fine-tuned with RN-DPO (at the settings v3 measured with, and at the package's defaults: SFT
    weight 3, and the agreement judge where the audit's best is another), self-training and step-matched
    self-training under the best label-free judge; validation chooses the recipe;
-5. folds: every fold fine-tuned with the recipe (RN-DPO and its self-training controls);
+5. folds: every fold fine-tuned with the recipe (RN-DPO and its step-matched self-training: fold 0 measured plain
+   self-training beside it; carrying one control on the other folds saves four trainings of a 2-core CPU);
 6. fine_tuned_ensembles: the five fine-tuned models of each method as an ensemble, without and with mirroring.
 Every choice reads the validation cases (in no fold); the test cases are never used for one."""
 
@@ -57,18 +58,23 @@ def fold_proposals(folds: int) -> dict:
     }
 
 
-def recipe_arms(context: Context, fold: int, judge: str, variant: Optional[str]) -> list[Arm]:
-    """RN-DPO with `judge` under `variant` (None: the settings v3 measured with) on the fold's proposals, beside
-    self-training with the same judge and proposals and, where the variant raises the SFT weight, self-training at
-    that times the step (`at_larger_step`). The fold's arms share one proposal store."""
+def recipe_arms(
+    context: Context, fold: int, judge: str, variant: Optional[str], every_control: bool = True
+) -> list[Arm]:
+    """RN-DPO with `judge` under `variant` (None: the settings v3 measured with) on the fold's proposals, and its
+    step-matched self-training with the same judge and proposals: self-training itself, or where the variant raises
+    the SFT weight, self-training at that times the step (`at_larger_step`). `every_control`: plain self-training
+    too (fold 0 measures both; the other folds carry the step-matched one). The fold's arms share one proposal
+    store."""
     folds, schedule = context.bench.protocol.folds, context.bench.schedule
     settings = {"proposals": fold_proposals(folds), "proposal_store": str(context.work / "proposals" / f"fold{fold}")}
     variant_settings = PREFERENCE_VARIANTS[variant] if variant else {}
     rn_dpo = Arm("rn_dpo", SEED, judge, fold=fold, variant=variant, settings={**settings, **variant_settings})
     self_train = Arm("self_train", SEED, judge, fold=fold, settings=settings)
     weight = sft_weight_of(variant)
-    controls = [at_larger_step(self_train, weight, schedule)] if weight != MEASURED_WITH["sft_weight"] else []
-    return [rn_dpo, self_train, *controls]
+    step_matched = at_larger_step(self_train, weight, schedule) if weight != MEASURED_WITH["sft_weight"] else self_train
+    controls = [self_train, step_matched] if every_control else [step_matched]
+    return list(dict.fromkeys([rn_dpo, *controls]))
 
 
 def fold0_arms(context: Context) -> list[Arm]:
@@ -83,7 +89,7 @@ def fold0_arms(context: Context) -> list[Arm]:
 
 def stages() -> list[Stage]:
     def audit(context: Context, _results) -> None:
-        from benchmarks.low_label.runner import audit_on_validation, make_proposal_store
+        from benchmarks.low_label.runner import audit_on_validation, prepare_start_phase
 
         bench = context.bench
         label_free = (*bench.protocol.label_free, *CROSS_MODEL_JUDGES)
@@ -92,8 +98,9 @@ def stages() -> list[Stage]:
             proposals = fold_proposals(bench.protocol.folds)
             audit_on_validation(bench, SEED, label_free, proposals, AUDIT_FOLDER, 0, split["validation"])
         elif not (context.work / AUDIT_FOLDER / "judge_audit.json").is_file():
-            # meanwhile the other parts make the pool proposals every fold-0 arm shares (whichever its judge)
-            make_proposal_store(recipe_arms(context, 0, PACKAGE_DEFAULTS[0], None)[0], bench)
+            # meanwhile the other parts make the pool proposals every fold-0 arm shares (whichever its judge), in
+            # the start phase of one of them
+            prepare_start_phase(recipe_arms(context, 0, PACKAGE_DEFAULTS[0], None)[0], bench)
         audit = json.loads(wait_for(context.work / AUDIT_FOLDER / "judge_audit.json").read_text())
         best = best_label_free(audit, label_free)
         print(f"best label-free judge on fold 0's proposals: {best} (top-1 lift {audit['judges'][best]['top1_lift']})")
@@ -106,12 +113,24 @@ def stages() -> list[Stage]:
             context.choices["recipe"] = (chosen.judge, chosen.variant)
             print(f"recipe chosen on fold 0's validation: {chosen.name}", flush=True)
 
+    def other_folds_start_phase(context: Context) -> None:
+        """While another part trains fold 0's last arms: the other folds' start phase under the best judge (each
+        fold's store, copied from fold 0's, and the judge's scores on it), which their arms read if validation
+        chooses that judge (its scores on a fold are every variant's)."""
+        from benchmarks.low_label.runner import prepare_start_phase
+
+        for fold in range(1, context.bench.protocol.folds):
+            prepare_start_phase(recipe_arms(context, fold, context.choices["best"], None)[-1], context.bench)
+
     def all_folds(context: Context) -> list[Arm]:
+        """Every fold's RN-DPO with the recipe and its step-matched self-training (fold 0's are fold0's arms)."""
         if "recipe" not in context.choices:
             return []
         judge, variant = context.choices["recipe"]
         return [
-            arm for fold in range(context.bench.protocol.folds) for arm in recipe_arms(context, fold, judge, variant)
+            arm
+            for fold in range(context.bench.protocol.folds)
+            for arm in recipe_arms(context, fold, judge, variant, every_control=False)
         ]
 
     def fine_tuned_ensembles(context: Context) -> list[Arm]:
@@ -122,7 +141,7 @@ def stages() -> list[Stage]:
         # nothing later reads the base ensembles but the report: a part goes on to the audit without waiting
         Stage("base_ensemble", lambda context: ensemble_arms(Arm("base", SEED)), share=SPLIT),
         Stage("audit", lambda context: [], then=audit),
-        Stage("fold0", fold0_arms, then=choose_recipe),
+        Stage("fold0", fold0_arms, then=choose_recipe, meanwhile=other_folds_start_phase),
         Stage("folds", all_folds),
         Stage("fine_tuned_ensembles", fine_tuned_ensembles),
     ]

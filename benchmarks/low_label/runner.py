@@ -132,16 +132,17 @@ def write_settings_file(arm: Arm, bench: Bench, settings: dict) -> Path:
     return settings_file
 
 
-def make_proposal_store(arm: Arm, bench: Bench) -> None:
-    """Fills a fine-tuning arm's proposal store as its training's start phase would (the settings resolved the same
-    way, the same base, pool and store), so that the training then reuses every case: a part with nothing else to do
-    makes it while another part runs the audit. Cases another process is generating are left to it."""
+def prepare_start_phase(arm: Arm, bench: Bench) -> None:
+    """Runs a fine-tuning arm's start phase ahead of its training, as the training would (the settings resolved the
+    same way, the same base, pool and store): the proposal store, the judge's scores and the pairs, which the training
+    then reads instead of making. A part with nothing else to do runs it while other parts work; cases another process
+    is generating or scoring are left to it."""
     import torch
 
     from nnunet_rndpo.nnunet_paths import locate
+    from nnunet_rndpo.pairs import PairSettings
+    from nnunet_rndpo.pipeline import prepare_pairs
     from nnunet_rndpo.proposals.model import load_model
-    from nnunet_rndpo.proposals.pool import unlabeled_pool
-    from nnunet_rndpo.proposals.run import generate_proposals
     from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
 
@@ -159,14 +160,16 @@ def make_proposal_store(arm: Arm, bench: Bench) -> None:
         expected_configuration=CONFIGURATION,
         expected_dataset_json=location.dataset_json,
     )
-    store, summary = generate_proposals(
+    prepared = prepare_pairs(
+        location,
         model,
-        unlabeled_pool(location),
-        Path(settings.proposal_store),
-        settings.proposal_settings(),
+        PairSettings.from_run_settings(settings),
         device=bench.device,
+        store_folder=Path(settings.proposal_store),
+        log=lambda message: print(message, flush=True),
+        progress=False,
     )
-    print(f"proposal store {store.folder} for {arm.name}: {summary.describe()}", flush=True)
+    print(f"start phase of {arm.name} made ahead: pairs {json.dumps(prepared.record['summary'])}", flush=True)
 
 
 def run_arm(arm: Arm, bench: Bench) -> dict:

@@ -70,6 +70,8 @@ class Stage:
     share: str = SPLIT_AND_WAIT
     only_filters: bool = True  # whether --only narrows its arms (False: the plan needs them whatever --only says)
     then: Optional[Callable[["Context", dict], None]] = None
+    # what a part does when its share is done and it would wait for the other parts' (work a later stage reads)
+    meanwhile: Optional[Callable[["Context"], None]] = None
 
 
 @dataclass
@@ -100,8 +102,11 @@ def run_stages(
         for arm in mine:
             run(arm)
         if stage.share == SPLIT_AND_WAIT:
-            for arm in chosen:
-                wait_for(context.work / "arms" / f"{arm.name}.json")
+            results = [context.work / "arms" / f"{arm.name}.json" for arm in chosen]
+            if stage.meanwhile is not None and not all(result.is_file() for result in results):
+                stage.meanwhile(context)
+            for result in results:
+                wait_for(result)
         try:
             if stage.then is not None:
                 stage.then(context, load(arms))
