@@ -138,17 +138,11 @@ def _location(args, fold=None):
 
 
 def _load(args):
-    from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.model import load_run_model
 
     location = _location(args)
     checkpoint = location.checkpoint(args.base_trainer, args.checkpoint)
-    model = load_model(
-        checkpoint,
-        args.device,
-        expected_plans=location.plans,
-        expected_configuration=args.configuration,
-        expected_dataset_json=location.dataset_json,
-    )
+    model = load_run_model(checkpoint, location, args.device)
     return location, model
 
 
@@ -223,7 +217,7 @@ def run_prepare(args) -> int:
     """The fine-tuning run's start phase before `nnUNetv2_train`: the trainer then reads the pairs file."""
     from nnunet_rndpo.pairs import PairSettings
     from nnunet_rndpo.pipeline import Ranks, prepare_pairs
-    from nnunet_rndpo.proposals.model import load_model
+    from nnunet_rndpo.proposals.model import load_run_model
     from nnunet_rndpo.training import trainers
     from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
 
@@ -234,13 +228,7 @@ def run_prepare(args) -> int:
     settings, sources = run_settings(trainer_class.settings_overrides, location)
     for line in sources:
         print(f"settings: {line}", file=sys.stderr)
-    model = load_model(
-        base_checkpoint_path(location, settings),
-        args.device,
-        expected_plans=location.plans,
-        expected_configuration=args.configuration,
-        expected_dataset_json=location.dataset_json,
-    )
+    model = load_run_model(base_checkpoint_path(location, settings), location, args.device)
     prepared = prepare_pairs(
         location,
         model,

@@ -13,9 +13,12 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from nnunet_rndpo.nnunet_paths import RunLocation
 
 REQUIRED_CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 
@@ -183,6 +186,20 @@ def load_model(
         checkpoint_path=checkpoint_path,
         checkpoint_sha256=file_sha256(checkpoint_path),
         mirror_axes=tuple(mirror_axes) if mirror_axes is not None else None,
+    )
+
+
+def load_run_model(
+    checkpoint_path: str | Path, location: "RunLocation", device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """A checkpoint of the run at `location` (a base to fine-tune, a fold's model), loaded with that run's plans,
+    configuration and dataset.json: refused with CheckpointError where it was trained on others."""
+    return load_model(
+        checkpoint_path,
+        device,
+        expected_plans=location.plans,
+        expected_configuration=location.configuration,
+        expected_dataset_json=location.dataset_json,
     )
 
 
