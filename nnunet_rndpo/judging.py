@@ -23,7 +23,7 @@ from typing import Callable, Collection, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_rndpo.atomic import each_claimed, save_json
+from nnunet_rndpo.atomic import each_claimed, exclusive_claim, save_json
 from nnunet_rndpo.judges import Judge, JudgeInput, get_judge, score_case, score_case_with_voxels
 from nnunet_rndpo.judges.learned_qc import check_held_out
 from nnunet_rndpo.nnunet_paths import RunLocation, checkpoint_fold, sibling_fold_checkpoints
@@ -292,7 +292,8 @@ def score_store(
     """The judge's scores of `case_ids`, each case written to <store>/judges/<key>.scores/<case>.json and reused
     when that file names the same judge (and, with `keep_voxel_probabilities`, when the case's voxel probabilities
     are there too: `Judge.score_with_voxels`, kept for the `judge_voxels` preference region). `workers` > 1 scores
-    the missing cases in that many processes."""
+    the missing cases in that many processes. A case another process is scoring with the same judge (a second
+    training on the same store) is left to it and its score read when it is written."""
     if keep_voxel_probabilities and not judge.gives_voxel_probabilities:
         raise ValueError(f"{judge.describe()} has no per-voxel class probabilities of its own to keep")
     if judge.needs_labels and true_labels is None:
@@ -306,18 +307,22 @@ def score_store(
     truth = true_labels if judge.needs_labels else None
     task = _CaseScorer(judge, store, reader, labels, truth, keep_voxel_probabilities, folder, key)
     bar = tqdm(total=len(missing), desc=f"judge {judge.display_name}", unit="case", disable=not progress)
+    held_elsewhere = missing  # the cases left to the claim loop below: all of them without workers
     if workers > 1 and len(missing) > 1:
+        held_elsewhere = []
         context = multiprocessing.get_context("spawn")
         with context.Pool(min(workers, len(missing)), initializer=_single_threaded) as pool:
-            for case_id, case_scores in pool.imap_unordered(task, missing):
+            for case_id, case_scores in pool.imap_unordered(task.score_unless_held, missing):
+                if case_scores is None:
+                    held_elsewhere.append(case_id)
+                    continue
                 scores[case_id] = case_scores
                 bar.update()
-    else:
-        # a case another process is scoring with the same judge (a second training on the same store) is left to it
-        for case_id in each_claimed(missing, lambda case: folder / f".{case}.claim"):
-            saved = _saved_score(folder, case_id, judge, store, key, keep_voxel_probabilities)
-            scores[case_id] = saved if saved is not None else task(case_id)[1]
-            bar.update()
+    # each case another process holds is waited for and its score read (or taken over when that process died)
+    for case_id in each_claimed(held_elsewhere, task.claim_path):
+        saved = _saved_score(folder, case_id, judge, store, key, keep_voxel_probabilities)
+        scores[case_id] = saved if saved is not None else task(case_id)[1]
+        bar.update()
     bar.close()
     return scores
 
@@ -372,6 +377,18 @@ class _CaseScorer:
         values = [float(value) for value in case_scores]
         save_json({"judge": self.judge.describe(), "scores": values}, self.folder / f"{case_id}.json")
         return case_id, values
+
+    def claim_path(self, case_id: str) -> Path:
+        return self.folder / f".{case_id}.claim"
+
+    def score_unless_held(self, case_id: str) -> tuple[str, Optional[list[float]]]:
+        """The case's score (read where another process wrote it meanwhile), or None while another process holds
+        its claim (a worker does not wait: the caller's claim loop does)."""
+        with exclusive_claim(self.claim_path(case_id)) as held:
+            if not held:
+                return case_id, None
+            saved = _saved_score(self.folder, case_id, self.judge, self.store, self.key, self.keep_voxels)
+            return (case_id, saved) if saved is not None else self(case_id)
 
 
 def _single_threaded() -> None:

@@ -236,9 +236,11 @@ def identical_cases(empty: bool, count: int = 3, k: int = 4, shape=(16, 16, 16))
     return cases
 
 
-def test_a_case_another_process_is_scoring_with_the_same_judge_is_left_to_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_case_another_process_is_scoring_with_the_same_judge_is_left_to_it(tmp_path, monkeypatch, workers):
     """Two trainings on one store and judge (the benchmark's RN-DPO and self-training arms of a fold) score each case
-    once: a case held by the other process is reused from the score it writes."""
+    once, whether they score in one process or in workers: a case held by the other process is read from the score
+    it writes."""
     import json
     import os
 
@@ -261,16 +263,20 @@ def test_a_case_another_process_is_scoring_with_the_same_judge_is_left_to_it(tmp
         return original(scorer, case_id)
 
     monkeypatch.setattr(judging._CaseScorer, "__call__", scoring_here)
+    other_scores = [0.25, 0.5, 0.75, 1.0]  # not the agreement judge's: proves whose score was read
 
     def the_other_process_writes_its_score():
         # what the other process's scorer writes for the held case, then its claim goes
-        original(judging._CaseScorer(judge, store, reader, LABELS, None, False, folder, judging.judge_key(judge)), held)
+        atomic.save_json({"judge": judge.describe(), "scores": other_scores}, folder / f"{held}.json")
         (folder / f".{held}.claim").unlink()
 
     monkeypatch.setattr(atomic, "wait_for_claims", the_other_process_writes_its_score)
-    scores = judging.score_store(judge, store, reader, sorted(cases), LABELS, progress=False)
-    assert scored == ["case_0", "case_2"] and sorted(scores) == sorted(cases)
-    assert scores[held] == json.loads((folder / f"{held}.json").read_text())["scores"]
+    scores = judging.score_store(judge, store, reader, sorted(cases), LABELS, progress=False, workers=workers)
+    assert sorted(scores) == sorted(cases) and scores[held] == other_scores
+    assert scored == (["case_0", "case_2"] if workers == 1 else [])  # the workers scored the other two
+    for case_id in ("case_0", "case_2"):
+        assert scores[case_id] == json.loads((folder / f"{case_id}.json").read_text())["scores"] != other_scores
+    assert not list(folder.glob(".*.claim"))
 
 
 @pytest.mark.parametrize("empty", [False, True], ids=["identical_proposals", "all_background"])
