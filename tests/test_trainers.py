@@ -78,6 +78,17 @@ def test_each_trainer_runs_in_process(
 ):
     settings_file()
     trainer = make_trainer(trainer_class, preprocessed_synthetic, tiny_configuration)
+    statistics_at_checkpoint = []  # (epoch, epochs in rndpo_statistics.json) as each checkpoint_latest.pth is written
+    save_checkpoint = trainer.save_checkpoint
+
+    def watched_save_checkpoint(filename):
+        if filename.endswith("checkpoint_latest.pth"):
+            path = Path(trainer.output_folder) / "rndpo_statistics.json"
+            history = json.loads(path.read_text())["history"] if path.is_file() else {}
+            statistics_at_checkpoint.append((trainer.current_epoch, len(next(iter(history.values()), []))))
+        save_checkpoint(filename)
+
+    trainer.save_checkpoint = watched_save_checkpoint
     trainer.run_training()
     output = Path(trainer.output_folder)
     assert (output / "checkpoint_final.pth").is_file()
@@ -105,6 +116,8 @@ def test_each_trainer_runs_in_process(
         assert statistics == {}
     else:
         assert len(statistics["rewards/margins"]) == 2 and all(np.isfinite(statistics["rewards/margins"]))
+        # an epoch's statistics are on disk before its checkpoint: a run killed between the two resumes with both
+        assert statistics_at_checkpoint == [(0, 1)]
         assert all(0.0 <= a <= 1.0 for a in statistics["rewards/accuracies"])
         assert (output / "progress_preference.png").stat().st_size > 0
         # the reference is frozen: still the base checkpoint's weights after training

@@ -324,12 +324,15 @@ class nnUNetTrainerPreference(nnUNetTrainer):
         self.statistics.record(self.current_epoch, means)
 
     def on_epoch_end(self):
-        if self.local_rank == 0 and self.statistics.keys:
-            last = self.statistics.last()
-            self.print_to_log_file("preference: " + ", ".join(f"{key}={value:.4g}" for key, value in last.items()))
+        if self.local_rank == 0:
+            if self.statistics.keys:
+                last = self.statistics.last()
+                self.print_to_log_file("preference: " + ", ".join(f"{key}={value:.4g}" for key, value in last.items()))
+            # before nnU-Net writes the epoch's checkpoint_latest: a run killed between the two resumes with both
+            # (the file's later epochs are dropped on resume, a missing one would stay missing)
+            self.statistics.save(Path(self.output_folder))
         super().on_epoch_end()
         if self.local_rank == 0:
-            self.statistics.save(Path(self.output_folder))
             plot_preference_progress(
                 self.statistics.history,
                 self.logger.get_value("mean_fg_dice", step=None),
