@@ -280,7 +280,13 @@ def test_an_interrupted_training_goes_on_from_its_latest_checkpoint(preprocessed
 
     from nnunet_rndpo.demo import nnunet_steps
 
-    trainer_class = type("ResumedTrainer", (nnUNetTrainer,), {"__module__": __name__})
+    first_draws = []  # each start's first number of NumPy's generator, which nnU-Net's patch sampling draws from
+
+    def run_training(trainer):
+        first_draws.append(np.random.random())
+        nnUNetTrainer.run_training(trainer)
+
+    trainer_class = type("ResumedTrainer", (nnUNetTrainer,), {"__module__": __name__, "run_training": run_training})
     schedule = dict(iterations_per_epoch=2, val_iterations=1, device="cpu", trainer_class=trainer_class, seed=0)
     dataset = preprocessed_synthetic.dataset_id
     folder = nnunet_steps.train_supervised(dataset, tiny_configuration, 0, num_epochs=1, save_every=1, **schedule)
@@ -294,6 +300,9 @@ def test_an_interrupted_training_goes_on_from_its_latest_checkpoint(preprocessed
         assert final["current_epoch"] == 2
         log = "".join(path.read_text() for path in folder.glob("training_log_*.txt"))
         assert "Epoch 1" in log and "Epoch 0" not in log
+        # the resumed start draws the stream of epoch 1, not again the one its first start drew
+        np.random.seed(nnunet_steps.resumed_seed(0, 1))
+        assert first_draws[1] == np.random.random() != first_draws[0]
         written = (folder / "checkpoint_final.pth").stat().st_mtime_ns
         nnunet_steps.train_supervised(dataset, tiny_configuration, 0, num_epochs=2, resume=True, **schedule)
         assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == written  # finished: not trained again

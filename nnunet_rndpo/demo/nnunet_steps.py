@@ -228,7 +228,6 @@ def train_supervised(
     folder's checkpoint_latest.pth when there is one, as `nnUNetv2_train --c` does (a finished fold is not trained
     again); `save_every`: write checkpoint_latest.pth every so many epochs (nnU-Net: 50), what a resume starts from.
     """
-    import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -236,9 +235,7 @@ def train_supervised(
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as trainer_class
 
     if seed is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        seed_everything(seed)
     # Denormal floats made CPU iterations several times slower in stretches; flushing them keeps them steady.
     torch.set_flush_denormal(True)
 
@@ -269,11 +266,29 @@ def train_supervised(
             return output
         if resume and (output / "checkpoint_latest.pth").is_file():
             trainer.load_checkpoint(str(output / "checkpoint_latest.pth"))
+            if seed is not None:
+                # a stream of the epoch it resumes at: else the batches after each resume replay those of the first
+                seed_everything(resumed_seed(seed, trainer.current_epoch))
         trainer.run_training()
         if run_final_validation:
             with in_process_pools(VALIDATION_POOL_MODULES, enabled=in_process):
                 trainer.perform_actual_validation()
     return Path(trainer.output_folder)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators (network initialisation, nnU-Net's patch sampling)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resumed_seed(seed: int, epoch: int) -> int:
+    """The seed of a training of `seed` resumed at `epoch`: its own for every epoch, the same on every machine."""
+    return (seed * 1_000_003 + epoch) % 2**32
 
 
 # ----------------------------------------------------------------------------------------------------------------
