@@ -119,7 +119,10 @@ def stages() -> list[Stage]:
         chooses that judge (its scores on a fold are every variant's)."""
         from benchmarks.low_label.runner import prepare_start_phase
 
+        results = [context.work / "arms" / f"{arm.name}.json" for arm in fold0_arms(context)]
         for fold in range(1, context.bench.protocol.folds):
+            if all(result.is_file() for result in results):
+                return  # the recipe is chosen: the folds' arms make what they need (a fold's scores take minutes)
             prepare_start_phase(recipe_arms(context, fold, context.choices["best"], None)[-1], context.bench)
 
     def all_folds(context: Context) -> list[Arm]:
