@@ -112,6 +112,16 @@ def test_a_finished_model_packed_again_keeps_the_bytes_carried_before(tmp_path):
     assert pack(work, tmp_path / "carried")["files"][final]["sha256"] != first
 
 
+def test_pack_of_finished_models_only_leaves_out_a_model_still_training(tmp_path, capsys):
+    from benchmarks.low_label.__main__ import main
+
+    old = _work(tmp_path / "old")
+    (old / MODEL / "fold_1" / "rndpo_pairs.json").write_text("{}")  # its start phase: remade with its epochs
+    assert main(["--work", str(old), "--pack", str(tmp_path / "carried"), "--pack_finished_only"]) == 0
+    carried = set(json.loads((tmp_path / "carried" / MANIFEST).read_text())["files"])
+    assert f"{MODEL}/fold_0/checkpoint_final.pth" in carried and not any("fold_1" in name for name in carried)
+
+
 def test_the_command_line_packs_and_unpacks_and_refuses_both_at_once(tmp_path, capsys):
     from benchmarks.low_label.__main__ import main
 

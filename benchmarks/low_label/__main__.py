@@ -40,6 +40,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         "last checkpoint) from --work into this folder, for a new machine (carry.py), and stop",
     )
     parser.add_argument(
+        "--pack_finished_only",
+        action="store_true",
+        help="with --pack: leave out the models still training (their epochs so far are redone after --unpack)",
+    )
+    parser.add_argument(
         "--unpack", type=Path, default=None, help="put a folder written by --pack into --work, and stop"
     )
     parser.add_argument(
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
         from benchmarks.low_label.carry import pack, unpack
 
         if args.pack:
-            manifest = pack(work, args.pack)
+            manifest = pack(work, args.pack, unfinished=not args.pack_finished_only)
             print(f"packed {len(manifest['files'])} files of {work} into {args.pack}")
         else:
             written = unpack(args.unpack, work)

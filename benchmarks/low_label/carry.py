@@ -88,12 +88,16 @@ def check_checkpoint(copy: Path, source: Path) -> None:
         raise CarryError(f"{source} does not load ({error}): was it being written? pause its training and pack again")
 
 
-def carried_files(work: Path) -> list[tuple[Path, str]]:
-    """(path relative to the work folder, how it travels: 'copy' or 'weights_only'), in a fixed order."""
+def carried_files(work: Path, unfinished: bool = True) -> list[tuple[Path, str]]:
+    """(path relative to the work folder, how it travels: 'copy' or 'weights_only'), in a fixed order. `unfinished`
+    False: no model still training (its epochs so far are redone on the next machine; each pack of its moving
+    checkpoint adds 11 MB to git)."""
     files = [(Path("split.json"), "copy")] if (work / "split.json").is_file() else []
     files += [(path.relative_to(work), "copy") for path in sorted((work / "arms").glob("*.json"))]
     files += [(path.relative_to(work), "copy") for path in sorted(work.glob("*/judge_audit.json"))]
     for fold in fold_folders(work):
+        if not unfinished and not (fold / "checkpoint_final.pth").is_file():
+            continue
         model = fold.parent
         files += [(model.relative_to(work) / name, "copy") for name in MODEL_FILES if (model / name).is_file()]
         files += [(path.relative_to(work), "copy") for path in sorted(fold.glob("*.json"))]
@@ -104,9 +108,9 @@ def carried_files(work: Path) -> list[tuple[Path, str]]:
     return list(dict.fromkeys(files))  # a model folder's files once, however many folds it has
 
 
-def pack(work: Path, destination: Path) -> dict:
+def pack(work: Path, destination: Path, unfinished: bool = True) -> dict:
     """Writes the carried files of `work` into `destination` (replacing what it held, all at once: built beside it,
-    then renamed). Returns the manifest."""
+    then renamed); `unfinished`: see carried_files. Returns the manifest."""
     work, destination = Path(work).resolve(), Path(destination).resolve()
     if not (work / "split.json").is_file():
         raise CarryError(f"{work} holds no split.json: not a work folder of the low-label benchmark")
@@ -114,7 +118,7 @@ def pack(work: Path, destination: Path) -> dict:
     shutil.rmtree(building, ignore_errors=True)
     try:
         manifest = {"work": str(work), "packed": datetime.datetime.now().isoformat(timespec="seconds"), "files": {}}
-        for relative, how in carried_files(work):
+        for relative, how in carried_files(work, unfinished):
             target = building / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             if how == "weights_only":
