@@ -210,7 +210,7 @@ def run_benchmark(args) -> dict:
     from nnunet_rndpo.nnunet_env import ensure_ext_trainer
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.proposals.engine import ProposalEngine
-    from nnunet_rndpo.proposals.model import load_run_model
+    from nnunet_rndpo.proposals.model import load_model_like
     from nnunet_rndpo.proposals.plan import ProposalSettings, case_seed
     from nnunet_rndpo.proposals.pool import CasePool, PoolReader
     from nnunet_rndpo.proposals.store import ProposalStore
@@ -222,7 +222,7 @@ def run_benchmark(args) -> dict:
 
     location = locate(args.dataset, args.configuration, args.fold, args.plans)
     checkpoint = location.checkpoint(args.trainer, args.checkpoint)
-    load_seconds_ours, model = timed(load_run_model, checkpoint, location, device)
+    load_seconds_ours, model = timed(load_model_like, checkpoint, location, device)
     cases = sorted(p.name[: -len(".pkl")] for p in location.preprocessed_data_folder.glob("*.pkl"))[: args.cases]
     if not cases:
         raise SystemExit(

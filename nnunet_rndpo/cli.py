@@ -138,11 +138,11 @@ def _location(args, fold=None):
 
 
 def _load(args):
-    from nnunet_rndpo.proposals.model import load_run_model
+    from nnunet_rndpo.proposals.model import load_model_like
 
     location = _location(args)
     checkpoint = location.checkpoint(args.base_trainer, args.checkpoint)
-    model = load_run_model(checkpoint, location, args.device)
+    model = load_model_like(checkpoint, location, args.device)
     return location, model
 
 
@@ -217,7 +217,7 @@ def run_prepare(args) -> int:
     """The fine-tuning run's start phase before `nnUNetv2_train`: the trainer then reads the pairs file."""
     from nnunet_rndpo.pairs import PairSettings
     from nnunet_rndpo.pipeline import Ranks, prepare_pairs
-    from nnunet_rndpo.proposals.model import load_run_model
+    from nnunet_rndpo.proposals.model import load_model_like
     from nnunet_rndpo.training import trainers
     from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
 
@@ -228,7 +228,7 @@ def run_prepare(args) -> int:
     settings, sources = run_settings(trainer_class.settings_overrides, location)
     for line in sources:
         print(f"settings: {line}", file=sys.stderr)
-    model = load_run_model(base_checkpoint_path(location, settings), location, args.device)
+    model = load_model_like(base_checkpoint_path(location, settings), location, args.device)
     prepared = prepare_pairs(
         location,
         model,

@@ -957,15 +957,13 @@ def test_checkpoint_of_another_configuration_or_labels_is_refused(
     assert load_model_like(base_checkpoint, model).checkpoint_sha256 == model.checkpoint_sha256
     with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: labels"):
         load_model_like(base_checkpoint, replace(model, dataset_json=other_labels))
-    # a checkpoint of the run at a location (a base to fine-tune): checked against that run's setting
+    # or against a run's location (its plans, configuration, dataset.json): a base to fine-tune
     from types import SimpleNamespace
 
-    from nnunet_rndpo.proposals.model import load_run_model
-
     run = SimpleNamespace(plans=plans, configuration=tiny_configuration, dataset_json=dataset_json)
-    assert load_run_model(base_checkpoint, run).checkpoint_sha256 == model.checkpoint_sha256
+    assert load_model_like(base_checkpoint, run).checkpoint_sha256 == model.checkpoint_sha256
     with pytest.raises(CheckpointError, match=rf"{name} was trained for another setting: configuration '3d_tiny'"):
-        load_run_model(base_checkpoint, SimpleNamespace(**{**vars(run), "configuration": "3d_fullres"}))
+        load_model_like(base_checkpoint, SimpleNamespace(**{**vars(run), "configuration": "3d_fullres"}))
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ def prepare_start_phase(arm: Arm, bench: Bench) -> None:
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.pairs import PairSettings
     from nnunet_rndpo.pipeline import prepare_pairs
-    from nnunet_rndpo.proposals.model import load_run_model
+    from nnunet_rndpo.proposals.model import load_model_like
     from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
 
@@ -153,7 +153,7 @@ def prepare_start_phase(arm: Arm, bench: Bench) -> None:
     location = locate(bench.protocol.dataset_id, CONFIGURATION, models.nnunet_fold(arm))
     environ = {**os.environ, SETTINGS_ENV_VARIABLE: str(settings_file)}
     settings, _ = run_settings(trainer_class(arm).settings_overrides, location, environ)
-    model = load_run_model(base_checkpoint_path(location, settings), location, bench.device)
+    model = load_model_like(base_checkpoint_path(location, settings), location, bench.device)
     prepared = prepare_pairs(
         location,
         model,
@@ -334,7 +334,7 @@ def audit_on_validation(
 
     from nnunet_rndpo.audit.run import run_audit
     from nnunet_rndpo.nnunet_paths import locate
-    from nnunet_rndpo.proposals.model import load_run_model
+    from nnunet_rndpo.proposals.model import load_model_like
     from nnunet_rndpo.proposals.plan import ProposalSettings
 
     torch.set_num_threads(bench.threads)
@@ -343,7 +343,7 @@ def audit_on_validation(
         return json.loads((output / "judge_audit.json").read_text())
     base = Arm("base", seed, fold=fold)
     location = locate(bench.protocol.dataset_id, CONFIGURATION, models.nnunet_fold(base))
-    model = load_run_model(bench.model_folder(base) / "checkpoint_final.pth", location, bench.device)
+    model = load_model_like(bench.model_folder(base) / "checkpoint_final.pth", location, bench.device)
     # every label-free judge and every oracle level of the sweep, each under its benchmark name: the oracles'
     # measured reliability is the x axis of the reliability curve
     specs = [(name, *JUDGES[name]) for name in (*label_free, *ORACLE_SWEEP) if name in JUDGES] + ["oracle"]

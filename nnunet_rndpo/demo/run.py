@@ -361,7 +361,7 @@ def _proposals_and_pairs(screen: Screen, checkpoint: Path):
     from nnunet_rndpo.nnunet_paths import locate
     from nnunet_rndpo.pairs import PairSettings
     from nnunet_rndpo.pipeline import prepare_pairs
-    from nnunet_rndpo.proposals.model import load_run_model
+    from nnunet_rndpo.proposals.model import load_model_like
     from nnunet_rndpo.proposals.plan import plan_members
     from nnunet_rndpo.proposals.pool import unlabeled_pool
     from nnunet_rndpo.proposals.run import generate_proposals
@@ -369,7 +369,7 @@ def _proposals_and_pairs(screen: Screen, checkpoint: Path):
     from nnunet_rndpo.training.trainers import nnUNetTrainerRNDPO
 
     location = locate(DEMO_DATASET_ID, DEMO_CONFIGURATION, 0)
-    model = load_run_model(checkpoint, location, "cpu")
+    model = load_model_like(checkpoint, location, "cpu")
     settings, _ = run_settings(nnUNetTrainerRNDPO.settings_overrides, location)
     pair_settings = PairSettings.from_run_settings(settings)
     members = plan_members(pair_settings.proposals, model.mirror_axes)

@@ -189,23 +189,12 @@ def load_model(
     )
 
 
-def load_run_model(
-    checkpoint_path: str | Path, location: "RunLocation", device: torch.device | str = "cpu"
+def load_model_like(
+    checkpoint_path: str | Path, like: "LoadedModel | RunLocation", device: torch.device | str = "cpu"
 ) -> LoadedModel:
-    """A checkpoint of the run at `location` (a base to fine-tune, a fold's model), loaded with that run's plans,
-    configuration and dataset.json: refused with CheckpointError where it was trained on others."""
-    return load_model(
-        checkpoint_path,
-        device,
-        expected_plans=location.plans,
-        expected_configuration=location.configuration,
-        expected_dataset_json=location.dataset_json,
-    )
-
-
-def load_model_like(checkpoint_path: str | Path, like: LoadedModel, device: torch.device | str = "cpu") -> LoadedModel:
-    """Another checkpoint of `like`'s model family (another fold, an ensemble member): loaded with `like`'s plans,
-    configuration and dataset.json, refused with CheckpointError where it was trained on others."""
+    """A checkpoint loaded with `like`'s plans, configuration and dataset.json, refused with CheckpointError where it
+    was trained on others. `like`: a loaded model (another fold of it, an ensemble member) or the RunLocation of a
+    run (its base, a fold's model)."""
     return load_model(
         checkpoint_path,
         device,
