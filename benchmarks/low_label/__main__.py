@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from benchmarks.low_label.report import summarise
     from benchmarks.low_label.results import load_result
     from benchmarks.low_label.runner import Bench, record
-    from benchmarks.low_label.scheduling import Context, Parts, run_stages
+    from benchmarks.low_label.scheduling import Context, Parts, result_file, run_stages
 
     if args.report:
         table = summarise(work, figures=args.report.parent / "figures")
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     context = Context(work, parts, args, bench)
 
     def finished(arms) -> dict:
-        files = [work / "arms" / f"{arm.name}.json" for arm in arms]
+        files = [result_file(work, arm) for arm in arms]
         return dict(loaded for file in files if file.is_file() and (loaded := load_result(file)) is not None)
 
     code = run_stages(plan_stages(args), context, lambda arm: record(arm, bench), finished, until=args.until)

@@ -32,7 +32,7 @@ from benchmarks.low_label.catalogue import (
 )
 from benchmarks.low_label.plans import at_larger_step, best_label_free
 from benchmarks.low_label.results import validation_dice
-from benchmarks.low_label.scheduling import SPLIT, Context, Stage, wait_for
+from benchmarks.low_label.scheduling import SPLIT, Context, Stage, result_file, wait_for
 
 SEED = 0
 PACKAGE_DEFAULTS = ("agreement", "sft3")  # the package's default judge and SFT weight (PreferenceSettings)
@@ -119,7 +119,7 @@ def stages() -> list[Stage]:
         chooses that judge (its scores on a fold are every variant's)."""
         from benchmarks.low_label.runner import prepare_start_phase
 
-        results = [context.work / "arms" / f"{arm.name}.json" for arm in fold0_arms(context)]
+        results = [result_file(context.work, arm) for arm in fold0_arms(context)]
         for fold in range(1, context.bench.protocol.folds):
             if all(result.is_file() for result in results):
                 return  # the recipe is chosen: the folds' arms make what they need (a fold's scores take minutes)

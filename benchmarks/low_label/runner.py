@@ -17,7 +17,7 @@ from benchmarks.low_label.arms import BASE_KINDS, FOLD_ENSEMBLE, Arm, arm_record
 from benchmarks.low_label.catalogue import JUDGES, MEASURED_WITH, ORACLE_SWEEP
 from benchmarks.low_label.data import validation_folder
 from benchmarks.low_label.protocols import CONFIGURATION, Protocol, Schedule
-from benchmarks.low_label.scheduling import claim, wait_for
+from benchmarks.low_label.scheduling import claim, result_file, wait_for
 from benchmarks.low_label.timings import phase_seconds
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -291,7 +291,7 @@ def record(arm: Arm, bench: Bench) -> None:
             wait_for(folder / "checkpoint_final.pth")
     elif arm.kind not in BASE_KINDS:  # a fine-tuning arm starts from its seed's (and fold's) base
         wait_for(bench.model_folder(arm.base) / "checkpoint_final.pth")
-    target = bench.work / "arms" / f"{arm.name}.json"
+    target = result_file(bench.work, arm)
     if target.is_file():
         print(f"skip {arm.name} (finished)", flush=True)
         return

@@ -21,6 +21,11 @@ def claim(folder: Path, arm_name: str):
     return exclusive_claim(folder / f"{arm_name}.claim")
 
 
+def result_file(work: Path, arm: Arm) -> Path:
+    """An arm's result, `<work>/arms/<name>.json`: there once the arm has finished."""
+    return work / "arms" / f"{arm.name}.json"
+
+
 def wait_for(path: Path, poll_seconds: float = 20.0) -> Path:
     """Another part of the run makes this file (a base model, the audit, an arm's result): wait for it."""
     while not path.is_file():
@@ -102,7 +107,7 @@ def run_stages(
         for arm in mine:
             run(arm)
         if stage.share == SPLIT_AND_WAIT:
-            results = [context.work / "arms" / f"{arm.name}.json" for arm in chosen]
+            results = [result_file(context.work, arm) for arm in chosen]
             if stage.meanwhile is not None and not all(result.is_file() for result in results):
                 stage.meanwhile(context)
             for result in results:
