@@ -120,6 +120,9 @@ def test_pack_of_finished_models_only_leaves_out_a_model_still_training(tmp_path
     assert main(["--work", str(old), "--pack", str(tmp_path / "carried"), "--pack_finished_only"]) == 0
     carried = set(json.loads((tmp_path / "carried" / MANIFEST).read_text())["files"])
     assert f"{MODEL}/fold_0/checkpoint_final.pth" in carried and not any("fold_1" in name for name in carried)
+    with pytest.raises(SystemExit):
+        main(["--work", str(old), "--pack_finished_only"])  # nothing to pack: refused, not ignored
+    assert "--pack_finished_only says what --pack leaves out" in capsys.readouterr().err
 
 
 def test_the_command_line_packs_and_unpacks_and_refuses_both_at_once(tmp_path, capsys):

@@ -90,6 +90,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         parser.error(f"--part_id {args.part_id} must be between 0 and --num_parts - 1 ({args.num_parts - 1})")
     if args.pack and args.unpack:
         parser.error("--pack and --unpack: give one (pack on the old machine, unpack on the new one)")
+    if args.pack_finished_only and not args.pack:
+        parser.error("--pack_finished_only says what --pack leaves out: give --pack too")
     if args.cross_seed and (0 not in args.ensemble_seeds or len(set(args.ensemble_seeds)) < 2):
         parser.error(f"--ensemble_seeds {args.ensemble_seeds}: give seed 0 and at least one other seed")
     if args.cross_seed and PROTOCOLS[args.protocol].folds > 1:
