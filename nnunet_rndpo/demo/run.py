@@ -167,14 +167,11 @@ def make_deterministic(seed: int) -> None:
     # apart in the 7th digit) and tables apart in the 4th decimal. Read when MKL first computes, so set before any
     # training; AUTO keeps the fastest path of the processor. A user's own setting wins.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-    import random
-
-    import numpy as np
     import torch
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    from nnunet_rndpo.demo.nnunet_steps import seed_everything
+
+    seed_everything(seed)
     torch.set_num_threads(DEMO_THREADS)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_flush_denormal(True)  # steady CPU speed (denormal floats made iterations 3-5x slower here)
