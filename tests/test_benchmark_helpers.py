@@ -204,6 +204,27 @@ def test_stages_share_their_arms_between_parts_wait_for_them_and_read_them(tmp_p
     assert scheduling.run_stages(stopping, context, fake_run, lambda stage_arms: None) == 2
 
 
+def test_a_queue_stage_gives_each_part_the_next_arm_in_order_then_waits_for_all(tmp_path, monkeypatch):
+    arms = [Arm("base", seed) for seed in range(4)]
+    ran, waited = [], []
+
+    def fake_run(arm):  # as runner.record: a finished arm (or one another part holds) is skipped
+        result = scheduling.result_file(tmp_path, arm)
+        if not result.is_file():
+            ran.append(arm.name)
+            result.parent.mkdir(exist_ok=True)
+            result.write_text("{}")
+
+    fake_run(arms[0])  # the other part finished the first arm
+    ran.clear()
+    monkeypatch.setattr(scheduling, "wait_for", lambda path: waited.append(path.name) or path)
+    stage = scheduling.Stage("queue", lambda context: arms, share=scheduling.QUEUE)
+    context = scheduling.Context(tmp_path, scheduling.Parts(1, 2))
+    assert scheduling.run_stages([stage], context, fake_run, lambda stage_arms: None) == 0
+    assert ran == ["base_s1", "base_s2", "base_s3"]  # not part 1's share (base_s1, base_s3): every arm left, in order
+    assert waited == [f"base_s{seed}.json" for seed in range(4)]  # then every arm, for a later stage
+
+
 def test_an_arms_name_is_derived_from_its_fields_in_one_place():
     assert [arm.name for arm in (Arm("base", 1), Arm("upper", 0), Arm("rn_dpo", 0, "agreement"))] == [
         "base_s1",
@@ -918,9 +939,9 @@ def test_the_folds_plan_trains_the_five_folds_then_scores_their_ensemble_then_fi
         "rn_dpo_agreement_sft3_fold0_s0",  # the package's defaults, judge too
     ]
     assert ran[:5] == fold0
-    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it and its step-matched self-training
+    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it, then their step-matched self-training
     recipe = [f"rn_dpo_{best}_sft3", f"self_train_{best}_lr3x"]
-    assert ran[5:13] == [f"{arm}_fold{fold}_s0" for fold in range(1, 5) for arm in recipe]
+    assert ran[5:13] == [f"{arm}_fold{fold}_s0" for arm in recipe for fold in range(1, 5)]
     assert ran[13:] == [f"{arm}_folds{tta}_s0" for arm in recipe for tta in ("", "_tta")]
     tuned = Arm("rn_dpo", 0, best, variant="sft3", fold=4)
     stored = finished([tuned])[tuned]["arm"]["settings"]

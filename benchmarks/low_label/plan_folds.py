@@ -32,7 +32,7 @@ from benchmarks.low_label.catalogue import (
 )
 from benchmarks.low_label.plans import at_larger_step, best_label_free
 from benchmarks.low_label.results import validation_dice
-from benchmarks.low_label.scheduling import SPLIT, Context, Stage, result_file, wait_for
+from benchmarks.low_label.scheduling import QUEUE, SPLIT, Context, Stage, result_file, wait_for
 
 SEED = 0
 PACKAGE_DEFAULTS = ("agreement", "sft3")  # the package's default judge and SFT weight (PreferenceSettings)
@@ -126,15 +126,17 @@ def stages() -> list[Stage]:
             prepare_start_phase(recipe_arms(context, fold, context.choices["best"], None)[-1], context.bench)
 
     def all_folds(context: Context) -> list[Arm]:
-        """Every fold's RN-DPO with the recipe and its step-matched self-training (fold 0's are fold0's arms)."""
+        """Every fold's RN-DPO with the recipe and its step-matched self-training (fold 0's are fold0's arms), in the
+        order the targets read them: fold 0's pair (RN-DPO against its control), the other folds' RN-DPO (the
+        fine-tuned ensemble), then their controls (the control's ensemble)."""
         if "recipe" not in context.choices:
             return []
         judge, variant = context.choices["recipe"]
-        return [
-            arm
+        by_fold = [
+            recipe_arms(context, fold, judge, variant, every_control=False)
             for fold in range(context.bench.protocol.folds)
-            for arm in recipe_arms(context, fold, judge, variant, every_control=False)
         ]
+        return by_fold[0] + [arms[0] for arms in by_fold[1:]] + [arms[-1] for arms in by_fold[1:]]
 
     def fine_tuned_ensembles(context: Context) -> list[Arm]:
         return [ensemble for arm in all_folds(context) if arm.fold == 0 for ensemble in ensemble_arms(arm)]
@@ -145,6 +147,6 @@ def stages() -> list[Stage]:
         Stage("base_ensemble", lambda context: ensemble_arms(Arm("base", SEED)), share=SPLIT),
         Stage("audit", lambda context: [], then=audit),
         Stage("fold0", fold0_arms, then=choose_recipe, meanwhile=other_folds_start_phase),
-        Stage("folds", all_folds),
+        Stage("folds", all_folds, share=QUEUE),
         Stage("fine_tuned_ensembles", fine_tuned_ensembles),
     ]

@@ -1,6 +1,7 @@
 """Running a plan's stages across processes: claim files (one process per arm), waiting for what another part makes
-(a base, the audit, an arm), the parts (`--part_id/--num_parts`: each takes every num_parts-th arm of a stage) and
-`--only`. Every finished arm is a result file, so a rerun resumes where a run stopped."""
+(a base, the audit, an arm), the parts (`--part_id/--num_parts`: each takes every num_parts-th arm of a stage, or
+the next arm no part holds) and `--only`. Every finished arm is a result file, so a rerun resumes where a run
+stopped."""
 
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ SPLIT_AND_WAIT = (
 )
 SPLIT = "split"  # each part its share, no wait
 EVERY_PART = "every_part"  # every part goes through every arm; the claims keep two parts off one arm; no wait
+# every part takes the next arm no part holds, in the stage's order (the arms the targets read first), then waits
+# for all: no part idles beside a fixed share while another has arms left (a stage whose arms differ in length)
+QUEUE = "queue"
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,10 @@ def run_stages(
     for stage in stages:
         arms = stage.arms(context)
         chosen = [arm for arm in arms if context.parts.wanted(arm)] if stage.only_filters else arms
-        mine = chosen if stage.share == EVERY_PART else context.parts.share(chosen)
+        mine = chosen if stage.share in (EVERY_PART, QUEUE) else context.parts.share(chosen)
         for arm in mine:
             run(arm)
-        if stage.share == SPLIT_AND_WAIT:
+        if stage.share in (SPLIT_AND_WAIT, QUEUE):
             results = [result_file(context.work, arm) for arm in chosen]
             if stage.meanwhile is not None and not all(result.is_file() for result in results):
                 stage.meanwhile(context)
