@@ -224,6 +224,42 @@ def test_a_queue_stage_gives_each_part_the_next_arm_in_order_then_waits_for_all(
     assert ran == ["base_s1", "base_s2", "base_s3"]  # not part 1's share (base_s1, base_s3): every arm left, in order
     assert waited == [f"base_s{seed}.json" for seed in range(4)]  # then every arm, for a later stage
 
+    # an arm whose inputs another part is still making waits behind the arms this part can run
+    inputs_made = []
+
+    def ready(arm):
+        return arm.seed != 4 or len(inputs_made) > 1
+
+    def run_and_make_inputs(arm):
+        inputs_made.append(arm.name)
+        fake_run(arm)
+
+    queued = [Arm("base", 4), Arm("base", 5), Arm("base", 6)]
+    ran.clear()
+    monkeypatch.setattr(scheduling.time, "sleep", lambda seconds: pytest.fail("waited with an arm ready"))
+    scheduling.run_queue(queued, run_and_make_inputs, ready)
+    assert ran == ["base_s5", "base_s6", "base_s4"]
+
+
+def test_an_arms_inputs_are_its_base_or_the_models_it_scores(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "model_folder", lambda arm, dataset_id: tmp_path / arm.model_name / f"fold_{arm.fold}")
+    protocol = PROTOCOLS["folds"]
+    bench = runner.Bench(tmp_path, protocol, protocol.schedule, threads=1)
+    tuned = Arm("rn_dpo", 0, "agreement", variant="sft3", fold=2)
+    ensemble = replace(tuned, fold=FOLD_ENSEMBLE, mirroring=True)
+    assert runner.inputs(Arm("base", 0, fold=2), bench) == []
+    assert runner.inputs(tuned, bench) == [bench.model_folder(tuned.base) / "checkpoint_final.pth"]
+    assert runner.inputs(ensemble, bench) == [
+        bench.model_folder(replace(tuned, fold=fold)) / "checkpoint_final.pth" for fold in range(5)
+    ]
+    for path in runner.inputs(ensemble, bench)[:4]:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    assert not runner.ready(ensemble, bench)  # fold 4 is still training
+    runner.inputs(ensemble, bench)[4].parent.mkdir(parents=True)
+    runner.inputs(ensemble, bench)[4].write_bytes(b"")
+    assert runner.ready(ensemble, bench)
+
 
 def test_an_arms_name_is_derived_from_its_fields_in_one_place():
     assert [arm.name for arm in (Arm("base", 1), Arm("upper", 0), Arm("rn_dpo", 0, "agreement"))] == [
@@ -939,10 +975,13 @@ def test_the_folds_plan_trains_the_five_folds_then_scores_their_ensemble_then_fi
         "rn_dpo_agreement_sft3_fold0_s0",  # the package's defaults, judge too
     ]
     assert ran[:5] == fold0
-    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it, then their step-matched self-training
-    recipe = [f"rn_dpo_{best}_sft3", f"self_train_{best}_lr3x"]
-    assert ran[5:13] == [f"{arm}_fold{fold}_s0" for arm in recipe for fold in range(1, 5)]
-    assert ran[13:] == [f"{arm}_folds{tta}_s0" for arm in recipe for tta in ("", "_tta")]
+    # validation chose RN-DPO at SFT 3 with the best judge: every fold with it and their ensemble, then the same for
+    # its step-matched self-training
+    for method, start in ((f"rn_dpo_{best}_sft3", 5), (f"self_train_{best}_lr3x", 11)):
+        assert ran[start : start + 6] == [f"{method}_fold{fold}_s0" for fold in range(1, 5)] + [
+            f"{method}_folds{tta}_s0" for tta in ("", "_tta")
+        ]
+    assert len(ran) == 17
     tuned = Arm("rn_dpo", 0, best, variant="sft3", fold=4)
     stored = finished([tuned])[tuned]["arm"]["settings"]
     assert stored["proposal_store"] == str(tmp_path / "proposals" / "fold4") and stored["sft_weight"] == 3.0

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from benchmarks.low_label.data import prepare_once
     from benchmarks.low_label.report import summarise
     from benchmarks.low_label.results import load_result
-    from benchmarks.low_label.runner import Bench, record
+    from benchmarks.low_label.runner import Bench, ready, record
     from benchmarks.low_label.scheduling import Context, Parts, result_file, run_stages
 
     if args.report:
@@ -152,7 +152,14 @@ def main(argv=None) -> int:
         files = [result_file(work, arm) for arm in arms]
         return dict(loaded for file in files if file.is_file() and (loaded := load_result(file)) is not None)
 
-    code = run_stages(plan_stages(args), context, lambda arm: record(arm, bench), finished, until=args.until)
+    code = run_stages(
+        plan_stages(args),
+        context,
+        lambda arm: record(arm, bench),
+        finished,
+        until=args.until,
+        ready=lambda arm: ready(arm, bench),
+    )
     if code == 0:
         print(summarise(work))
     return code

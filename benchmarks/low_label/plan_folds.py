@@ -11,8 +11,8 @@
    weight 3, and the agreement judge where the audit's best is another), self-training and step-matched
    self-training under the best label-free judge; validation chooses the recipe;
 5. folds: every fold fine-tuned with the recipe (RN-DPO and its step-matched self-training: fold 0 measured plain
-   self-training beside it; carrying one control on the other folds saves four trainings of a 2-core CPU);
-6. fine_tuned_ensembles: the five fine-tuned models of each method as an ensemble, without and with mirroring.
+   self-training beside it; carrying one control on the other folds saves four trainings of a 2-core CPU), and the
+   five fine-tuned models of each method as an ensemble, without and with mirroring.
 Every choice reads the validation cases (in no fold); the test cases are never used for one."""
 
 from __future__ import annotations
@@ -126,9 +126,10 @@ def stages() -> list[Stage]:
             prepare_start_phase(recipe_arms(context, fold, context.choices["best"], None)[-1], context.bench)
 
     def all_folds(context: Context) -> list[Arm]:
-        """Every fold's RN-DPO with the recipe and its step-matched self-training (fold 0's are fold0's arms), in the
-        order the targets read them: fold 0's pair (RN-DPO against its control), the other folds' RN-DPO (the
-        fine-tuned ensemble), then their controls (the control's ensemble)."""
+        """Every fold fine-tuned with the recipe (RN-DPO and its step-matched self-training; fold 0's are fold0's
+        arms) and each method's five models as an ensemble, in the order the targets read them: fold 0's pair
+        (RN-DPO against its control), the other folds' RN-DPO and their ensemble, then the controls' folds and
+        ensemble. An ensemble waits in the queue, behind arms a part can run, until its five folds are there."""
         if "recipe" not in context.choices:
             return []
         judge, variant = context.choices["recipe"]
@@ -136,10 +137,8 @@ def stages() -> list[Stage]:
             recipe_arms(context, fold, judge, variant, every_control=False)
             for fold in range(context.bench.protocol.folds)
         ]
-        return by_fold[0] + [arms[0] for arms in by_fold[1:]] + [arms[-1] for arms in by_fold[1:]]
-
-    def fine_tuned_ensembles(context: Context) -> list[Arm]:
-        return [ensemble for arm in all_folds(context) if arm.fold == 0 for ensemble in ensemble_arms(arm)]
+        rn_dpo, control = ([arms[index] for arms in by_fold] for index in (0, -1))
+        return [*by_fold[0], *rn_dpo[1:], *ensemble_arms(rn_dpo[0]), *control[1:], *ensemble_arms(control[0])]
 
     return [
         Stage("bases", lambda context: base_arms(context.bench.protocol.folds)),
@@ -148,5 +147,4 @@ def stages() -> list[Stage]:
         Stage("audit", lambda context: [], then=audit),
         Stage("fold0", fold0_arms, then=choose_recipe, meanwhile=other_folds_start_phase),
         Stage("folds", all_folds, share=QUEUE),
-        Stage("fine_tuned_ensembles", fine_tuned_ensembles),
     ]

@@ -281,16 +281,28 @@ def scored_results(work: Path, device: str = "cpu") -> dict:
     return load_results(work)
 
 
+def inputs(arm: Arm, bench: Bench) -> list[Path]:
+    """The checkpoints an arm reads, which another part may still be training: the models it scores, or the base
+    (of its seed and fold) a fine-tuning arm starts from."""
+    if not arm.trains:
+        return [folder / "checkpoint_final.pth" for folder in bench.scored_folders(arm)]
+    if arm.kind not in BASE_KINDS:
+        return [bench.model_folder(arm.base) / "checkpoint_final.pth"]
+    return []
+
+
+def ready(arm: Arm, bench: Bench) -> bool:
+    """Whether every input of the arm is there (a queue stage runs a ready arm before one it would wait for)."""
+    return all(path.is_file() for path in inputs(arm, bench))
+
+
 def record(arm: Arm, bench: Bench) -> None:
-    """Runs the arm unless it has finished or another process holds it (`claim`), after waiting for the models it
-    starts from; writes <work>/arms/<name>.json with the machine and the date."""
+    """Runs the arm unless it has finished or another process holds it (`claim`), after waiting for its inputs;
+    writes <work>/arms/<name>.json with the machine and the date."""
     from nnunet_rndpo.atomic import save_json
 
-    if not arm.trains:  # the models it scores
-        for folder in bench.scored_folders(arm):
-            wait_for(folder / "checkpoint_final.pth")
-    elif arm.kind not in BASE_KINDS:  # a fine-tuning arm starts from its seed's (and fold's) base
-        wait_for(bench.model_folder(arm.base) / "checkpoint_final.pth")
+    for path in inputs(arm, bench):
+        wait_for(path)
     target = result_file(bench.work, arm)
     if target.is_file():
         print(f"skip {arm.name} (finished)", flush=True)

@@ -64,8 +64,9 @@ SPLIT_AND_WAIT = (
 )
 SPLIT = "split"  # each part its share, no wait
 EVERY_PART = "every_part"  # every part goes through every arm; the claims keep two parts off one arm; no wait
-# every part takes the next arm no part holds, in the stage's order (the arms the targets read first), then waits
-# for all: no part idles beside a fixed share while another has arms left (a stage whose arms differ in length)
+# every part takes the next arm no part holds whose inputs are there, in the stage's order (the arms the targets
+# read first), then waits for all: no part idles beside a fixed share while another has arms left, nor waits for a
+# model another part trains while an arm it could run is left
 QUEUE = "queue"
 
 
@@ -94,22 +95,42 @@ class Context:
     choices: dict = field(default_factory=dict)
 
 
+def run_queue(
+    arms: list[Arm], run: Callable[[Arm], None], ready: Callable[[Arm], bool], poll_seconds: float = 20.0
+) -> None:
+    """Runs the first arm whose inputs are there until none is left; while every arm left waits for a model another
+    part trains, waits."""
+    left = list(arms)
+    while left:
+        arm = next((arm for arm in left if ready(arm)), None)
+        if arm is None:
+            print(f"waiting for the inputs of {', '.join(arm.name for arm in left)} (made by another part)", flush=True)
+            time.sleep(poll_seconds)
+            continue
+        left.remove(arm)
+        run(arm)
+
+
 def run_stages(
     stages: list[Stage],
     context: Context,
     run: Callable[[Arm], None],
     load: Callable[[list[Arm]], dict],
     until: Optional[str] = None,
+    ready: Callable[[Arm], bool] = lambda arm: True,
 ) -> int:
     """Runs the stages in order (up to and including `until`), each with `run(arm)` (which skips a finished arm
-    and one another process holds); `load(arms)` gives a stage's finished results for its `then`. Returns the exit
-    code (0, or a stage's StopPlan code)."""
+    and one another process holds); `load(arms)` gives a stage's finished results for its `then`; `ready(arm)`:
+    whether the arm's inputs are there (a queue stage runs ready arms first). Returns the exit code (0, or a
+    stage's StopPlan code)."""
     for stage in stages:
         arms = stage.arms(context)
         chosen = [arm for arm in arms if context.parts.wanted(arm)] if stage.only_filters else arms
-        mine = chosen if stage.share in (EVERY_PART, QUEUE) else context.parts.share(chosen)
-        for arm in mine:
-            run(arm)
+        if stage.share == QUEUE:
+            run_queue(chosen, run, ready)
+        else:
+            for arm in chosen if stage.share == EVERY_PART else context.parts.share(chosen):
+                run(arm)
         if stage.share in (SPLIT_AND_WAIT, QUEUE):
             results = [result_file(context.work, arm) for arm in chosen]
             if stage.meanwhile is not None and not all(result.is_file() for result in results):
