@@ -215,28 +215,19 @@ def run_judge(args) -> int:
 
 def run_prepare(args) -> int:
     """The fine-tuning run's start phase before `nnUNetv2_train`: the trainer then reads the pairs file."""
-    from nnunet_rndpo.pairs import PairSettings
-    from nnunet_rndpo.pipeline import Ranks, prepare_pairs
-    from nnunet_rndpo.proposals.model import load_model_like
+    from nnunet_rndpo.pipeline import Ranks
     from nnunet_rndpo.training import trainers
-    from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
+    from nnunet_rndpo.training.run_settings import prepare_start_phase
 
     trainer_class = getattr(trainers, args.trainer, None)
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, trainers.nnUNetTrainerPreference)):
         raise SystemExit(f"--trainer {args.trainer!r} is not one of this package's preference trainers")
-    location = _location(args)
-    settings, sources = run_settings(trainer_class.settings_overrides, location)
-    for line in sources:
-        print(f"settings: {line}", file=sys.stderr)
-    model = load_model_like(base_checkpoint_path(location, settings), location, args.device)
-    prepared = prepare_pairs(
-        location,
-        model,
-        PairSettings.from_run_settings(settings),
-        device=args.device,
-        store_folder=Path(settings.proposal_store) if settings.proposal_store else None,
-        ranks=Ranks(args.part_id, args.num_parts, merges=args.num_parts == 1),
+    prepared = prepare_start_phase(
+        trainer_class.settings_overrides,
+        _location(args),
+        args.device,
         log=lambda message: print(message, file=sys.stderr),
+        ranks=Ranks(args.part_id, args.num_parts, merges=args.num_parts == 1),
     )
     if args.num_parts > 1:
         print(

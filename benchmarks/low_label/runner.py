@@ -140,26 +140,18 @@ def prepare_start_phase(arm: Arm, bench: Bench) -> None:
     import torch
 
     from nnunet_rndpo.nnunet_paths import locate
-    from nnunet_rndpo.pairs import PairSettings
-    from nnunet_rndpo.pipeline import prepare_pairs
-    from nnunet_rndpo.proposals.model import load_model_like
-    from nnunet_rndpo.training.run_settings import base_checkpoint_path, run_settings
+    from nnunet_rndpo.training.run_settings import prepare_start_phase as prepare_run_start_phase
     from nnunet_rndpo.training.settings import SETTINGS_ENV_VARIABLE
 
     torch.set_num_threads(bench.threads)
     settings_file = write_settings_file(
         arm, bench, fine_tuning_settings(arm, bench.schedule, bench.protocol.dataset_id)
     )
-    location = locate(bench.protocol.dataset_id, CONFIGURATION, models.nnunet_fold(arm))
-    environ = {**os.environ, SETTINGS_ENV_VARIABLE: str(settings_file)}
-    settings, _ = run_settings(trainer_class(arm).settings_overrides, location, environ)
-    model = load_model_like(base_checkpoint_path(location, settings), location, bench.device)
-    prepared = prepare_pairs(
-        location,
-        model,
-        PairSettings.from_run_settings(settings),
-        device=bench.device,
-        store_folder=Path(settings.proposal_store),
+    prepared = prepare_run_start_phase(
+        trainer_class(arm).settings_overrides,
+        locate(bench.protocol.dataset_id, CONFIGURATION, models.nnunet_fold(arm)),
+        bench.device,
+        environ={**os.environ, SETTINGS_ENV_VARIABLE: str(settings_file)},
         log=lambda message: print(message, flush=True),
         progress=False,
     )

@@ -5,9 +5,12 @@ settings name, and the situation `recipe: auto` reads (the base's other trained 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from nnunet_rndpo.nnunet_paths import RunLocation, sibling_fold_checkpoints
+from nnunet_rndpo.pairs import PairSettings
+from nnunet_rndpo.pipeline import PreparedPairs, prepare_pairs
+from nnunet_rndpo.proposals.model import load_model_like
 from nnunet_rndpo.proposals.pool import unlabeled_pool
 from nnunet_rndpo.training.recipes import Situation
 from nnunet_rndpo.training.settings import PreferenceSettings, resolve_settings
@@ -32,3 +35,29 @@ def run_settings(
 ) -> tuple[PreferenceSettings, list[str]]:
     """Defaults < recipe < the trainer class's overrides < RNDPO_SETTINGS, for the run at `location`."""
     return resolve_settings(trainer_overrides, environ, situation=lambda given: situation(location, given))
+
+
+def prepare_start_phase(
+    trainer_overrides: dict,
+    location: RunLocation,
+    device: str,
+    environ: Optional[dict] = None,
+    log: Callable[[str], None] = print,
+    **prepare_options,
+) -> PreparedPairs:
+    """A run's start phase before its training (`nnunet_rndpo prepare`, a benchmark part with nothing else to do):
+    the settings resolved as the trainer resolves them, its base loaded, then the proposals, the judge's scores and
+    the pairs in the run's store (pipeline.prepare_pairs, with `prepare_options`: ranks, progress); the trainer then
+    reads them instead of making them."""
+    settings, sources = run_settings(trainer_overrides, location, environ)
+    for line in sources:
+        log(f"settings: {line}")
+    return prepare_pairs(
+        location,
+        load_model_like(base_checkpoint_path(location, settings), location, device),
+        PairSettings.from_run_settings(settings),
+        device=device,
+        store_folder=Path(settings.proposal_store) if settings.proposal_store else None,
+        log=log,
+        **prepare_options,
+    )
