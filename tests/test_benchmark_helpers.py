@@ -239,6 +239,12 @@ def test_a_queue_stage_gives_each_part_the_next_arm_in_order_then_waits_for_all(
     monkeypatch.setattr(scheduling.time, "sleep", lambda seconds: pytest.fail("waited with an arm ready"))
     scheduling.run_queue(queued, run_and_make_inputs, ready)
     assert ran == ["base_s5", "base_s6", "base_s4"]
+    # every arm left waits for another part: this part polls until one is ready
+    polls, readiness = [], iter([False, False, True])
+    monkeypatch.setattr(scheduling.time, "sleep", polls.append)
+    ran.clear()
+    scheduling.run_queue([Arm("base", 7)], fake_run, lambda arm: next(readiness), poll_seconds=3.0)
+    assert (ran, polls) == (["base_s7"], [3.0, 3.0])
 
 
 def test_an_arms_inputs_are_its_base_or_the_models_it_scores(tmp_path, monkeypatch):

@@ -104,7 +104,8 @@ def run_queue(
     while left:
         arm = next((arm for arm in left if ready(arm)), None)
         if arm is None:
-            print(f"waiting for the inputs of {', '.join(arm.name for arm in left)} (made by another part)", flush=True)
+            names = ", ".join(waiting.name for waiting in left)
+            print(f"waiting for the inputs of {names} (made by another part)", flush=True)
             time.sleep(poll_seconds)
             continue
         left.remove(arm)
